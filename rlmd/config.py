@@ -1,0 +1,194 @@
+"""Daemon configuration: TOML read with tomllib, validated once at startup into Structs.
+
+Every section forbids unknown keys so that a typo is a startup error naming the key and
+the file, not a silently ignored setting.  API keys never live here: a provider names the
+environment variable that holds its key (``api_key_env``) and the key is read when the
+provider is built.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+ProviderKind = Literal["ollama", "openai", "anthropic", "embedded"]
+Strategy = Literal["adaptive", "round_robin", "least_loaded", "latency"]
+
+
+class ConfigError(Exception):
+    """A configuration file could not be read or is invalid; the message says where."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ProviderConfig(_Section):
+    """One model server (a GPU box running Ollama, a cloud API, or the embedded model)."""
+
+    name: str
+    kind: ProviderKind
+    base_url: str = ""
+    models: list[str] = []
+    capacity: int = 1
+    priority: int = 0
+    api_key_env: str | None = None
+    # Prices in dollars per million tokens, for cloud APIs.
+    price_in_per_mtok: float = 0.0
+    price_out_per_mtok: float = 0.0
+    # Power drawn while serving, for local GPUs: turned into an energy cost with
+    # ``energy.price_per_kwh``.
+    watts: float = 0.0
+    # Ollama: how long the server keeps the model loaded, and model options (num_ctx!).
+    keep_alive: str | None = None
+    options: dict[str, float | int | str | bool] = {}
+    # Anthropic requires max_tokens; others use it when set.
+    max_tokens: int | None = None
+    # Timeouts, split as a streaming client needs them.
+    connect_timeout_s: float = 5.0
+    first_token_timeout_s: float = 120.0
+    total_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("provider name must not be empty")
+        if self.capacity < 1:
+            raise ValueError(f"provider {self.name!r}: capacity must be >= 1")
+        if self.kind != "embedded" and not self.base_url:
+            raise ValueError(f"provider {self.name!r}: base_url is required for kind {self.kind!r}")
+        if self.kind != "embedded" and not self.models:
+            raise ValueError(f"provider {self.name!r}: list the models it serves in `models`")
+
+
+class ModelsConfig(_Section):
+    """Which model plays which role; names are matched against providers' ``models``."""
+
+    root: str = ""
+    sub: str = ""
+    embed: str = ""
+
+
+class LimitsConfig(_Section):
+    """Per-query budgets and sandbox limits; query options may lower them."""
+
+    cell_timeout_s: float = 30.0
+    max_iterations: int = 20
+    max_depth: int = 1
+    max_sub_calls: int = 500
+    timeout_s: float = 3600.0
+    max_cost: float | None = None
+    output_chars: int = 20_000
+    max_frame_bytes: int = 256 * 1024 * 1024
+    worker_memory_mb: int = 4096
+    worker_cpu_s: int = 3600
+    worker_open_files: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_frame_bytes < 64 * 1024 * 1024:
+            raise ValueError("max_frame_bytes must be at least 64 MiB (the wire contract)")
+        if self.cell_timeout_s <= 0:
+            raise ValueError("cell_timeout_s must be positive")
+
+
+class PoolConfig(_Section):
+    """How calls are spread over providers."""
+
+    strategy: Strategy = "adaptive"
+    health_interval_s: float = 15.0
+    retries: int = 3
+    backoff_base_s: float = 0.5
+    cooldown_s: float = 30.0
+    error_window: int = 20
+
+
+class CacheConfig(_Section):
+    """The exact and semantic caches of model calls."""
+
+    enabled: bool = True
+    max_bytes: int = 512 * 1024 * 1024
+    cache_sampled: bool = False  # also cache calls with temperature > 0
+    semantic: bool = True
+    semantic_threshold: float = 0.9
+    speculation: bool = True
+
+
+class EnergyConfig(_Section):
+    """Electricity price for the energy estimate of local GPUs."""
+
+    price_per_kwh: float = 0.45
+
+
+class EmbeddedConfig(_Section):
+    """The model the daemon serves itself when no provider is configured."""
+
+    enabled: bool = True
+    root_model: str = "qwen2.5-coder-1.5b"
+    sub_model: str = "qwen2.5-coder-1.5b"
+    threads: int = 0  # 0: all cores
+    ctx_size: int = 16384
+    parallel: int = 2
+    model_dir: str = ""  # where the joined GGUF files live; default: the cache dir
+
+
+class SandboxConfig(_Section):
+    """Protection of REPL workers: ``auto`` uses bubblewrap and seccomp where they work."""
+
+    bwrap: Literal["auto", "require", "off"] = "auto"
+    seccomp: Literal["auto", "require", "off"] = "auto"
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    providers: list[ProviderConfig] = []
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    energy: EnergyConfig = msgspec.field(default_factory=EnergyConfig)
+    embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.providers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"provider names must be unique; repeated: {', '.join(dupes)}")
+
+
+def parse_config(data: dict, source: str = "<config>") -> Config:
+    """Validate an already-parsed TOML table; errors name the key and ``source``."""
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate the config file; ``None`` gives the defaults (embedded model)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, str(p))
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "... - at `$.limits.foo`"; turn the JSON path into TOML key terms.
+    msg = str(exc)
+    if " - at `$" in msg:
+        text, _, where = msg.partition(" - at `$")
+        key = where.rstrip("`").lstrip(".")
+        return f"{text} (at key `{key or '<top level>'}`)"
+    return msg

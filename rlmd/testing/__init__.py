@@ -1,0 +1,1 @@
+"""Real loopback servers with scripted answers, for tests and benchmarks."""
