@@ -1,0 +1,94 @@
+"""The engine's data at its boundary: ``query/run`` params and result, and its error.
+
+``QueryParams``/``QueryOptions`` are what a client sends (the wire contract fixes the
+names; the extra options are additions), ``QueryResult`` is what ``query/run`` answers.
+``EngineError`` is an ``AppError``: the server answers it as a JSON-RPC error whose
+``data`` carries ``kind`` and ``partial`` (the best answer the query had when it stopped).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from rlmd.protocol.errors import (
+    BAD_INPUT,
+    BUDGET_EXCEEDED,
+    MODEL_ERROR,
+    NOT_FOUND,
+    AppError,
+)
+
+
+class QueryOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Per-query settings.  Budgets may only lower the daemon's ``[limits]``."""
+
+    max_iterations: int | None = None
+    max_depth: int | None = None
+    root_model: str | None = None
+    sub_model: str | None = None
+    timeout_s: float | None = None
+    max_cost: float | None = None
+    # Additions to the wire contract:
+    max_sub_calls: int | None = None
+    output_chars: int | None = None
+    # Start a ```repl block the moment its closing fence streams in and stop the root's
+    # generation there (default on; off only to measure what it saves).
+    pipeline: bool | None = None
+
+
+class QueryParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """``query/run`` params: a question, and a named context, an inline text, or neither."""
+
+    query: str
+    context: str | None = None
+    text: str | None = None
+    job: str | None = None
+    options: QueryOptions = msgspec.field(default_factory=QueryOptions)
+
+
+class Tokens(msgspec.Struct):
+    input: int = 0
+    output: int = 0
+
+
+class QueryResult(msgspec.Struct, kw_only=True):
+    """``query/run`` result; the first eight fields are the wire contract."""
+
+    answer: str
+    job: str
+    iterations: int
+    sub_calls: int
+    tokens: Tokens
+    cost: float
+    elapsed_s: float
+    trace: str
+    # Additions:
+    root_model: str = ""
+    sub_model: str = ""
+    root_tokens: Tokens = msgspec.field(default_factory=Tokens)
+    sub_tokens: Tokens = msgspec.field(default_factory=Tokens)
+    cached_calls: int = 0
+    depth: int = 1  # deepest nested loop that ran (1: no rlm_query recursion)
+    # How the answer came: "final" (FINAL/FINAL_VAR), "reply" (plain text accepted),
+    # "best_effort" (asked for its best answer at max_iterations).
+    finish: str = "final"
+
+
+# Error kinds (data.kind) the engine raises, with the JSON-RPC code for each.
+ERROR_CODES: dict[str, int] = {
+    "bad_params": BAD_INPUT,
+    "context_not_found": NOT_FOUND,
+    "max_iterations": BUDGET_EXCEEDED,
+    "max_sub_calls": BUDGET_EXCEEDED,
+    "max_cost": BUDGET_EXCEEDED,
+    "timeout": BUDGET_EXCEEDED,
+    "model_error": MODEL_ERROR,
+}
+
+
+class EngineError(AppError):
+    """A query that could not finish; ``partial`` is the best answer it had by then."""
+
+    def __init__(self, kind: str, message: str, partial: str = "") -> None:
+        super().__init__(kind, message, code=ERROR_CODES.get(kind, -32000), partial=partial)
+        self.partial = partial
