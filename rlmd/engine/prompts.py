@@ -1,0 +1,271 @@
+"""Everything the engine says to the root model, in one place.
+
+Two system prompts, chosen by model size: small models (about 3B parameters and under,
+such as the embedded Qwen2.5-Coder-1.5B) follow the loop only when they are shown one
+concrete worked exchange ending in a literal ``FINAL(...)``, and do best with one step per
+reply; large models get the full tool description and are told to filter with code first,
+keep sub-prompts moderate and not over-call.  The user-turn messages (context description,
+code output, nudges) are shared.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Variant = Literal["small", "large"]
+
+# "qwen2.5-coder:1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m", "llama3.2:3b", "phi3:3.8b".
+_SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
+SMALL_MAX_BILLIONS = 3.0
+
+
+def variant_for(model: str) -> Variant:
+    """``small`` when the model name says it has at most 3B parameters, else ``large``."""
+    sizes = [float(m.group(1)) for m in _SIZE.finditer(model)]
+    if sizes and max(sizes) <= SMALL_MAX_BILLIONS:
+        return "small"
+    return "large"
+
+
+@dataclass(frozen=True)
+class ContextDescription:
+    """What the root model is told about the context before it looks (never the text)."""
+
+    name: str  # the store's name, or "" for an inline text
+    chars: int
+    lines: int
+    head: str  # its first few lines, already cut short
+
+
+def describe_text(
+    text: str, *, name: str = "", head_lines: int = 5, head_chars: int = 600
+) -> ContextDescription:
+    """Describe an in-memory text (an inline ``text`` param, a sub-context)."""
+    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+    return ContextDescription(
+        name=name,
+        chars=len(text),
+        lines=lines,
+        head=cut_head(text[: head_chars * 2], head_lines, head_chars),
+    )
+
+
+def cut_head(text: str, head_lines: int = 5, head_chars: int = 600) -> str:
+    """The first ``head_lines`` lines of ``text``, each at most 200 chars, in all ``head_chars``."""
+    out = []
+    for line in text.splitlines()[:head_lines]:
+        out.append(line if len(line) <= 200 else line[:200] + " …")
+    head = "\n".join(out)
+    return head if len(head) <= head_chars else head[:head_chars] + " …"
+
+
+# --- system prompts ---------------------------------------------------------------------
+
+_TOOLS = """\
+The REPL gives you:
+- `context`: the whole text, as a Python string. Slice it, search it with `re`, split it.
+  Never print all of it: what you print is shown to you cut to about {output_chars:,} characters.
+- `llm_query(prompt, model=None) -> str`: one call to a helper language model. It sees only
+  the prompt you give it, so put the piece of text it must read into the prompt.
+- `llm_query_batched(prompts, model=None) -> list[str]`: many helper calls run at the same
+  time; answers come back in the order of the prompts. Far faster than calling in a loop.
+- `rlm_query(prompt, context=None) -> str`: {rlm_query}
+- `SHOW_VARS()`: lists the variables you have made.
+- `FINAL(answer)` and `FINAL_VAR(name)`: end the work with an answer (see below).
+Variables, imports and functions persist from block to block. There is no network and no
+shell; the standard library is there."""
+
+_RLM_PLAIN = "the same as `llm_query` here (a plain helper call)."
+_RLM_NESTED = (
+    "hands a sub-question and its own text (`context`) to a helper that works the way you "
+    "do, with its own REPL. Use it for a piece that needs several steps of its own."
+)
+
+_LARGE = """\
+You answer questions about a text that can be far larger than what you could read in one
+go. The text is not in this conversation: it is loaded into a Python REPL as the variable
+`context`, and you study it by writing code.
+
+How a turn works: write a short explanation and one code block fenced with ```repl. Stop
+writing right after the closing fence. The block runs, and the next message shows you
+what it printed. Never guess what code will print; wait for the output.
+
+{tools}
+
+How to work well:
+1. Probe before you plan: the length, how the text is laid out, a few sample lines.
+2. Filter with code first (regular expressions, `str` methods, counting): code is free and
+   exact, model calls are slow and cost money.
+3. Use the helper models where meaning matters and code cannot decide: cut the relevant
+   part into chunks of at most about {chunk_chars:,} characters, ask one precise question
+   per chunk with `llm_query_batched`, and keep the answers in a variable.
+4. Do not over-call: one batch over the chunks that matter beats hundreds of tiny calls,
+   and never send the whole context when a filtered piece will do.
+5. Combine the pieces in code, or with one last `llm_query` over the collected answers.
+6. Check what you have, then finish.
+
+Finishing: write, on a line of its own and outside any code block, either
+FINAL(your complete answer)
+or
+FINAL_VAR(variable_name)
+to answer with the value of a REPL variable (best for long answers built in code). The
+answer is the answer itself, not a description of what you would do.
+
+Example of a full exchange (question: "Which error code appears most often in the log?"):
+
+Assistant:
+Let me see the shape of the text first.
+```repl
+print(len(context))
+print(context[:500])
+```
+User: (output) 2381120 / `2024-05-01 10:00:01 ERROR E1042 disk full` ...
+
+Assistant:
+Lines carry codes like E1042; counting them needs no model.
+```repl
+import re
+from collections import Counter
+codes = Counter(re.findall(r"\\bE\\d{{4}}\\b", context))
+print(codes.most_common(5))
+```
+User: (output) [('E1042', 318), ('E2001', 97), ...]
+
+Assistant:
+FINAL(E1042 is the most frequent error code, with 318 occurrences.)
+
+Example of fan-out (question: "What do the customers complain about?", a long list of reviews):
+```repl
+reviews = context.split("\\n\\n")
+chunks = ["\\n\\n".join(reviews[i:i + 40]) for i in range(0, len(reviews), 40)]
+prompts = [f"List the complaints in these reviews, one per line:\\n{{c}}" for c in chunks]
+answers = llm_query_batched(prompts)
+summary = llm_query("Merge these lists of complaints into the 5 most common ones, "
+                    "with rough counts:\\n" + "\\n".join(answers))
+print(summary)
+```
+and once the summary is printed and looks right: FINAL_VAR(summary)
+"""
+
+_SMALL = """\
+You answer a question about a long text. The text is in a Python REPL, in the variable
+`context`. You cannot see it: you read it by writing Python code in a ```repl block.
+After each block, stop. You will get what the code printed. Then write the next block.
+
+{tools}
+
+When you know the answer, write it on its own line, outside code, like this:
+FINAL(the answer)
+
+Example.
+Question: What is the secret code?
+
+Assistant:
+```repl
+import re
+print(len(context))
+print(re.findall(r"secret code[^\\n]*", context)[:5])
+```
+
+User: Output:
+2000000
+['secret code is 7781']
+
+Assistant:
+FINAL(7781)
+
+Example with a helper model, for a question about meaning:
+```repl
+chunks = [context[i:i + {chunk_chars}] for i in range(0, len(context), {chunk_chars})]
+answers = llm_query_batched([f"Does this text mention a cat? Quote it.\\n{{c}}" for c in chunks])
+print([a for a in answers if "yes" in a.lower()][:5])
+```
+
+Rules:
+- One ```repl block per reply, then stop.
+- Use code (re.findall, str.find, slicing) to search the text. Print short results.
+- Do not invent output. Wait for it.
+- FINAL(...) holds the real answer, not a plan.
+"""
+
+
+def system_prompt(model: str, *, nested_rlm: bool, output_chars: int) -> str:
+    """The system prompt for ``model``; ``nested_rlm``: ``rlm_query`` runs a nested loop."""
+    variant = variant_for(model)
+    tools = _TOOLS.format(
+        output_chars=output_chars, rlm_query=_RLM_NESTED if nested_rlm else _RLM_PLAIN
+    )
+    if variant == "small":
+        return _SMALL.format(tools=tools, chunk_chars=4000)
+    return _LARGE.format(tools=tools, chunk_chars=50_000)
+
+
+# --- user turns -------------------------------------------------------------------------
+
+
+def first_message(query: str, context: ContextDescription | None) -> str:
+    """The first user message: the context described (never the text) and the question."""
+    if context is None or context.chars == 0:
+        return (
+            "There is no context for this question (`context` is an empty string).\n"
+            "Answer it yourself; use a ```repl block only if computing helps. "
+            "End with FINAL(your answer).\n\n"
+            f"Question: {query}"
+        )
+    name = f" named {context.name!r}" if context.name else ""
+    return (
+        f"The context{name} is a string of {context.chars:,} characters in "
+        f"{context.lines:,} lines. It begins:\n"
+        f"---\n{context.head}\n---\n\n"
+        f"Question: {query}\n\n"
+        "Start by writing a ```repl block to look at the context."
+    )
+
+
+def output_message(
+    output: str, *, error: str | None, timed_out: bool, restarted: bool, cell_timeout_s: float
+) -> str:
+    """What a block printed, as the next user message (``output`` is already truncated)."""
+    parts = ["Output:"]
+    parts.append(output if output.strip() else "(the code printed nothing)")
+    if error:
+        parts.append(f"Error:\n{error}")
+    if timed_out:
+        parts.append(
+            f"The block was stopped after {cell_timeout_s:g} s (the per-block time limit). "
+            "Do less per block, e.g. fewer helper calls or a narrower search."
+        )
+    if restarted:
+        parts.append("The REPL was restarted: your variables are gone; `context` is still there.")
+    parts.append("Continue with another ```repl block, or answer with FINAL(...) if you know.")
+    return "\n".join(parts)
+
+
+NO_CODE_NO_FINAL = (
+    "Your reply had no ```repl block and no FINAL(...) line. Either write a ```repl block "
+    "to look at the context, or give the answer on a line of its own: FINAL(your answer)"
+)
+
+
+def not_an_answer(reason: str) -> str:
+    """Sent once when a FINAL answer does not look like one."""
+    return (
+        f"That FINAL answer was not accepted: {reason}. Do the work with ```repl blocks if "
+        "needed, then give the actual answer: FINAL(the answer itself)"
+    )
+
+
+def missing_variable(name: str, problem: str) -> str:
+    """Sent when FINAL_VAR names a variable that cannot be read."""
+    return (
+        f"FINAL_VAR({name}) failed: {problem}. Check with SHOW_VARS() in a ```repl block, "
+        "or answer with FINAL(the answer)."
+    )
+
+
+LAST_CHANCE = (
+    "You have used all your turns; no more code will run. From what you have seen so far, "
+    "give your best answer now, on a line of its own: FINAL(your answer)"
+)
