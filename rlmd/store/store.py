@@ -1,0 +1,859 @@
+"""Named contexts kept as files under the state dir, read through ``mmap``.
+
+Layout of ``root`` (``<state_dir>/contexts``)::
+
+    root/
+      .locks/<key>.lock          flock of writers of one context (across processes)
+      <key>/                     key = blake2b(name), so any name maps to a safe file name
+        meta.json                the commit point: name, version, sizes, times
+        <version>.txt            the text, UTF-8; immutable once written
+        <version>.idx            its character index (see ``charindex.py``)
+        .tmp-*                   a write in progress (removed at startup if left over)
+
+``version`` is a blake2b hash of the text computed while writing, so re-putting the same
+text keeps it.  A write streams into temp files, fsyncs them, renames them to their
+content-addressed names, then atomically replaces ``meta.json`` (fsync of file and
+directory on each step).  A process killed at any point leaves ``meta.json`` naming either
+the old version or the new one, whose files are complete; startup removes the rest.
+Version files are immutable and only unlinked after ``meta.json`` stops naming them, so
+a reader holding a mapping (a REPL worker) keeps a consistent text.
+
+Reads never decode the whole text: peeks map character offsets to bytes with the
+sidecar index, and searches run window by window over the mapping, advising the kernel
+to drop pages already scanned so the resident size stays small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
+from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
+
+T = TypeVar("T")
+
+MAX_NAME_CHARS = 256
+MAX_MATCHES = 10_000
+MAX_MATCH_TEXT = 2_000
+DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_PEEK_CHARS = 16 * 1024 * 1024
+_CHUNK = 1 << 20
+_COPY_CHUNK = 4 << 20
+_META = "meta.json"
+_TMP = ".tmp-"
+_FORMAT = 1
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class StoreError(Exception):
+    """A store operation failed; ``kind`` is machine-readable, the message says what to do."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Skipped(msgspec.Struct, frozen=True):
+    """A file of a directory put that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+class PutResult(msgspec.Struct, kw_only=True):
+    """What a put stored.  ``files``/``skipped``/``ignored``/``excluded`` describe path puts;
+    ``replaced`` counts invalid UTF-8 sequences that became U+FFFD."""
+
+    name: str
+    chars: int
+    bytes: int
+    lines: int
+    tokens_est: int
+    files: int = 0
+    skipped: list[Skipped] = []
+    ignored: int = 0
+    excluded: int = 0
+    replaced: int = 0
+    version: str = ""
+
+
+class ContextInfo(msgspec.Struct, kw_only=True):
+    """One stored context (times are ISO 8601 UTC, e.g. ``2026-11-22T00:44:01Z``)."""
+
+    name: str
+    chars: int
+    bytes: int
+    lines: int
+    tokens_est: int
+    created: str
+    updated: str
+    version: str
+
+
+class SearchMatch(msgspec.Struct, kw_only=True):
+    """A regex match: character offsets, 1-based line of ``start``, the matched text
+    (cut to ``MAX_MATCH_TEXT`` characters, then ``truncated`` is true)."""
+
+    start: int
+    end: int
+    line: int
+    text: str
+    truncated: bool = False
+
+
+class _Meta(msgspec.Struct, kw_only=True):
+    format: int = _FORMAT
+    name: str
+    version: str
+    chars: int
+    bytes: int
+    newlines: int
+    lines: int
+    ascii: bool
+    created: str
+    updated: str
+
+    def info(self) -> ContextInfo:
+        return ContextInfo(
+            name=self.name,
+            chars=self.chars,
+            bytes=self.bytes,
+            lines=self.lines,
+            tokens_est=_tokens(self.chars),
+            created=self.created,
+            updated=self.updated,
+            version=self.version,
+        )
+
+
+def _tokens(chars: int) -> int:
+    return (chars + 3) // 4
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _not_found(name: str) -> StoreError:
+    return StoreError("not_found", f"no context named {name!r}; see context/list")
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A version kept on disk by :meth:`ContextStore.pin`: its text file and info."""
+
+    path: Path
+    info: ContextInfo
+
+
+@dataclass
+class _Handle:
+    """An open version of a context: its meta, mapping and index (shared by readers)."""
+
+    sig: tuple[int, int, int]
+    meta: _Meta
+    path: Path
+    buf: mmap.mmap | bytes
+    index: CharIndex
+
+
+class _Writer:
+    """Streams a new version into temp files, hashing, counting and indexing as it goes."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.tmp = d / f"{_TMP}{secrets.token_hex(8)}.txt"
+        self.f = open(self.tmp, "xb")
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.builder = CharIndexBuilder()
+        self.newlines = 0
+        self.last = b""
+
+    def _raw(self, data: bytes) -> None:
+        if data:
+            self.f.write(data)
+            self.hash.update(data)
+            self.newlines += data.count(b"\n")
+            self.last = data[-1:]
+
+    def write_str(self, text: str) -> None:
+        """Append ``text`` (no lone surrogates)."""
+        for i in range(0, len(text), _CHUNK):
+            for piece in self.builder.add_str(text[i : i + _CHUNK]):
+                self._raw(piece)
+
+    def write_utf8(self, data: bytes) -> None:
+        """Append valid UTF-8 made of whole characters."""
+        self.builder.add_utf8(data)
+        self._raw(data)
+
+    def copy_version(self, path: Path, index: CharIndex, newlines: int) -> None:
+        """Start with an existing version's text (for appends); its index is reused."""
+        self.builder = CharIndexBuilder.resume(index)
+        buf = bytearray(_COPY_CHUNK)
+        view = memoryview(buf)
+        with open(path, "rb") as src:
+            while n := src.readinto(buf):
+                self.f.write(view[:n])
+                self.hash.update(view[:n])
+                self.last = bytes(view[n - 1 : n])
+        self.newlines = newlines
+
+    def finish(self) -> tuple[str, CharIndex]:
+        """Flush and fsync the text; return its version and index."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.hash.hexdigest(), self.builder.finish()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temp file and a rename (no dir fsync)."""
+    tmp = path.with_name(f"{_TMP}{secrets.token_hex(8)}{path.suffix}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _stream_file(w: _Writer, f, first: bytes) -> int:
+    """Copy an open binary file into ``w`` as UTF-8; return invalid sequences replaced."""
+    replaced = 0
+    carry = b""
+    data = first
+    while True:
+        more = f.read(_CHUNK)
+        block = carry + data
+        if more:
+            block, carry = split_incomplete(block)
+        else:
+            carry = b""
+        if block.isascii():
+            w.write_utf8(block)
+        elif block:
+            text = block.decode("utf-8", "replace")
+            # Each invalid sequence became one U+FFFD; genuine ones were already there.
+            replaced += text.count("\ufffd") - block.count(b"\xef\xbf\xbd")
+            w.write_str(text)
+        if not more:
+            return replaced
+        data = more
+
+
+class ContextStore:
+    """Named contexts that persist under ``root``; thread-safe, synchronous.
+
+    Concurrent writes to one name serialize (across threads and processes); readers see
+    either the old or the new version, never a mix.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_peek_chars: int = DEFAULT_MAX_PEEK_CHARS,
+        search_window_chars: int = 8 * 1024 * 1024,
+        search_overlap_chars: int = 1024 * 1024,
+    ) -> None:
+        self.root = Path(root)
+        self.max_peek_chars = max_peek_chars
+        self._window = search_window_chars
+        self._overlap = search_overlap_chars
+        self._mutex = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._handles: dict[str, _Handle] = {}
+        self._metas: dict[str, tuple[tuple[int, int, int], _Meta]] = {}
+        self._pins: Counter[tuple[str, str]] = Counter()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (self.root / ".locks").mkdir(exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StoreError("io", f"cannot create the context store at {self.root}: {e}") from e
+        self._recover()
+
+    # -- names, locks ------------------------------------------------------------------
+
+    @staticmethod
+    def _key(name: object) -> str:
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_CHARS:
+            raise StoreError(
+                "invalid_name",
+                f"context names are 1..{MAX_NAME_CHARS} characters; got {name!r:.80}",
+            )
+        for c in name:
+            o = ord(c)
+            if o < 32 or 127 <= o < 160 or 0xD800 <= o <= 0xDFFF:
+                raise StoreError(
+                    "invalid_name",
+                    f"context name {name!r:.80} contains a control character {c!r}; "
+                    "use printable characters",
+                )
+        return hashlib.blake2b(name.encode("utf-8"), digest_size=16).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, *, blocking: bool = True) -> Iterator[bool]:
+        with self._mutex:
+            lock = self._locks.setdefault(key, threading.Lock())
+        if not lock.acquire(blocking=blocking):
+            yield False
+            return
+        try:
+            fd = os.open(self.root / ".locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                yield True
+            finally:
+                os.close(fd)  # releases the flock
+        finally:
+            lock.release()
+
+    # -- startup -----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Remove what crashed writes left: temp files, unreferenced versions, dirs
+        without a committed meta."""
+        for d in self.root.iterdir():
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            with self._locked(d.name, blocking=False) as got:
+                if got:  # another process writing it right now: leave it alone
+                    self._clean_dir(d.name)
+
+    def _clean_dir(self, key: str) -> None:
+        """Under the key's lock: delete everything but the current, or pinned, version."""
+        d = self.root / key
+        meta = self._read_meta(key)
+        keep = {meta.version} if meta else set()
+        with self._mutex:
+            keep |= {v for (k, v), n in self._pins.items() if k == key and n > 0}
+        try:
+            entries = list(d.iterdir())
+        except FileNotFoundError:
+            return
+        for p in entries:
+            if p.name == _META and meta is not None:
+                continue
+            if p.stem in keep and p.suffix in (".txt", ".idx"):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        if meta is None and not keep:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    def _read_meta(self, key: str) -> _Meta | None:
+        path = self.root / key / _META
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._mutex:
+            cached = self._metas.get(key)
+        if cached and cached[0] == sig:
+            return cached[1]
+        try:
+            meta = msgspec.json.decode(path.read_bytes(), type=_Meta)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError) as e:
+            raise StoreError("io", f"context metadata {path} is unreadable: {e}") from e
+        with self._mutex:
+            self._metas[key] = (sig, meta)
+        return meta
+
+    # -- writes ------------------------------------------------------------------------
+
+    def _put(
+        self,
+        name: str,
+        produce: Callable[[_Writer, _Meta | None], T],
+        *,
+        append: bool,
+    ) -> tuple[_Meta, T]:
+        key = self._key(name)
+        d = self.root / key
+        with self._locked(key):
+            if not d.is_dir():
+                d.mkdir(mode=0o700)
+                _fsync_dir(self.root)
+            old = self._read_meta(key)
+            w = _Writer(d)
+            try:
+                if append and old is not None:
+                    old_index = CharIndex.load(d / f"{old.version}.idx")
+                    w.copy_version(d / f"{old.version}.txt", old_index, old.newlines)
+                extra = produce(w, old if append else None)
+                version, index = w.finish()
+            except BaseException:
+                w.abort()
+                if old is None:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                raise
+            if old is not None and old.version == version:
+                w.abort()
+                return old, extra
+            try:
+                os.replace(w.tmp, d / f"{version}.txt")
+                _write_atomic(d / f"{version}.idx", index.to_bytes())
+                _fsync_dir(d)
+                now = _now()
+                meta = _Meta(
+                    name=name,
+                    version=version,
+                    chars=index.chars,
+                    bytes=index.nbytes,
+                    newlines=w.newlines,
+                    lines=w.newlines + (1 if index.nbytes and w.last != b"\n" else 0),
+                    ascii=index.ascii,
+                    created=old.created if old else now,
+                    updated=now,
+                )
+                _write_atomic(d / _META, msgspec.json.encode(meta))  # the commit point
+                _fsync_dir(d)
+            except BaseException:
+                w.abort()
+                self._clean_dir(key)
+                raise
+            with self._mutex:
+                self._handles.pop(key, None)
+            self._clean_dir(key)
+            return meta, extra
+
+    def put_text(self, name: str, text: str, *, append: bool = False) -> PutResult:
+        """Store ``text`` as context ``name`` (replacing it, or appending to it)."""
+        if not isinstance(text, str):
+            raise StoreError("invalid_argument", "text must be a string")
+        if not text.isascii() and _SURROGATES.search(text):
+            text = _SURROGATES.sub("\ufffd", text)  # cannot be encoded as UTF-8
+        try:
+            meta, _ = self._put(name, lambda w, _old: w.write_str(text), append=append)
+        except OSError as e:
+            raise StoreError("io", f"storing context {name!r} failed: {e}") from e
+        return self._result(meta)
+
+    def put_path(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        append: bool = False,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> PutResult:
+        """Store a file's text, or a directory's files concatenated with headers.
+
+        A single file is taken whole (``max_file_bytes`` applies to files of a
+        directory); a binary file is refused.  See ``ingest.py`` for directories.
+        """
+        self._key(name)
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = Path.cwd() / p
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise StoreError(
+                "path_not_found", f"no such file or directory: {str(p)!r}; check the path"
+            ) from None
+        except OSError as e:
+            raise StoreError("io", f"cannot access {str(p)!r}: {e.strerror}") from e
+        try:
+            if p.is_dir():
+                return self._put_dir(name, p, include, exclude, append, max_file_bytes)
+            if not p.is_file():
+                raise StoreError(
+                    "not_a_file", f"{str(p)!r} is neither a regular file nor a directory"
+                )
+            return self._put_file(name, p, st.st_size, append)
+        except OSError as e:
+            raise StoreError("io", f"storing {str(p)!r} as context {name!r} failed: {e}") from e
+
+    def _put_file(self, name: str, p: Path, size: int, append: bool) -> PutResult:
+        try:
+            f = open(p, "rb")
+        except OSError as e:
+            raise StoreError("io", f"cannot read {str(p)!r}: {e.strerror}") from e
+        with f:
+            head = f.read(BINARY_SNIFF_BYTES)
+            if is_binary(head):
+                raise StoreError(
+                    "binary",
+                    f"{str(p)!r} looks binary (it contains NUL bytes); "
+                    "only text files can be contexts",
+                )
+            meta, replaced = self._put(
+                name, lambda w, _old: _stream_file(w, f, head), append=append
+            )
+        res = self._result(meta)
+        res.files, res.replaced = 1, replaced
+        return res
+
+    def _put_dir(
+        self,
+        name: str,
+        root: Path,
+        include: list[str] | None,
+        exclude: list[str] | None,
+        append: bool,
+        max_file_bytes: int,
+    ) -> PutResult:
+        walk = walk_tree(root, include=include, exclude=exclude, max_file_bytes=max_file_bytes)
+        skipped = [Skipped(rel, why) for rel, why in walk.skipped]
+        if not walk.files:
+            raise StoreError(
+                "no_files",
+                f"no files to read under {str(root)!r}: {walk.ignored} ignored "
+                f"(.gitignore, .git), {walk.excluded} excluded by include/exclude globs, "
+                f"{len(skipped)} skipped; check the path and the globs",
+            )
+
+        def produce(w: _Writer, old: _Meta | None) -> tuple[int, int]:
+            files = replaced = 0
+            if old is not None and old.bytes and w.last != b"\n":
+                w.write_utf8(b"\n")  # headers start on a line of their own
+            for entry in walk.files:
+                try:
+                    f = open(entry.path, "rb")
+                except OSError as e:
+                    skipped.append(Skipped(entry.rel, f"unreadable: {e.strerror}"))
+                    continue
+                with f:
+                    try:
+                        head = f.read(BINARY_SNIFF_BYTES)
+                    except OSError as e:
+                        skipped.append(Skipped(entry.rel, f"unreadable: {e.strerror}"))
+                        continue
+                    if is_binary(head):
+                        skipped.append(Skipped(entry.rel, "binary (contains NUL bytes)"))
+                        continue
+                    w.write_str(file_header(entry.rel))
+                    before = w.builder.nbytes
+                    try:
+                        replaced += _stream_file(w, f, head)
+                    except OSError as e:
+                        skipped.append(Skipped(entry.rel, f"read error, text cut: {e.strerror}"))
+                    if w.builder.nbytes > before and w.last != b"\n":
+                        w.write_utf8(b"\n")
+                    w.write_utf8(b"\n")
+                    files += 1
+            return files, replaced
+
+        meta, (files, replaced) = self._put(name, produce, append=append)
+        res = self._result(meta)
+        res.files, res.skipped, res.replaced = files, skipped, replaced
+        res.ignored, res.excluded = walk.ignored, walk.excluded
+        return res
+
+    @staticmethod
+    def _result(meta: _Meta) -> PutResult:
+        return PutResult(
+            name=meta.name,
+            chars=meta.chars,
+            bytes=meta.bytes,
+            lines=meta.lines,
+            tokens_est=_tokens(meta.chars),
+            version=meta.version,
+        )
+
+    def drop(self, name: str) -> bool:
+        """Delete context ``name``; False if there was none.  Open mappings stay valid."""
+        key = self._key(name)
+        with self._locked(key):
+            meta_path = self.root / key / _META
+            try:
+                meta_path.unlink()
+            except FileNotFoundError:
+                return False
+            _fsync_dir(meta_path.parent)
+            with self._mutex:
+                self._handles.pop(key, None)
+                self._metas.pop(key, None)
+            self._clean_dir(key)
+            return True
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Handle:
+        key = self._key(name)
+        meta_path = self.root / key / _META
+        for _ in range(5):  # a concurrent writer may replace the version under us
+            try:
+                st = os.stat(meta_path)
+            except FileNotFoundError:
+                raise _not_found(name) from None
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+            with self._mutex:
+                h = self._handles.get(key)
+            if h is not None and h.sig == sig:
+                return h
+            try:
+                h = self._open(key, sig)
+            except FileNotFoundError:
+                continue
+            if h.meta.name != name:  # pragma: no cover - a blake2b collision
+                raise StoreError("io", f"context storage {key} holds {h.meta.name!r}")
+            with self._mutex:
+                self._handles[key] = h
+            return h
+        raise StoreError("io", f"context {name!r} kept changing while being read; retry")
+
+    def _open(self, key: str, sig: tuple[int, int, int]) -> _Handle:
+        meta = self._read_meta(key)
+        if meta is None:
+            raise FileNotFoundError(key)
+        d = self.root / key
+        path = d / f"{meta.version}.txt"
+        index = CharIndex.load(d / f"{meta.version}.idx")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != meta.bytes or index.nbytes != meta.bytes or index.chars != meta.chars:
+                raise StoreError("io", f"context {meta.name!r} is damaged (size mismatch)")
+            buf: mmap.mmap | bytes = (
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            )
+        return _Handle(sig=sig, meta=meta, path=path, buf=buf, index=index)
+
+    def list(self) -> list[ContextInfo]:
+        """All contexts, sorted by name."""
+        out = []
+        for d in self.root.iterdir():
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            meta = self._read_meta(d.name)
+            if meta is not None:
+                out.append(meta.info())
+        return sorted(out, key=lambda i: i.name)
+
+    def info(self, name: str) -> ContextInfo:
+        """Sizes, times and version of context ``name``."""
+        meta = self._read_meta(self._key(name))
+        if meta is None:
+            raise _not_found(name)
+        return meta.info()
+
+    def version(self, name: str) -> str:
+        """The content hash of the current text (changes exactly when the text does)."""
+        return self.info(name).version
+
+    def text_path(self, name: str) -> Path:
+        """The UTF-8 file of the current version, to be mapped read-only.
+
+        It is never modified.  A later put or drop unlinks it (unless pinned, see
+        :meth:`pin`), so open it promptly: an open descriptor or mapping stays valid.
+        """
+        return self._get(name).path
+
+    @contextlib.contextmanager
+    def pin(self, name: str) -> Iterator[Pinned]:
+        """Keep the current version's files on disk while the block runs, for a REPL
+        worker that opens the text file later than now; a put or drop meanwhile leaves
+        them in place until the block ends."""
+        h = self._get(name)
+        key = self._key(name)
+        pin = (key, h.meta.version)
+        with self._mutex:
+            self._pins[pin] += 1
+        try:
+            yield Pinned(path=h.path, info=h.meta.info())
+        finally:
+            with self._mutex:
+                self._pins[pin] -= 1
+                if self._pins[pin] <= 0:
+                    del self._pins[pin]
+            with self._locked(key):
+                self._clean_dir(key)
+
+    def peek(self, name: str, start: int, end: int) -> str:
+        """Characters ``[start, end)``; ``end`` past the text is clamped."""
+        h = self._get(name)
+        n = h.meta.chars
+        if not (isinstance(start, int) and isinstance(end, int)) or start < 0 or end < start:
+            raise StoreError(
+                "invalid_range",
+                f"peek needs 0 <= start <= end (character offsets); got {start}..{end}",
+            )
+        if start > n:
+            raise StoreError(
+                "invalid_range", f"start {start} is past the end of {name!r} ({n} characters)"
+            )
+        end = min(end, n)
+        if end - start > self.max_peek_chars:
+            raise StoreError(
+                "invalid_range",
+                f"peek at most {self.max_peek_chars} characters at a time; asked for "
+                f"{end - start}; use several peeks or context/search",
+            )
+        if start == end:
+            return ""
+        b0 = h.index.byte_offset(h.buf, start)
+        b1 = h.index.byte_offset(h.buf, end)
+        text = h.buf[b0:b1].decode("utf-8")
+        _dontneed(h.buf, b0, b1)
+        return text
+
+    def search(self, name: str, pattern: str, max_matches: int = 100) -> list[SearchMatch]:
+        """Matches of a Python regex, in order, at most ``max_matches`` (capped at
+        ``MAX_MATCHES``).  See ``docs/store.md`` for the limits at window boundaries."""
+        if not isinstance(max_matches, int) or max_matches < 1:
+            raise StoreError("invalid_argument", f"max_matches must be >= 1; got {max_matches!r}")
+        if not isinstance(pattern, str):
+            raise StoreError("invalid_pattern", "pattern must be a string")
+        max_matches = min(max_matches, MAX_MATCHES)
+        try:
+            rx: re.Pattern = re.compile(pattern)
+        except (re.error, OverflowError, RecursionError, ValueError) as e:
+            raise StoreError(
+                "invalid_pattern",
+                f"bad regular expression {pattern!r:.200}: {e} (Python `re` syntax)",
+            ) from None
+        h = self._get(name)
+        if h.meta.chars == 0:
+            return [SearchMatch(start=0, end=0, line=1, text="") for _ in rx.finditer("")][
+                :max_matches
+            ]
+        as_bytes = False
+        if h.index.ascii and pattern.isascii():
+            # On ASCII text a bytes regex matches exactly what the str regex would, and
+            # spares the decoding; patterns bytes cannot express fall back to str.
+            with contextlib.suppress(re.error):
+                rx = re.compile(pattern.encode("ascii"))
+                as_bytes = True
+        return _Scanner(h, rx, as_bytes, self._window, self._overlap).run(max_matches)
+
+
+def _dontneed(buf: mmap.mmap | bytes, b0: int, b1: int) -> None:
+    """Let the kernel drop this process's mapping of [b0, b1) (the page cache keeps it)."""
+    if isinstance(buf, mmap.mmap) and b1 > b0:
+        start = b0 - b0 % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            buf.madvise(mmap.MADV_DONTNEED, start, b1 - start)
+
+
+class _Scanner:
+    """Runs a regex window by window over a mapped text, in character offsets.
+
+    Window: characters ``[a - ctx, a + W + O)``; matches starting in ``[a, a + W)`` are
+    taken.  A match reaching the window's end (short of the text's end) might be cut, so
+    the next window starts at it, growing the overlap if it starts the window.
+    """
+
+    _CTX = 64 * 1024
+    _MAX_OVERLAP = 64 * 1024 * 1024
+
+    def __init__(
+        self, h: _Handle, rx: re.Pattern, as_bytes: bool, window: int, overlap: int
+    ) -> None:
+        self.h, self.rx, self.as_bytes = h, rx, as_bytes
+        self.window, self.overlap = window, overlap
+
+    def _text(self, c0: int, c1: int) -> str | bytes:
+        h = self.h
+        b0, b1 = h.index.byte_offset(h.buf, c0), h.index.byte_offset(h.buf, c1)
+        data = h.buf[b0:b1]
+        _dontneed(h.buf, b0, b1)
+        return data if self.as_bytes else data.decode("utf-8")
+
+    def run(self, max_matches: int) -> list[SearchMatch]:
+        total = self.h.meta.chars
+        nl = b"\n" if self.as_bytes else "\n"
+        out: list[SearchMatch] = []
+        a, overlap = 0, self.overlap
+        line, line_pos = 1, 0  # newlines counted up to line_pos
+        last_end, last_empty_at = 0, -1
+        while True:
+            c0 = max(0, a - self._CTX)
+            end = min(total, a + self.window + overlap)
+            s = self._text(c0, end)
+            limit = a + self.window if end < total else total + 1
+            restart: int | None = None
+            for m in self.rx.finditer(s, a - c0):
+                ms, me = m.start() + c0, m.end() + c0
+                if ms >= limit:
+                    break
+                if me == end and end < total and overlap < self._MAX_OVERLAP:
+                    restart = ms  # may continue past the window: redo with more text
+                    break
+                if ms == me == last_empty_at:
+                    continue  # already reported before a window change
+                line += s.count(nl, line_pos - c0, ms - c0)
+                line_pos = ms
+                text = m.group()
+                cut = len(text) > MAX_MATCH_TEXT
+                if cut:
+                    text = text[:MAX_MATCH_TEXT]
+                if isinstance(text, bytes):
+                    text = text.decode("ascii")
+                out.append(
+                    SearchMatch(
+                        start=ms,
+                        end=me,
+                        line=line,
+                        text=text,
+                        truncated=cut or (me == end and end < total),
+                    )
+                )
+                last_end = me
+                if ms == me:
+                    last_empty_at = ms
+                if len(out) >= max_matches:
+                    return out
+            if restart is not None:
+                if restart == a:
+                    overlap *= 2
+                    continue
+                nxt, overlap = restart, self.overlap
+            elif end >= total:
+                return out
+            else:
+                nxt = max(limit, last_end)
+                overlap = self.overlap
+            line += s.count(nl, line_pos - c0, nxt - c0)
+            line_pos = nxt
+            a = nxt
