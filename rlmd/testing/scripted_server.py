@@ -301,7 +301,11 @@ class ScriptedServer:
         api_key: str | None = None,
         delay_s: float = 0.0,
         port: int = 0,
+        health_endpoint: bool = True,
     ) -> None:
+        """``health_endpoint=False`` answers ``GET /health`` with 404, as servers without
+        one (DeepSeek, OpenAI) do."""
+        self.health_endpoint = health_endpoint
         self._rules = list(rules or [])
         self._used = [0] * len(self._rules)
         self.responder = responder
@@ -316,6 +320,7 @@ class ScriptedServer:
         self.in_flight = 0
         self.max_concurrent = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -439,6 +444,14 @@ class ScriptedServer:
         with self._lock:
             call.t_end = time.monotonic()
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Block until no chat request is in flight (the handlers saw their clients
+        leave); False on timeout.  From async code: ``await asyncio.to_thread(...)``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
 def _messages_openai(body: dict[str, Any]) -> list[Message]:
@@ -492,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
         models = self.owner.models
         if path == "/":
             self._send_raw(200, b"Ollama is running", "text/plain; charset=utf-8")
-        elif path == "/health":
+        elif path == "/health" and self.owner.health_endpoint:
             self._send_json(200, {"status": "ok"})
         elif path in ("/api/tags", "/api/ps"):
             self._send_json(
