@@ -1,1 +1,1 @@
-"""cli."""
+"""The ``rlm`` command-line client."""

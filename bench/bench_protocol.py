@@ -1,0 +1,186 @@
+"""Request throughput and latency over the daemon's socket, in both framings.
+
+Starts a real daemon (``python -m rlmd``) on a temp socket and drives it from client
+processes.  For comparison in the same run, the same socket server is also started with
+jsonrpcserver's default ``dispatch`` (jsonschema validation, its own JSON codec) in place
+of rlmd's dispatcher: ratios survive a noisy machine, absolute numbers do not.
+
+    python bench/bench_protocol.py [--seconds 3] [--clients 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REQ = b'{"jsonrpc":"2.0","method":"daemon/ping","id":%d}'
+
+
+def _frame(framing: str, body: bytes) -> bytes:
+    if framing == "content-length":
+        return b"Content-Length: %d\r\n\r\n" % len(body) + body
+    return body + b"\n"
+
+
+def _throughput_client(path: str, framing: str, seconds: float, window: int, q: mp.Queue) -> None:
+    """Pipelines ``window`` requests at a time; counts answered requests."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    batch = b"".join(_frame(framing, REQ % i) for i in range(window))
+    # Every answer is a JSON object ending in '}' followed by the frame end; count ids.
+    done = 0
+    deadline = time.perf_counter() + seconds
+    buf = b""
+    while time.perf_counter() < deadline:
+        s.sendall(batch)
+        got = 0
+        while got < window:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("daemon closed the connection")
+            buf += chunk
+            n = buf.count(b'"result"') + buf.count(b'"error"')
+            got += n
+            # keep a partial tail only
+            cut = max(buf.rfind(b"}\n"), buf.rfind(b"}}"))
+            buf = buf[cut + 2:] if cut >= 0 and n else buf
+        done += window
+    s.close()
+    q.put(done)
+
+
+def _latency(path: str, framing: str, n: int) -> list[float]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        s.sendall(_frame(framing, REQ % i))
+        data = b""
+        while not data.endswith(b"}\n") and not data.endswith(b"}"):
+            data += s.recv(65536)
+        out.append(time.perf_counter() - t)
+    s.close()
+    return out
+
+
+def measure(path: str, framing: str, seconds: float, clients: int, window: int = 64) -> dict:
+    ctx = mp.get_context("fork")
+    q: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_throughput_client, args=(path, framing, seconds, window, q))
+             for _ in range(clients)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    total = sum(q.get() for _ in procs)
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - t0
+    lat = sorted(_latency(path, framing, 2000))
+    return {
+        "rps": total / elapsed,
+        "p50_us": statistics.median(lat) * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+    }
+
+
+def _start_daemon(root: Path) -> subprocess.Popen:
+    sock = root / "d.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "rlmd", "--socket", str(sock), "--state-dir",
+                             str(root / "state"), "--log-level", "warning"],
+                            stderr=subprocess.DEVNULL)
+    for _ in range(400):
+        try:
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            c.close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("daemon did not start")
+
+
+def _baseline_server(path: str, ready: mp.Event) -> None:
+    """The same socket server with jsonrpcserver's default dispatch path."""
+    import uvloop
+    from jsonrpcserver import Success, dispatch
+
+    from rlmd.server import Server
+
+    def ping() -> object:
+        return Success("pong")
+
+    class DefaultDispatch:
+        def dispatch(self, body: bytes, context: object) -> bytes | None:
+            out = dispatch(body.decode(), methods={"daemon/ping": ping})
+            return out.encode() if out else None
+
+    async def main() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.listen(128)
+        server = Server(DefaultDispatch(), max_frame=64 << 20)  # type: ignore[arg-type]
+        await server.start(s)
+        ready.set()
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def run(seconds: float = 3.0, clients: int = 2) -> str:
+    """Run the comparison; return a Markdown table."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rlmd-bench-", dir="/tmp") as tmp:
+        root = Path(tmp)
+        proc = _start_daemon(root)
+        try:
+            for framing in ("ndjson", "content-length"):
+                r = measure(str(root / "d.sock"), framing, seconds, clients)
+                rows.append(("rlmd (msgspec + Structs)", framing, r))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        ctx = mp.get_context("fork")
+        ready = ctx.Event()
+        base_path = str(root / "b.sock")
+        bp = ctx.Process(target=_baseline_server, args=(base_path, ready), daemon=True)
+        bp.start()
+        ready.wait(30)
+        try:
+            r = measure(base_path, "ndjson", seconds, clients)
+            rows.append(("jsonrpcserver default dispatch", "ndjson", r))
+        finally:
+            bp.kill()
+    ours = rows[0][2]["rps"]
+    lines = [
+        f"Trivial requests over the Unix socket: {clients} client processes pipelining 64 "
+        f"requests each for {seconds:.0f} s; latency is one request at a time (2,000 samples).",
+        "",
+        "| server | framing | requests/s | p50 latency | p99 latency | vs default |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, framing, r in rows:
+        lines.append(f"| {name} | {framing} | {r['rps']:,.0f} | {r['p50_us']:.0f} µs | "
+                     f"{r['p99_us']:.0f} µs | {r['rps'] / rows[-1][2]['rps']:.1f}× |")
+    lines.append("")
+    lines.append(f"Target ≥ 20,000 requests/s: {'met' if ours >= 20000 else 'NOT met'} ({ours:,.0f}/s).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--clients", type=int, default=2)
+    a = ap.parse_args()
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    print(run(a.seconds, a.clients))

@@ -1,0 +1,7 @@
+"""``python -m rlmd`` runs the daemon in the foreground."""
+
+import sys
+
+from .daemon import main
+
+sys.exit(main())

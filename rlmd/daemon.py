@@ -1,0 +1,207 @@
+"""``rlmd``: the daemon's startup, socket ownership and shutdown.
+
+Start-up order: flags and config (validated once; a bad config exits with a message that
+names the key and file), the socket (systemd activation, or our own with a lock so that a
+second daemon refuses instead of stealing it), the parts (store, providers, pool, engine),
+then serve until SIGTERM/SIGINT, which drains in-flight work before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .methods import App, build_methods
+from .paths import default_config_path, default_socket_path, default_state_dir
+from .protocol.jsonrpc import Dispatcher
+from .server import Server
+
+log = logging.getLogger("rlmd")
+
+SD_LISTEN_FDS_START = 3
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message tells the user what to do."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="rlmd", description="Recursive Language Model daemon")
+    ap.add_argument("--socket", help="Unix socket path (env RLMD_SOCKET)")
+    ap.add_argument("--state-dir", help="where contexts, caches and traces persist (env RLMD_STATE_DIR)")
+    ap.add_argument("--config", help="TOML config file (env RLMD_CONFIG)")
+    ap.add_argument("--log-level", default=os.environ.get("RLMD_LOG_LEVEL", "info"),
+                    choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="seconds to let in-flight work finish on SIGTERM (default 30)")
+    ap.add_argument("--version", action="version", version=f"rlmd {__version__}")
+    return ap.parse_args(argv)
+
+
+def _activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (LISTEN_FDS), if any."""
+    fds = os.environ.get("LISTEN_FDS")
+    pid = os.environ.get("LISTEN_PID")
+    if not fds or (pid and pid != str(os.getpid())):
+        return None
+    for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not inherited by anything we start
+    if int(fds) < 1:
+        return None
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX:
+        raise StartupError("LISTEN_FDS: the passed socket is not a Unix socket")
+    return sock
+
+
+def _live_daemon_answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def bind_socket(path: Path) -> tuple[socket.socket, int]:
+    """Bind our own listening socket at ``path``, holding a lock beside it.
+
+    Returns the socket and the lock's fd (kept open for the daemon's lifetime).
+    """
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        os.chmod(parent, 0o700)
+    lock_path = path.with_name(path.name + ".lock")
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupError(
+                f"another rlmd is already running on {path}; stop it first "
+                "(or use --socket PATH for a second daemon)"
+            ) from None
+        raise
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            os.close(lock_fd)
+            raise StartupError(f"{path} exists and is not a socket; remove it or choose --socket")
+        if _live_daemon_answers(path):
+            os.close(lock_fd)
+            raise StartupError(f"a daemon is already answering on {path}; not replacing it")
+        path.unlink()  # left by a dead daemon
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    return sock, lock_fd
+
+
+@contextlib.asynccontextmanager
+async def build_app(config: Config, socket_path: Path, state_dir: Path) -> AsyncIterator[App]:
+    """Create and wire the daemon's parts; close them in reverse order on exit."""
+    from .store.store import ContextStore
+
+    await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+    store = await asyncio.to_thread(ContextStore, state_dir / "contexts")
+    app = App(config=config, socket_path=socket_path, state_dir=state_dir, store=store)
+    async with contextlib.AsyncExitStack() as stack:
+        await _wire_models(app, stack)
+        yield app
+
+
+async def _wire_models(app: App, stack: contextlib.AsyncExitStack) -> None:
+    """Providers, pool and engine, where those parts are installed and configured."""
+    try:
+        from .wiring import wire_models
+    except ImportError:
+        app.embedded_note = "the model parts are not wired yet"
+        return
+    await wire_models(app, stack)
+
+
+async def serve(args: argparse.Namespace, config: Config) -> int:
+    socket_path = Path(args.socket) if args.socket else default_socket_path()
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    sock = _activated_socket()
+    lock_fd = None
+    if sock is None:
+        sock, lock_fd = bind_socket(socket_path)
+    else:
+        socket_path = Path(sock.getsockname() or socket_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with build_app(config, socket_path, state_dir) as app:
+            dispatcher = Dispatcher(build_methods(app))
+            server = Server(dispatcher, max_frame=config.limits.max_frame_bytes)
+            await server.start(sock)
+            log.info("rlmd %s listening on %s (state in %s)", __version__, socket_path, state_dir)
+            print(f"rlmd: listening on {socket_path}", file=sys.stderr, flush=True)
+            await stop.wait()
+            log.info("draining: %d request(s) in flight", len(server.tasks))
+            app.draining = True
+            await server.stop_accepting()
+            clean = await server.drain(args.drain_timeout)
+            log.info("stopped (%s)", "drained" if clean else "cancelled leftovers")
+    finally:
+        if lock_fd is not None:
+            with contextlib.suppress(OSError):
+                socket_path.unlink()
+            os.close(lock_fd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rlmd`` and ``python -m rlmd``."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config_path = args.config or default_config_path()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"rlmd: bad config: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    try:
+        return uvloop.run(serve(args, config))
+    except StartupError as exc:
+        print(f"rlmd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

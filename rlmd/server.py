@@ -1,0 +1,205 @@
+"""The Unix socket server: connections, peer check, framing, half-close and notifications.
+
+Each connection is an ``asyncio.Protocol`` (no stream objects on the hot path).  Requests
+answered synchronously are written back inside ``data_received``; coroutine handlers run
+as tasks owned by the connection, so a client that disconnects cancels its work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable
+from typing import Any
+
+from .protocol.errors import INVALID_REQUEST, PARSE_ERROR
+from .protocol.framing import FrameDecoder, FrameError, Framing, encode_frame
+from .protocol.jsonrpc import Dispatcher, encode
+
+log = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The uid of the process on the other end of a Unix socket (SO_PEERCRED)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return None
+    return _PEERCRED.unpack(raw)[1]
+
+
+class Connection(asyncio.Protocol):
+    """One client.  Also the ``context`` handlers receive: ``notify`` sends to this client."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.decoder = FrameDecoder(server.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.eof = False
+        self.closed = False
+        self.chain: asyncio.Future[Any] | None = None  # the last ordered request (see jsonrpc)
+        self._paused_writing = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        uid = peer_uid(transport.get_extra_info("socket"))
+        if uid != self.server.uid:
+            log.warning("refused a connection from uid %s (daemon runs as uid %s)", uid, self.server.uid)
+            err = {
+                "jsonrpc": "2.0",
+                "error": {
+                    "code": -32000,
+                    "message": f"refused: peer uid {uid} differs from the daemon's uid {self.server.uid}",
+                    "data": {"kind": "peer_refused"},
+                },
+                "id": None,
+            }
+            transport.write(encode(err) + b"\n")
+            transport.close()
+            self.closed = True
+            return
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            bodies = self.decoder.feed(data)
+        except FrameError as exc:
+            self._fatal(exc)
+            return
+        dispatch = self.server.dispatcher.dispatch
+        for body in bodies:
+            out = dispatch(body, self)
+            if out is None:
+                continue
+            if isinstance(out, bytes):
+                self._write(out)
+            else:
+                self._spawn(out)
+
+    def eof_received(self) -> bool:
+        # A half-close: answer what is in flight, then close (socat -t relies on this).
+        self.eof = True
+        if not self.tasks:
+            self._close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for task in list(self.tasks):
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        # The client is not reading: stop reading its requests until it catches up.
+        self._paused_writing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- used by handlers ------------------------------------------------------------------
+
+    def notify(self, method: str, params: Any) -> None:
+        """Send a JSON-RPC notification to this client (dropped if it has gone)."""
+        self._write(encode({"jsonrpc": "2.0", "method": method, "params": params}))
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _write(self, body: bytes) -> None:
+        t = self.transport
+        if t is None or self.closed or t.is_closing():
+            return
+        t.write(encode_frame(self.decoder.framing, body))
+
+    def _spawn(self, pending: Awaitable[bytes | None]) -> None:
+        task = asyncio.ensure_future(pending)
+        self.tasks.add(task)
+        self.server.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        self.server.tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                log.error("request task failed: %r", exc)
+            else:
+                out = task.result()
+                if out is not None:
+                    self._write(out)
+        if self.eof and not self.tasks:
+            self._close()
+
+    def _fatal(self, exc: FrameError) -> None:
+        code = INVALID_REQUEST if exc.kind == "frame_too_large" else PARSE_ERROR
+        err = {
+            "jsonrpc": "2.0",
+            "error": {"code": code, "message": str(exc), "data": {"kind": exc.kind}},
+            "id": None,
+        }
+        framing = self.decoder.framing or Framing.NDJSON
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_frame(framing, encode(err)))
+        log.info("closing a connection: %s", exc)
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Server:
+    """Accepts connections on a listening socket and tracks them for draining."""
+
+    def __init__(self, dispatcher: Dispatcher, *, max_frame: int, uid: int | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.max_frame = max_frame
+        self.uid = os.getuid() if uid is None else uid
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on an already bound and listening Unix socket."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for in-flight requests to finish; cancel what is left after the timeout.
+
+        Returns True when everything finished on its own.
+        """
+        finished = True
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=timeout_s)
+            if pending:
+                finished = False
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=5)
+        for conn in list(self.connections):
+            conn._close()
+        return finished

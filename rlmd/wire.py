@@ -1,0 +1,93 @@
+"""Params and results of the JSON-RPC methods, as msgspec Structs.
+
+Params forbid unknown fields, so a misspelt parameter is an ``Invalid params`` error that
+names it rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ContextPutParams(_Params):
+    name: str
+    text: str | None = None
+    path: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    append: bool = False
+    max_file_bytes: int | None = None
+
+
+class ContextNameParams(_Params):
+    name: str
+
+
+class ContextPeekParams(_Params):
+    name: str
+    start: int = 0
+    end: int | None = None
+
+
+class ContextSearchParams(_Params):
+    name: str
+    pattern: str
+    max_matches: int = 100
+
+
+class QueryOptions(_Params):
+    max_iterations: int | None = None
+    max_depth: int | None = None
+    max_sub_calls: int | None = None
+    root_model: str | None = None
+    sub_model: str | None = None
+    timeout_s: float | None = None
+    max_cost: float | None = None
+    cell_timeout_s: float | None = None
+    output_chars: int | None = None
+    # "rlm" (default), "rlm-nosub" (no sub-calls), "base" (the root model reads the text
+    # directly, truncated to its window): the methods the benchmark compares.
+    mode: str = "rlm"
+    cache: bool = True
+    speculation: bool = True
+
+
+class QueryRunParams(_Params):
+    query: str
+    context: str | None = None
+    text: str | None = None
+    job: str | None = None
+    options: QueryOptions = msgspec.field(default_factory=QueryOptions)
+
+
+class JobParams(_Params):
+    job: str
+
+
+class TraceParams(_Params):
+    job: str | None = None
+
+
+class ProviderBrief(msgspec.Struct):
+    name: str
+    kind: str
+    healthy: bool
+    in_flight: int
+    capacity: int
+
+
+class DaemonStatus(msgspec.Struct):
+    version: str
+    pid: int
+    uptime_s: float
+    contexts: int
+    providers: list[ProviderBrief]
+    socket: str
+    state_dir: str
+    jobs: int
+    sandbox: dict
+    embedded: str
