@@ -1,0 +1,505 @@
+"""Protection of REPL workers: resource limits, a seccomp filter, and bubblewrap.
+
+Three layers, each optional, each probed once on this machine:
+
+* **rlimits** (always, on Linux): address space, CPU seconds, open files, file size,
+  no core dumps.  The worker lowers its own soft *and* hard limits before running model
+  code; the seccomp filter then forbids raising them again (root could otherwise).
+* **seccomp** (``SandboxConfig.seccomp``): a classic BPF filter installed by the worker
+  itself through ctypes (``PR_SET_NO_NEW_PRIVS`` + ``seccomp(SECCOMP_SET_MODE_FILTER)``).
+  It makes ``socket``/``socketpair`` fail with EPERM (no network, loopback and Unix
+  sockets included; the worker already holds its channel), forbids creating processes
+  (fork, vfork, clone without CLONE_THREAD; clone3 gets ENOSYS so that libc falls back to
+  clone, which keeps threads working), exec, ptrace and cross-process memory access,
+  io_uring (which could create sockets behind seccomp's back), namespace and mount calls,
+  bpf, perf and keyring calls, and raising rlimits.  The filter checks the architecture
+  field and kills the process on a foreign one (and on x32 syscalls).
+* **bubblewrap** (``SandboxConfig.bwrap``): the worker runs in fresh namespaces
+  (``--unshare-all``: no network at all, its own pid namespace, ...), sees only read-only
+  binds of the system libraries and the Python it needs, the context file read-only and
+  a scratch directory read-write; ``--clearenv`` with an explicit minimal environment,
+  ``--cap-drop ALL``, ``--die-with-parent``.
+
+``auto`` uses a layer when the probe says it works, ``require`` refuses to start a worker
+without it, ``off`` never uses it.  This module is imported by the worker: keep imports
+light.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import signal
+import struct
+import sys
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+Mode = Literal["auto", "require", "off"]
+
+#: Where the worker's Python packages (rlmd, msgspec) are mounted inside bubblewrap.
+SANDBOX_LIB = "/opt/rlmd-lib"
+SANDBOX_SCRATCH = "/scratch"
+SANDBOX_CONTEXT_DIR = "/context"
+#: Files the worker writes are bounded (RLIMIT_FSIZE); SIGXFSZ is ignored so that an
+#: oversized write fails with EFBIG instead of killing the worker.
+FILE_SIZE_LIMIT = 512 * 1024 * 1024
+
+
+class SandboxUnavailable(RuntimeError):
+    """A layer set to ``require`` does not work on this machine; the message says why."""
+
+
+class Protection(msgspec.Struct, kw_only=True):
+    """Which protections REPL workers get here (shown in ``daemon/status``)."""
+
+    bwrap: bool
+    seccomp: bool
+    rlimits: bool
+    bwrap_detail: str = ""
+    seccomp_detail: str = ""
+
+
+class Probe(msgspec.Struct, kw_only=True):
+    """What works on this machine, whatever the configuration says."""
+
+    bwrap: bool
+    seccomp: bool
+    bwrap_detail: str
+    seccomp_detail: str
+
+
+# --- resource limits (called in the worker) ---------------------------------------------
+
+
+def apply_rlimits(*, memory_bytes: int, cpu_s: int, open_files: int, file_size_bytes: int) -> None:
+    """Lower soft and hard limits of the calling process; 0 leaves a limit unchanged."""
+    pairs: list[tuple[int, int]] = [(resource.RLIMIT_CORE, 0)]
+    if memory_bytes > 0:
+        pairs.append((resource.RLIMIT_AS, memory_bytes))
+    if cpu_s > 0:
+        # Soft limit sends SIGXCPU (Python dies of it: default action); hard one SIGKILL.
+        pairs.append((resource.RLIMIT_CPU, cpu_s))
+    if open_files > 0:
+        pairs.append((resource.RLIMIT_NOFILE, open_files))
+    if file_size_bytes > 0:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        pairs.append((resource.RLIMIT_FSIZE, file_size_bytes))
+    for which, value in pairs:
+        _soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and hard < value:
+            value = hard
+        resource.setrlimit(which, (value, value))
+
+
+# --- seccomp (called in the worker) -----------------------------------------------------
+
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_AUDIT_ARCH_AARCH64 = 0xC00000B7
+_X32_SYSCALL_BIT = 0x40000000
+_CLONE_THREAD = 0x00010000
+
+_SECCOMP_RET_KILL_PROCESS = 0x80000000
+_SECCOMP_RET_ERRNO = 0x00050000
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_JGE_K = 0x35
+_BPF_JSET_K = 0x45
+_BPF_RET_K = 0x06
+
+# Syscall numbers per architecture: (seccomp syscall, clone, clone3, denied with EPERM).
+_DENY_NAMES = (
+    "socket socketpair fork vfork execve execveat ptrace process_vm_readv process_vm_writev "
+    "pidfd_getfd pidfd_open kcmp io_uring_setup io_uring_enter io_uring_register unshare "
+    "setns mount umount2 pivot_root chroot bpf perf_event_open userfaultfd keyctl add_key "
+    "request_key setrlimit prlimit64 personality"
+).split()
+_SYSCALLS = {
+    "x86_64": {
+        "seccomp": 317,
+        "clone": 56,
+        "clone3": 435,
+        "socket": 41,
+        "socketpair": 53,
+        "fork": 57,
+        "vfork": 58,
+        "execve": 59,
+        "execveat": 322,
+        "ptrace": 101,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "pidfd_getfd": 438,
+        "pidfd_open": 434,
+        "kcmp": 312,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "unshare": 272,
+        "setns": 308,
+        "mount": 165,
+        "umount2": 166,
+        "pivot_root": 155,
+        "chroot": 161,
+        "bpf": 321,
+        "perf_event_open": 298,
+        "userfaultfd": 323,
+        "keyctl": 250,
+        "add_key": 248,
+        "request_key": 249,
+        "setrlimit": 160,
+        "prlimit64": 302,
+        "personality": 135,
+    },
+    "aarch64": {
+        "seccomp": 277,
+        "clone": 220,
+        "clone3": 435,
+        "socket": 198,
+        "socketpair": 199,
+        "execve": 221,
+        "execveat": 281,
+        "ptrace": 117,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "pidfd_getfd": 438,
+        "pidfd_open": 434,
+        "kcmp": 272,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "unshare": 97,
+        "setns": 268,
+        "mount": 40,
+        "umount2": 39,
+        "pivot_root": 41,
+        "chroot": 51,
+        "bpf": 280,
+        "perf_event_open": 241,
+        "userfaultfd": 282,
+        "keyctl": 219,
+        "add_key": 217,
+        "request_key": 218,
+        "setrlimit": 164,
+        "prlimit64": 261,
+        "personality": 92,
+    },
+}
+_AUDIT_ARCH = {"x86_64": _AUDIT_ARCH_X86_64, "aarch64": _AUDIT_ARCH_AARCH64}
+
+
+def seccomp_supported() -> str | None:
+    """None when this architecture has a filter; otherwise why not."""
+    if sys.platform != "linux":
+        return f"seccomp is Linux-only (platform {sys.platform})"
+    if os.uname().machine not in _SYSCALLS:
+        return f"no seccomp filter for architecture {os.uname().machine}"
+    return None
+
+
+def build_filter(machine: str) -> bytes:
+    """The BPF program (array of ``struct sock_filter``) for ``machine``."""
+    nrs = _SYSCALLS[machine]
+    deny = sorted({nrs[n] for n in _DENY_NAMES if n in nrs})
+    prog: list[tuple[int, int, int, int]] = []
+    # Jumps are forward only; the tail is: ALLOW, clone check (2), ALLOW, EPERM, ENOSYS.
+    prog.append((_BPF_LD_W_ABS, 0, 0, 4))  # seccomp_data.arch
+    prog.append((_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[machine]))
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS))
+    prog.append((_BPF_LD_W_ABS, 0, 0, 0))  # seccomp_data.nr
+    checks: list[tuple[str, int]] = []
+    if machine == "x86_64":
+        checks.append(("x32", _X32_SYSCALL_BIT))
+    checks.append(("clone", nrs["clone"]))
+    checks.append(("clone3", nrs["clone3"]))
+    checks.extend(("deny", nr) for nr in deny)
+    n_checks = len(checks)
+    # Index (relative to the first check) of each tail instruction.
+    allow1 = n_checks
+    clone_chk = allow1 + 1
+    eperm = clone_chk + 3
+    enosys = eperm + 1
+    for i, (kind, k) in enumerate(checks):
+        if kind == "x32":
+            prog.append((_BPF_JGE_K, eperm - i - 1, 0, k))
+        elif kind == "clone":
+            prog.append((_BPF_JEQ_K, clone_chk - i - 1, 0, k))
+        elif kind == "clone3":
+            prog.append((_BPF_JEQ_K, enosys - i - 1, 0, k))
+        else:
+            prog.append((_BPF_JEQ_K, eperm - i - 1, 0, k))
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))  # allow1
+    prog.append((_BPF_LD_W_ABS, 0, 0, 16))  # clone flags: low word of args[0] (LE)
+    prog.append((_BPF_JSET_K, 0, 1, _CLONE_THREAD))  # thread: allow, else EPERM
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))  # eperm
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS))  # enosys
+    for code, jt, jf, _k in prog:
+        assert 0 <= jt < 256 and 0 <= jf < 256, (code, jt, jf)
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install_seccomp() -> None:
+    """Install the filter on the calling process (all threads); raises OSError on failure."""
+    why = seccomp_supported()
+    if why:
+        raise OSError(errno.ENOSYS, why)
+    machine = os.uname().machine
+    code = build_filter(machine)
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs = 38
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+    seccomp_set_mode_filter, seccomp_filter_flag_tsync = 1, 1
+    rc = libc.syscall(
+        ctypes.c_long(_SYSCALLS[machine]["seccomp"]),
+        ctypes.c_uint(seccomp_set_mode_filter),
+        ctypes.c_uint(seccomp_filter_flag_tsync),
+        ctypes.byref(prog),
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
+
+
+def set_parent_death_signal() -> None:
+    """Have the kernel SIGKILL this process when the daemon dies (no orphaned workers)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+# --- bubblewrap (daemon side) -----------------------------------------------------------
+
+
+def python_executable() -> str:
+    """The real interpreter (not the venv's symlink): the worker runs it with -I -S."""
+    return os.path.realpath(sys.executable)
+
+
+def library_dirs() -> dict[str, str]:
+    """Package name -> directory of the packages the worker imports (rlmd, msgspec)."""
+    import rlmd
+
+    return {
+        "rlmd": str(Path(rlmd.__file__).resolve().parent),
+        "msgspec": str(Path(msgspec.__file__).resolve().parent),
+    }
+
+
+def host_sys_path() -> list[str]:
+    """sys.path entries that make rlmd and msgspec importable without bubblewrap."""
+    out: list[str] = []
+    for d in library_dirs().values():
+        parent = str(Path(d).parent)
+        if parent not in out:
+            out.append(parent)
+    return out
+
+
+def bwrap_argv(
+    *,
+    bwrap: str,
+    context_path: Path | None,
+    scratch_dir: Path,
+    env: dict[str, str],
+) -> list[str]:
+    """The bubblewrap command line that precedes the worker's own argv."""
+    argv = [
+        bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL",
+        "--hostname", "rlmd-worker", "--clearenv",
+    ]  # fmt: skip
+    # System libraries: merged-/usr distributions have symlinks at the top level.
+    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    for f in ("/etc/ld.so.cache", "/etc/localtime"):
+        argv += ["--ro-bind-try", f, f]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not prefix.startswith("/usr/") and prefix != "/usr":
+        argv += ["--ro-bind", prefix, prefix]
+    for name, d in library_dirs().items():
+        argv += ["--ro-bind", d, f"{SANDBOX_LIB}/{name}"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    argv += ["--bind", str(scratch_dir), SANDBOX_SCRATCH, "--chdir", SANDBOX_SCRATCH]
+    if context_path is not None:
+        argv += ["--ro-bind", str(context_path), f"{SANDBOX_CONTEXT_DIR}/context.txt"]
+    for k, v in env.items():
+        argv += ["--setenv", k, v]
+    return argv
+
+
+def worker_env(home: str) -> dict[str, str]:
+    """The whole environment of a worker: nothing is passed through from the daemon."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": home,
+        "TMPDIR": home,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONHASHSEED": "0",
+    }
+
+
+# --- probing ----------------------------------------------------------------------------
+
+_SECCOMP_PROBE = """
+import sys
+sys.path[:0] = {paths!r}
+from rlmd.repl.sandbox import install_seccomp
+install_seccomp()
+import socket
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+except PermissionError:
+    print("ok")
+else:
+    print("socket still allowed")
+"""
+
+
+def probe_commands() -> tuple[list[str], list[str]]:
+    """The two probe commands: bubblewrap running ``true``; a Python installing the filter."""
+    import shutil
+
+    bw = shutil.which("bwrap") or "bwrap"
+    bwrap_cmd = [bw, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL"]
+    bwrap_cmd += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+    seccomp_cmd = [
+        python_executable(), "-I", "-S", "-c", _SECCOMP_PROBE.format(paths=host_sys_path()),
+    ]  # fmt: skip
+    return bwrap_cmd, seccomp_cmd
+
+
+def interpret_probe(
+    bwrap_rc: int | None, bwrap_err: str, seccomp_rc: int | None, seccomp_out: str, seccomp_err: str
+) -> Probe:
+    """Turn probe exit codes and outputs into a Probe with reasons."""
+    bw_ok = bwrap_rc == 0
+    if bwrap_rc is None:
+        bw_detail = f"bwrap not runnable: {bwrap_err}"
+    elif bw_ok:
+        bw_detail = "bwrap --unshare-all works"
+    else:
+        bw_detail = f"bwrap failed (exit {bwrap_rc}): {bwrap_err.strip()[:300]}"
+    why = seccomp_supported()
+    sc_ok = why is None and seccomp_rc == 0 and seccomp_out.strip() == "ok"
+    if why:
+        sc_detail = why
+    elif sc_ok:
+        sc_detail = "seccomp filter installs and denies socket()"
+    else:
+        sc_detail = (
+            f"seccomp probe failed (exit {seccomp_rc}): {(seccomp_out + seccomp_err).strip()[:300]}"
+        )
+    return Probe(bwrap=bw_ok, seccomp=sc_ok, bwrap_detail=bw_detail, seccomp_detail=sc_detail)
+
+
+class ProbeCache:
+    """Holds the probe of this machine, run once (sync or async, whichever comes first)."""
+
+    def __init__(self) -> None:
+        self.probe: Probe | None = None
+
+    def run_sync(self) -> Probe:
+        """Probe with blocking subprocess calls (for callers outside an event loop)."""
+        if self.probe is None:
+            import subprocess
+
+            bwrap_cmd, seccomp_cmd = probe_commands()
+            try:
+                b = subprocess.run(bwrap_cmd, capture_output=True, text=True, timeout=20)
+                b_rc, b_err = b.returncode, b.stderr
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                b_rc, b_err = None, str(exc)
+            try:
+                s = subprocess.run(
+                    seccomp_cmd, capture_output=True, text=True, timeout=20, env=worker_env("/")
+                )
+                s_rc, s_out, s_err = s.returncode, s.stdout, s.stderr
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                s_rc, s_out, s_err = None, "", str(exc)
+            self.probe = interpret_probe(b_rc, b_err, s_rc, s_out, s_err)
+        return self.probe
+
+    async def run_async(self) -> Probe:
+        """Probe without blocking the event loop."""
+        if self.probe is None:
+            import asyncio
+
+            bwrap_cmd, seccomp_cmd = probe_commands()
+
+            async def run(
+                cmd: list[str], env: dict[str, str] | None
+            ) -> tuple[int | None, str, str]:
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *cmd,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                        env=env,
+                    )
+                except OSError as exc:
+                    return None, "", str(exc)
+                try:
+                    async with asyncio.timeout(20):
+                        out, err = await proc.communicate()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    return None, "", "probe timed out"
+                return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+            b_rc, _, b_err = await run(bwrap_cmd, None)
+            s_rc, s_out, s_err = await run(seccomp_cmd, worker_env("/"))
+            if self.probe is None:
+                self.probe = interpret_probe(b_rc, b_err, s_rc, s_out, s_err)
+        return self.probe
+
+
+#: The machine does not change while the daemon runs; the probe is cached per process.
+DEFAULT_PROBE = ProbeCache()
+
+
+def resolve(probe: Probe, *, bwrap: Mode, seccomp: Mode) -> Protection:
+    """Decide which layers to use; SandboxUnavailable when a required one does not work."""
+    use_bwrap = bwrap != "off" and probe.bwrap
+    use_seccomp = seccomp != "off" and probe.seccomp
+    if bwrap == "require" and not probe.bwrap:
+        raise SandboxUnavailable(
+            f"sandbox.bwrap = 'require' but {probe.bwrap_detail}; install bubblewrap "
+            "(and allow user namespaces) or set sandbox.bwrap = 'auto'"
+        )
+    if seccomp == "require" and not probe.seccomp:
+        raise SandboxUnavailable(
+            f"sandbox.seccomp = 'require' but {probe.seccomp_detail}; set sandbox.seccomp = 'auto'"
+        )
+    return Protection(
+        bwrap=use_bwrap,
+        seccomp=use_seccomp,
+        rlimits=sys.platform == "linux",
+        bwrap_detail=probe.bwrap_detail if bwrap != "off" else "disabled by sandbox.bwrap = 'off'",
+        seccomp_detail=(
+            probe.seccomp_detail if seccomp != "off" else "disabled by sandbox.seccomp = 'off'"
+        ),
+    )

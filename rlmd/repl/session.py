@@ -1,0 +1,503 @@
+"""The daemon side of a REPL: one sandboxed worker process per query.
+
+``ReplSession.start`` spawns a worker (see :mod:`rlmd.repl.worker`) under the protection
+layers of :mod:`rlmd.repl.sandbox`; ``execute`` runs one block in it and meanwhile serves
+the block's model calls through ``on_call``.  A block that outlives its wall-clock limit,
+or a worker that dies, costs the worker: its whole process group (and under bubblewrap
+its pid namespace) is killed, the result says ``restarted=True`` (the model must be told
+that its variables are gone) and the next block gets a fresh worker.
+
+Nothing here blocks the event loop: spawning, reading and waiting are asyncio calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from rlmd.config import LimitsConfig, SandboxConfig
+from rlmd.repl import channel as ch
+from rlmd.repl.ctxview import STR_THRESHOLD_BYTES
+from rlmd.repl.sandbox import (
+    DEFAULT_PROBE,
+    FILE_SIZE_LIMIT,
+    SANDBOX_CONTEXT_DIR,
+    SANDBOX_LIB,
+    SANDBOX_SCRATCH,
+    ProbeCache,
+    Protection,
+    SandboxUnavailable,
+    bwrap_argv,
+    host_sys_path,
+    python_executable,
+    resolve,
+    worker_env,
+)
+
+CallHandler = Callable[[str, dict], Awaitable[Any]]
+
+#: Bound of captured output per block, in characters (the engine truncates further for
+#: the model, see ``limits.output_chars``); keeps hostile output from flooding the daemon.
+OUTPUT_CAP_CHARS = 1_000_000
+#: How long a worker may take to start (bubblewrap + interpreter + imports + mapping).
+START_TIMEOUT_S = 30.0
+#: How long ``get_var`` waits for a variable's text (a hostile ``__str__`` may loop).
+GET_VAR_TIMEOUT_S = 10.0
+#: Model calls in flight per session; more wait (protects the daemon from call floods).
+MAX_CALLS_IN_FLIGHT = 64
+_STDERR_TAIL = 4096
+_METHODS = ("llm_query", "llm_query_batched", "rlm_query")
+
+
+class ExecResult(msgspec.Struct, kw_only=True):
+    """What one block did."""
+
+    output: str
+    error: str | None = None
+    timed_out: bool = False
+    restarted: bool = False  # the worker was replaced: the REPL's variables are lost
+    final: str | None = None  # set by FINAL(...) / FINAL_VAR(...) in the block
+    elapsed_s: float = 0.0
+
+
+class WorkerError(RuntimeError):
+    """The worker could not be started or stopped talking sensibly; the message says why."""
+
+
+def protection(
+    sandbox: SandboxConfig | None = None, *, probe: ProbeCache = DEFAULT_PROBE
+) -> Protection:
+    """Which of bwrap / seccomp / rlimits workers get here (probe cached per process).
+
+    Synchronous (the first call runs two short probe processes); inside the event loop
+    prefer :func:`protection_async`.  Raises SandboxUnavailable for a ``require`` that
+    cannot be met.
+    """
+    sb = sandbox or SandboxConfig()
+    return resolve(probe.run_sync(), bwrap=sb.bwrap, seccomp=sb.seccomp)
+
+
+async def protection_async(
+    sandbox: SandboxConfig | None = None, *, probe: ProbeCache = DEFAULT_PROBE
+) -> Protection:
+    """:func:`protection` without blocking the event loop."""
+    sb = sandbox or SandboxConfig()
+    return resolve(await probe.run_async(), bwrap=sb.bwrap, seccomp=sb.seccomp)
+
+
+class _Proc:
+    """One worker process and its channel."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_frame: int,
+    ) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.max_frame = max_frame
+        self.stderr_tail = b""
+        self.send_lock = asyncio.Lock()
+        self.drain_task: asyncio.Task[None] | None = None
+        self.ready: ch.Ready | None = None
+
+    async def send(self, msg: Any) -> None:
+        async with self.send_lock:
+            self.writer.write(ch.encode(msg))
+            await self.writer.drain()
+
+    async def recv(self) -> ch.ToDaemon:
+        try:
+            header = await self.reader.readexactly(ch.HEADER.size)
+            (length,) = ch.HEADER.unpack(header)
+            ch.check_length(length, self.max_frame)
+            body = await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise WorkerError(await self.death_note()) from exc
+        return ch.decode_to_daemon(body)
+
+    async def drain_stderr(self) -> None:
+        # Keep only the tail: enough to explain a crash, bounded whatever the worker writes.
+        assert self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(65536):
+            self.stderr_tail = (self.stderr_tail + chunk)[-_STDERR_TAIL:]
+
+    async def death_note(self) -> str:
+        """Why the worker went away, from its exit status and the tail of its stderr."""
+        rc = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                rc = await self.proc.wait()
+        if self.drain_task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(0.5):
+                    await asyncio.shield(self.drain_task)
+        if rc is None:
+            why = "closed its channel"
+        elif rc < 0:
+            sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+            hint = {
+                "SIGXCPU": " (CPU time limit limits.worker_cpu_s reached)",
+                "SIGKILL": " (killed: out of memory or CPU hard limit)",
+                "SIGSYS": " (a forbidden system call)",
+            }.get(sig, "")
+            why = f"was killed by {sig}{hint}"
+        else:
+            why = f"exited with status {rc}"
+        tail = self.stderr_tail.decode("utf-8", errors="replace").strip()
+        return f"the REPL worker {why}" + (f"; its last words: {tail[-1000:]}" if tail else "")
+
+    async def kill(self) -> None:
+        """SIGKILL the whole process group (bubblewrap's pid namespace dies with it)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.writer.close()
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            async with asyncio.timeout(5):
+                await self.proc.wait()
+        if self.drain_task is not None:
+            self.drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.drain_task
+
+
+class ReplSession:
+    """A persistent REPL for one query, in a sandboxed worker process."""
+
+    def __init__(
+        self,
+        *,
+        context_path: Path | None,
+        limits: LimitsConfig,
+        sandbox: SandboxConfig,
+        scratch_dir: Path,
+        on_call: CallHandler,
+        protection: Protection,
+        str_threshold_bytes: int = STR_THRESHOLD_BYTES,
+    ) -> None:
+        self.context_path = context_path
+        self.limits = limits
+        self.sandbox = sandbox
+        self.scratch_dir = scratch_dir
+        self.on_call = on_call
+        self.protection = protection
+        self.str_threshold_bytes = str_threshold_bytes
+        self._proc: _Proc | None = None
+        self._lock = asyncio.Lock()
+        self._calls = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        self._closed = False
+        #: Workers started by this session (1 + restarts).
+        self.workers_started = 0
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        context_path: Path | None,
+        limits: LimitsConfig,
+        sandbox: SandboxConfig,
+        scratch_dir: Path,
+        on_call: CallHandler,
+        probe: ProbeCache = DEFAULT_PROBE,
+        str_threshold_bytes: int = STR_THRESHOLD_BYTES,
+    ) -> ReplSession:
+        """Start a worker now; SandboxUnavailable if a required layer does not work."""
+        scratch = await asyncio.to_thread(_check_paths, context_path, scratch_dir)
+        prot = await protection_async(sandbox, probe=probe)
+        self = cls(
+            context_path=Path(context_path) if context_path is not None else None,
+            limits=limits,
+            sandbox=sandbox,
+            scratch_dir=scratch,
+            on_call=on_call,
+            protection=prot,
+            str_threshold_bytes=str_threshold_bytes,
+        )
+        self._proc = await self._spawn()
+        return self
+
+    # --- worker lifecycle ---------------------------------------------------------------
+
+    async def _spawn(self) -> _Proc:
+        prot = self.protection
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fd = child.fileno()
+            if prot.bwrap:
+                paths, home = [SANDBOX_LIB], SANDBOX_SCRATCH
+                ctx = f"{SANDBOX_CONTEXT_DIR}/context.txt" if self.context_path else None
+            else:
+                paths, home = host_sys_path(), str(self.scratch_dir)
+                ctx = str(self.context_path) if self.context_path else None
+            boot = f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; main({fd})"
+            argv = [python_executable(), "-I", "-S", "-c", boot]
+            env = worker_env(home)
+            if prot.bwrap:
+                argv = [
+                    *bwrap_argv(
+                        bwrap=shutil.which("bwrap") or "bwrap",
+                        context_path=self.context_path,
+                        scratch_dir=self.scratch_dir,
+                        env=env,
+                    ),
+                    "--",
+                    *argv,
+                ]
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(fd,),
+                start_new_session=True,  # its own process group: killpg takes all of it
+                env=env,
+                cwd=str(self.scratch_dir),
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        w = _Proc(proc, reader, writer, self.limits.max_frame_bytes)
+        w.drain_task = asyncio.get_running_loop().create_task(w.drain_stderr())
+        self.workers_started += 1
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await w.send(self._init_msg(ctx))
+                ready = await w.recv()
+            if not isinstance(ready, ch.Ready):
+                raise WorkerError(f"the REPL worker sent {type(ready).__name__} instead of Ready")
+            if self.sandbox.seccomp == "require" and not ready.seccomp:
+                raise SandboxUnavailable(
+                    f"sandbox.seccomp = 'require' but the worker could not install it: {ready.setup_error}"
+                )
+            if prot.seccomp and not ready.seccomp:
+                self.protection = msgspec.structs.replace(
+                    prot, seccomp=False, seccomp_detail=f"failed in worker: {ready.setup_error}"
+                )
+            w.ready = ready
+        except TimeoutError:
+            await w.kill()
+            raise WorkerError(
+                f"the REPL worker did not start within {START_TIMEOUT_S:g} s"
+            ) from None
+        except BaseException:
+            await w.kill()
+            raise
+        return w
+
+    def _init_msg(self, ctx: str | None) -> ch.Init:
+        lim = self.limits
+        return ch.Init(
+            context_path=ctx,
+            str_threshold_bytes=self.str_threshold_bytes,
+            memory_bytes=lim.worker_memory_mb * 1024 * 1024,
+            cpu_s=lim.worker_cpu_s,
+            open_files=lim.worker_open_files,
+            file_size_bytes=FILE_SIZE_LIMIT,
+            seccomp=self.protection.seccomp,
+            output_cap_chars=OUTPUT_CAP_CHARS,
+            max_frame_bytes=lim.max_frame_bytes,
+        )
+
+    async def _drop_worker(self) -> None:
+        w, self._proc = self._proc, None
+        if w is not None:
+            await w.kill()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Pid of the current worker (the bubblewrap process under bwrap), for tests/status."""
+        return self._proc.proc.pid if self._proc is not None else None
+
+    # --- blocks -------------------------------------------------------------------------
+
+    async def execute(self, code: str, *, timeout_s: float) -> ExecResult:
+        """Run one block; calls from it go to ``on_call`` while it runs."""
+        if self._closed:
+            raise WorkerError("this REPL session is closed")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        t0 = time.monotonic()
+        async with self._lock:
+            try:
+                if self._proc is None:
+                    self._proc = await self._spawn()
+                w = self._proc
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        done = await self._run(w, code)
+                except TimeoutError:
+                    await self._drop_worker()
+                    return ExecResult(
+                        output="",
+                        error=(
+                            f"TimeoutError: the block ran longer than {timeout_s:g} s and was "
+                            "stopped. The REPL was restarted: all variables were lost "
+                            "(context and the functions are back)."
+                        ),
+                        timed_out=True,
+                        restarted=True,
+                        elapsed_s=time.monotonic() - t0,
+                    )
+                except (WorkerError, ch.ChannelError) as exc:
+                    await self._drop_worker()
+                    return ExecResult(
+                        output="",
+                        error=f"{exc}. The REPL was restarted: all variables were lost.",
+                        restarted=True,
+                        elapsed_s=time.monotonic() - t0,
+                    )
+            except BaseException:
+                # Cancellation (the query was cancelled) or a bug: never leave a worker behind.
+                await asyncio.shield(self._drop_worker())
+                raise
+        return ExecResult(
+            output=done.output,
+            error=done.error,
+            final=done.final,
+            elapsed_s=time.monotonic() - t0,
+        )
+
+    async def _run(self, w: _Proc, code: str) -> ch.Done:
+        await w.send(ch.Exec(code=code))
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    msg = await w.recv()
+                    if isinstance(msg, ch.Done):
+                        break
+                    if not isinstance(msg, ch.Call):
+                        raise WorkerError(
+                            f"the REPL worker sent an unexpected {type(msg).__name__}"
+                        )
+                    t = tg.create_task(self._serve_call(w, msg))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                # Calls still running belong to threads the block left behind: abandon them.
+                for t in tasks:
+                    t.cancel()
+        except BaseExceptionGroup as eg:
+            # _serve_call never raises; the group can only carry our own errors.
+            raise eg.exceptions[0] from None
+        return msg
+
+    async def _serve_call(self, w: _Proc, call: ch.Call) -> None:
+        async with self._calls:
+            try:
+                params = _check_call(call.method, call.params)
+                value = await self.on_call(call.method, params)
+                if call.method == "llm_query_batched":
+                    value = [v if isinstance(v, str) else str(v) for v in value]
+                elif not isinstance(value, str):
+                    value = str(value)
+                reply = ch.Reply(id=call.id, value=value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the error is the model's to read
+                reply = ch.Reply(id=call.id, error=str(exc) or type(exc).__name__)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await w.send(reply)
+
+    async def get_var(self, name: str) -> str | None:
+        """The text of a REPL variable (as FINAL_VAR renders it), None if it does not exist."""
+        if self._closed or not isinstance(name, str) or not name.isidentifier():
+            return None
+        async with self._lock:
+            w = self._proc
+            if w is None:
+                return None
+            try:
+                async with asyncio.timeout(GET_VAR_TIMEOUT_S):
+                    await w.send(ch.GetVar(name=name))
+                    msg = await w.recv()
+            except (TimeoutError, WorkerError, ch.ChannelError, ConnectionError):
+                await self._drop_worker()
+                return None
+            except BaseException:
+                await asyncio.shield(self._drop_worker())
+                raise
+            return msg.text if isinstance(msg, ch.VarText) else None
+
+    async def close(self) -> None:
+        """Kill the worker; idempotent."""
+        self._closed = True
+        await self._drop_worker()
+
+
+def _check_paths(context_path: Path | None, scratch_dir: Path) -> Path:
+    """Clear errors for missing files before any process is spawned; the resolved scratch."""
+    if context_path is not None and not Path(context_path).is_file():
+        raise WorkerError(f"context file {context_path} does not exist")
+    if not Path(scratch_dir).is_dir():
+        raise WorkerError(f"scratch directory {scratch_dir} does not exist; create it first")
+    return Path(scratch_dir).resolve()
+
+
+def _check_call(method: str, params: Any) -> dict[str, Any]:
+    """Validate a call from the worker (hostile) before it reaches the daemon's handler."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown REPL call {method!r}; use one of {', '.join(_METHODS)}")
+    if not isinstance(params, dict):
+        raise ValueError(f"{method}: malformed parameters")
+    model = params.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"{method}: model must be a str or None")
+    if method == "llm_query_batched":
+        prompts = params.get("prompts")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("llm_query_batched: prompts must be a list of str")
+        return {"prompts": prompts, "model": model}
+    prompt = params.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError(f"{method}: prompt must be a str")
+    if method == "llm_query":
+        return {"prompt": prompt, "model": model}
+    ctx = params.get("context")
+    if ctx is not None and not isinstance(ctx, str):
+        raise ValueError("rlm_query: context must be a str or None")
+    return {"prompt": prompt, "context": ctx}
+
+
+async def run_batched(
+    prompts: list[str],
+    one: Callable[[str], Awaitable[str]],
+    *,
+    max_parallel: int = 16,
+) -> list[str]:
+    """Helper for ``on_call("llm_query_batched")``: run ``one`` over the prompts in parallel.
+
+    Answers come back in prompt order; a prompt whose call fails gets the text
+    ``"[llm_query_batched error: <message>]"`` in its place instead of failing the batch.
+    """
+    sem = asyncio.Semaphore(max_parallel)
+    out: list[str] = [""] * len(prompts)
+
+    async def run(i: int, p: str) -> None:
+        async with sem:
+            try:
+                out[i] = await one(p)
+            except Exception as exc:  # reported in place of the answer
+                out[i] = f"[llm_query_batched error: {exc or type(exc).__name__}]"
+
+    async with asyncio.TaskGroup() as tg:
+        for i, p in enumerate(prompts):
+            tg.create_task(run(i, p))
+    return out
