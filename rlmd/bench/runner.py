@@ -1,0 +1,589 @@
+"""``rlm bench``: run suites through the daemon, compare methods, write a report.
+
+    rlm bench --suite sniah --lengths 8k,64k,1m --n 10 --methods base,rlm,rlm-nosub
+
+Each task's context is uploaded with ``context/put`` (by path of a temporary file when it
+is large), each method answers with ``query/run`` (``options.mode`` = ``base``, ``rlm``
+or ``rlm-nosub``), and every result is appended to ``OUT/results.jsonl`` as soon as it is
+known.  Rerunning the same command resumes: (task, method) pairs already in that file are
+skipped.  At the end ``OUT/results.json``, ``OUT/report.md`` and, with matplotlib,
+``OUT/accuracy-<suite>.png`` are written.
+
+``--suite perf`` runs the project's micro-benchmarks (``bench/bench_*.py``, each with a
+``run(...) -> str`` returning Markdown) and adds their output to the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import msgspec
+
+from rlmd.bench import SUITES, BenchError, Task, format_length, make_tasks, parse_lengths
+from rlmd.bench.report import Result, markdown, plot, summarize
+
+METHODS = ("base", "rlm", "rlm-nosub")
+# Contexts larger than this go to the daemon as a file path, not inside the JSON frame.
+INLINE_LIMIT = 1 << 20
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class RpcClient(Protocol):
+    """What the runner needs of a daemon connection (``rlmd.client.Client`` has it)."""
+
+    def call(
+        self,
+        method: str,
+        params: Any = None,
+        *,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class DaemonUnavailable(Exception):
+    """The daemon cannot be reached or stopped answering; the run can be resumed."""
+
+
+class BenchOptions(msgspec.Struct, kw_only=True):
+    """Everything that decides what runs and where results go."""
+
+    suites: list[str]
+    lengths: list[int]
+    n: int
+    methods: list[str]
+    seed: int = 0
+    socket: str = ""
+    out: Path = Path("bench-results")
+    timeout_s: float | None = None
+    max_iterations: int | None = None
+    root_model: str | None = None
+    sub_model: str | None = None
+    cache: bool = False
+    retry_errors: bool = False
+    perf_dir: Path = REPO_ROOT / "bench"
+    quick: bool = False
+    command: str = ""
+
+
+# ---------------------------------------------------------------- results file
+
+
+def load_results(path: Path) -> list[Result]:
+    """The results recorded so far; a torn last line (killed mid-write) is ignored."""
+    if not path.exists():
+        return []
+    dec = msgspec.json.Decoder(Result)
+    out = []
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(dec.decode(line))
+        except msgspec.DecodeError:
+            continue
+    return out
+
+
+def append_result(path: Path, result: Result) -> None:
+    """Append one result and make it durable before the next task starts."""
+    data = msgspec.json.encode(result) + b"\n"
+    with open(path, "ab") as f:
+        # A torn line from a killed run must not glue itself to this one.
+        if f.tell() > 0:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def latest_by_key(results: list[Result]) -> dict[tuple[str, str], Result]:
+    """The last result recorded for each (task id, method)."""
+    return {(r.task_id, r.method): r for r in results}
+
+
+def pending(task: Task, methods: list[str], done: dict, retry_errors: bool) -> list[str]:
+    """The methods still to run on ``task``."""
+    todo = []
+    for m in methods:
+        r = done.get((task.id, m))
+        if r is None or (retry_errors and r.error):
+            todo.append(m)
+    return todo
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    """A live status line on a terminal, one line per result otherwise."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.live = stream.isatty()
+        self.count = 0
+        self.scores: dict[str, list[float]] = defaultdict(list)
+
+    def skip(self, k: int) -> None:
+        self.count += k
+
+    def _acc(self) -> str:
+        return " ".join(f"{m}={sum(v) / len(v):.2f}" for m, v in sorted(self.scores.items()) if v)
+
+    def start(self, task: Task, method: str) -> None:
+        if self.live:
+            self._write(f"[{self.count + 1}/{self.total}] {self._label(task, method)} ...")
+
+    def done(self, task: Task, result: Result) -> None:
+        self.count += 1
+        self.scores[result.method].append(result.score)
+        tail = f" error: {result.error_kind or result.error}" if result.error else ""
+        text = (
+            f"[{self.count}/{self.total}] {self._label(task, result.method)} "
+            f"score={result.score:.2f} {result.wall_s:.1f}s{tail} | acc {self._acc()}"
+        )
+        if self.live:
+            self._write(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K")
+        print(text, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    @staticmethod
+    def _label(task: Task, method: str) -> str:
+        return f"{task.suite} {format_length(task.length_tokens)} {method:<9} {task.id}"
+
+    def _write(self, text: str) -> None:
+        width = 200
+        self.stream.write("\r\x1b[K" + text[:width])
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------- running
+
+
+def query_options(opts: BenchOptions, method: str) -> dict[str, Any]:
+    """``query/run`` options for one method."""
+    o: dict[str, Any] = {"mode": method, "cache": opts.cache}
+    for key in ("timeout_s", "max_iterations", "root_model", "sub_model"):
+        v = getattr(opts, key)
+        if v is not None:
+            o[key] = v
+    return o
+
+
+def upload_context(client: RpcClient, name: str, task: Task, tmp_dir: Path) -> None:
+    """``context/put`` the task's context: inline when small, by file path when large."""
+    if len(task.context) <= INLINE_LIMIT:
+        client.call("context/put", {"name": name, "text": task.context})
+        return
+    fd, tmp = tempfile.mkstemp(prefix="ctx-", suffix=".txt", dir=tmp_dir)
+    os.close(fd)
+    path = Path(tmp)
+    try:
+        task.write_context(path)
+        client.call("context/put", {"name": name, "path": str(path)})
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def run_one(
+    client: RpcClient, task: Task, method: str, ctx_name: str, opts: BenchOptions
+) -> Result:
+    """Ask one question with one method and score the answer."""
+    from rlmd.client import RpcError
+
+    job = f"bench-{task.id}-{method}-{uuid.uuid4().hex[:8]}"
+    params = {
+        "query": task.question,
+        "context": ctx_name,
+        "job": job,
+        "options": query_options(opts, method),
+    }
+    base = dict(
+        task_id=task.id,
+        suite=task.suite,
+        method=method,
+        length_tokens=task.length_tokens,
+        gold=task.gold,
+        scorer=task.scorer,
+        task_kind=str(task.meta.get("task", task.meta.get("kind", ""))),
+        seed=opts.seed,
+    )
+    t0 = time.monotonic()
+    try:
+        res = client.call("query/run", params)
+    except KeyboardInterrupt:
+        # Leave no orphan job burning model time on the daemon.
+        notify = getattr(client, "notify", None)
+        if notify is not None:
+            try:
+                notify("query/cancel", {"job": job})
+            except OSError:
+                pass
+        raise
+    except RpcError as exc:
+        wall = time.monotonic() - t0
+        data = exc.data if isinstance(exc.data, dict) else {}
+        partial = data.get("partial") or None
+        return Result(
+            **base,
+            score=task.score(partial) if partial else 0.0,
+            answer=partial,
+            wall_s=wall,
+            error=exc.message,
+            error_kind=exc.kind or str(exc.code),
+            finished_at=time.time(),
+        )
+    except (OSError, ConnectionError) as exc:
+        raise DaemonUnavailable(f"the daemon stopped answering during {job}: {exc}") from exc
+    wall = time.monotonic() - t0
+    answer = str(res.get("answer", ""))
+    tokens = res.get("tokens") or {}
+    return Result(
+        **base,
+        score=task.score(answer),
+        answer=answer,
+        tokens_in=int(tokens.get("input", 0)),
+        tokens_out=int(tokens.get("output", 0)),
+        cost=float(res.get("cost", 0.0)),
+        sub_calls=int(res.get("sub_calls", 0)),
+        iterations=int(res.get("iterations", 0)),
+        elapsed_s=float(res.get("elapsed_s", 0.0)),
+        wall_s=wall,
+        finish=str(res.get("finish", "")),
+        root_model=str(res.get("root_model", "")),
+        sub_model=str(res.get("sub_model", "")),
+        finished_at=time.time(),
+    )
+
+
+def _tasks(opts: BenchOptions) -> Iterator[Task]:
+    for suite in opts.suites:
+        yield from make_tasks(suite, opts.lengths, opts.n, opts.seed)
+
+
+def run_tasks(client: RpcClient, opts: BenchOptions, progress: Progress, results_path: Path) -> int:
+    """Run every pending (task, method); returns how many ran."""
+    done = latest_by_key(load_results(results_path))
+    tmp_dir = opts.out / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    uploaded: str | None = None
+    ran = 0
+    try:
+        for task in _tasks(opts):
+            todo = pending(task, opts.methods, done, opts.retry_errors)
+            progress.skip(len(opts.methods) - len(todo))
+            if not todo:
+                continue
+            name = f"bench-{task.context_key}"
+            if uploaded != name:
+                if uploaded is not None:
+                    _drop(client, uploaded)
+                upload_context(client, name, task, tmp_dir)
+                uploaded = name
+            for method in todo:
+                progress.start(task, method)
+                result = run_one(client, task, method, name, opts)
+                append_result(results_path, result)
+                progress.done(task, result)
+                ran += 1
+    finally:
+        if uploaded is not None:
+            try:
+                _drop(client, uploaded)
+            except (OSError, ConnectionError, DaemonUnavailable):
+                pass
+    return ran
+
+
+def _drop(client: RpcClient, name: str) -> None:
+    try:
+        client.call("context/drop", {"name": name})
+    except (OSError, ConnectionError) as exc:
+        raise DaemonUnavailable(f"the daemon stopped answering: {exc}") from exc
+
+
+# ---------------------------------------------------------------- perf suite
+
+
+def run_perf(perf_dir: Path, quick: bool, progress: Progress) -> str:
+    """Run ``bench_*.py`` under ``perf_dir`` (each exposes ``run(...) -> str``)."""
+    scripts = sorted(perf_dir.glob("bench_*.py"))
+    if not scripts:
+        return f"No perf benchmarks found under {perf_dir} (bench_*.py).\n"
+    parts = ["# perf benchmarks", ""]
+    for script in scripts:
+        progress.note(f"perf: {script.name} ...")
+        t0 = time.monotonic()
+        try:
+            spec = importlib.util.spec_from_file_location(f"_rlmd_perf_{script.stem}", script)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {script}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            fn = getattr(module, "run", None)
+            if not callable(fn):
+                raise TypeError(f"{script.name} has no run() function")
+            kwargs = {"quick": quick} if "quick" in inspect.signature(fn).parameters else {}
+            text = str(fn(**kwargs))
+        except Exception as exc:  # one broken script must not lose the others' results
+            text = f"**failed**: `{type(exc).__name__}: {exc}`\n"
+        parts += [
+            f"## {script.stem}",
+            "",
+            text.rstrip(),
+            "",
+            f"_({time.monotonic() - t0:.1f}s)_",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_outputs(
+    opts: BenchOptions, results_path: Path, meta: dict[str, Any], perf_md: str | None
+) -> tuple[Path, Path, list[Path], str | None]:
+    """Write results.json, report.md and the plots from everything in results.jsonl."""
+    wanted = {s for s in opts.suites}
+    results = [
+        r
+        for r in latest_by_key(load_results(results_path)).values()
+        if r.suite in wanted and r.method in opts.methods and r.length_tokens in opts.lengths
+    ]
+    rows = summarize(results)
+    models = {(r.root_model, r.sub_model) for r in results if r.root_model}
+    if len(models) == 1:
+        meta["root_model"], meta["sub_model"] = next(iter(models))
+    notes: list[str] = []
+    files, note = plot(rows, opts.out) if rows else ([], None)
+    if note:
+        notes.append(note)
+    md = markdown(rows, meta, notes) if rows or not perf_md else ""
+    if perf_md:
+        md = (md + "\n" if md else "") + perf_md
+    report = opts.out / "report.md"
+    report.write_text(md, encoding="utf-8")
+    payload = {"meta": meta, "summary": rows, "results": results, "perf": perf_md}
+    out_json = opts.out / "results.json"
+    out_json.write_bytes(msgspec.json.format(msgspec.json.encode(payload), indent=2))
+    return out_json, report, files, note
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="rlm bench",
+        description=(
+            "Run benchmark suites through the daemon and compare base, rlm and rlm-nosub. "
+            "Rerun the same command to resume an interrupted run."
+        ),
+    )
+    ap.add_argument(
+        "--suite",
+        default="sniah",
+        help=f"comma-separated suites: {', '.join(SUITES)}, or perf (default: sniah)",
+    )
+    ap.add_argument("--lengths", default="8k,32k", help="context lengths in tokens, e.g. 8k,64k,1m")
+    ap.add_argument("--n", type=int, default=10, help="tasks per suite and length (default 10)")
+    ap.add_argument(
+        "--methods", default="base,rlm,rlm-nosub", help=f"comma-separated: {', '.join(METHODS)}"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="task generation seed (default 0)")
+    ap.add_argument("--socket", help="daemon socket (default: $RLMD_SOCKET or the user default)")
+    ap.add_argument("--out", help="output directory (default: bench-results/<suites>-s<seed>)")
+    ap.add_argument("--timeout", type=float, help="per-query time limit in seconds")
+    ap.add_argument("--max-iterations", type=int, help="per-query root iteration limit")
+    ap.add_argument("--root-model", help="root model for every query")
+    ap.add_argument("--sub-model", help="sub model for every query")
+    ap.add_argument(
+        "--cache",
+        action="store_true",
+        help="allow the daemon's model-call cache (off by default, so costs are per task)",
+    )
+    ap.add_argument(
+        "--retry-errors", action="store_true", help="on resume, rerun tasks that ended in error"
+    )
+    ap.add_argument("--perf-dir", help="where --suite perf finds bench_*.py (default: ./bench)")
+    ap.add_argument("--quick", action="store_true", help="perf: pass quick=True to scripts")
+    return ap
+
+
+def parse_options(argv: list[str]) -> BenchOptions:
+    """Validate the command line into :class:`BenchOptions` (BenchError on bad input)."""
+    args = build_parser().parse_args(argv)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    bad = [s for s in suites if s not in (*SUITES, "perf")]
+    if bad or not suites:
+        raise BenchError(
+            f"unknown suite {', '.join(bad) or '(none)'}; choose from {', '.join(SUITES)}, perf"
+        )
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    badm = [m for m in methods if m not in METHODS]
+    if badm or not methods:
+        raise BenchError(
+            f"unknown method {', '.join(badm) or '(none)'}; choose from {', '.join(METHODS)}"
+        )
+    if args.n < 1:
+        raise BenchError("--n must be at least 1")
+    from rlmd.paths import default_socket_path
+
+    seed = args.seed
+    out = Path(args.out) if args.out else Path("bench-results") / f"{'+'.join(suites)}-s{seed}"
+    perf_dir = Path(args.perf_dir) if args.perf_dir else _default_perf_dir()
+    return BenchOptions(
+        suites=suites,
+        lengths=parse_lengths(args.lengths),
+        n=args.n,
+        methods=methods,
+        seed=seed,
+        socket=args.socket or str(default_socket_path()),
+        out=out,
+        timeout_s=args.timeout,
+        max_iterations=args.max_iterations,
+        root_model=args.root_model,
+        sub_model=args.sub_model,
+        cache=args.cache,
+        retry_errors=args.retry_errors,
+        perf_dir=perf_dir,
+        quick=args.quick,
+        command="rlm bench " + shlex.join(argv),
+    )
+
+
+def _default_perf_dir() -> Path:
+    cwd = Path.cwd() / "bench"
+    return cwd if cwd.is_dir() else REPO_ROOT / "bench"
+
+
+def _connect(path: str) -> RpcClient:
+    from rlmd.client import Client
+
+    try:
+        return Client(path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DaemonUnavailable(
+            f"no daemon answers on {path} ({exc.strerror}); start it with `rlmd` "
+            "(or pass --socket PATH)"
+        ) from None
+    except OSError as exc:
+        raise DaemonUnavailable(f"cannot connect to {path}: {exc}") from None
+
+
+def run(
+    opts: BenchOptions,
+    *,
+    connect: Callable[[str], RpcClient] = _connect,
+    stream: TextIO | None = None,
+) -> int:
+    """Run the benchmark described by ``opts``; returns an exit status."""
+    err = stream or sys.stderr
+    opts.out.mkdir(parents=True, exist_ok=True)
+    results_path = opts.out / "results.jsonl"
+    task_suites = [s for s in opts.suites if s != "perf"]
+    total = len(task_suites) * len(opts.lengths) * opts.n * len(opts.methods)
+    progress = Progress(total, err)
+    meta: dict[str, Any] = {
+        "command": opts.command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "seed": opts.seed,
+        "suites": opts.suites,
+        "lengths": opts.lengths,
+        "n": opts.n,
+        "methods": opts.methods,
+    }
+    from rlmd.client import RpcError
+
+    status = 0
+    if task_suites:
+        try:
+            client = connect(opts.socket)
+        except DaemonUnavailable as exc:
+            print(f"rlm bench: {exc}", file=err)
+            return 2
+        try:
+            try:
+                meta["daemon"] = client.call("daemon/status")
+            except (OSError, ConnectionError) as exc:
+                raise DaemonUnavailable(
+                    f"the daemon on {opts.socket} is not answering: {exc}"
+                ) from exc
+            sub = msgspec.structs.replace(opts, suites=task_suites)
+            run_tasks(client, sub, progress, results_path)
+        except DaemonUnavailable as exc:
+            progress.note(
+                f"rlm bench: {exc}. Results so far are in {results_path}; "
+                "rerun the same command to resume."
+            )
+            status = 2
+        except RpcError as exc:
+            # A context/put or context/drop failed: a set-up problem, not a task result.
+            progress.note(f"rlm bench: the daemon refused a request: {exc.message}")
+            status = 2
+        except KeyboardInterrupt:
+            progress.note(
+                f"rlm bench: interrupted. Results so far are in {results_path}; "
+                "rerun the same command to resume."
+            )
+            status = 130
+        finally:
+            client.close()
+    perf_md = None
+    if "perf" in opts.suites and status == 0:
+        perf_md = run_perf(opts.perf_dir, opts.quick, progress)
+        (opts.out / "perf.md").write_text(perf_md, encoding="utf-8")
+    progress.finish()
+    out_json, report, plots, note = write_outputs(opts, results_path, meta, perf_md)
+    print(f"results: {out_json}\nreport:  {report}", file=err)
+    for p in plots:
+        print(f"plot:    {p}", file=err)
+    if note:
+        print(note, file=err)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rlm bench``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_options(argv)
+    except BenchError as exc:
+        print(f"rlm bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(opts)
+    except BenchError as exc:
+        print(f"rlm bench: {exc}", file=sys.stderr)
+        return 2

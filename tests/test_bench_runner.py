@@ -1,0 +1,194 @@
+"""The ``rlm bench`` runner: resume bookkeeping, reports, perf scripts, and end to end
+through a real daemon whose models are a scripted loopback server."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from rlmd.bench import make_tasks
+from rlmd.bench.report import Result, markdown, plot, summarize
+from rlmd.bench.runner import (
+    BenchOptions,
+    Progress,
+    append_result,
+    latest_by_key,
+    load_results,
+    main,
+    parse_options,
+    pending,
+    run_perf,
+    write_outputs,
+)
+
+
+def _result(task_id: str, method: str, score: float, length: int = 8192, **kw) -> Result:
+    return Result(
+        task_id=task_id,
+        suite=kw.pop("suite", "sniah"),
+        method=method,
+        length_tokens=length,
+        score=score,
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------- resume bookkeeping
+
+
+def test_results_file_survives_a_torn_last_line_and_resume_skips_done(tmp_path: Path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, _result("t0", "rlm", 1.0))
+    append_result(path, _result("t0", "base", 0.0, error="boom", error_kind="timeout"))
+    # A run killed mid-write leaves half a line.
+    with open(path, "ab") as f:
+        f.write(b'{"task_id": "t1", "suite": "sni')
+    assert [r.task_id for r in load_results(path)] == ["t0", "t0"]
+    # The next append starts on a fresh line, so both it and the old lines stay readable.
+    append_result(path, _result("t1", "rlm", 0.5))
+    got = load_results(path)
+    assert [(r.task_id, r.method) for r in got] == [("t0", "rlm"), ("t0", "base"), ("t1", "rlm")]
+
+    task = next(iter(make_tasks("sniah", [8192], 1)))
+    done = latest_by_key([_result(task.id, "rlm", 1.0), _result(task.id, "base", 0.0, error="x")])
+    methods = ["base", "rlm", "rlm-nosub"]
+    assert pending(task, methods, done, retry_errors=False) == ["rlm-nosub"]
+    assert pending(task, methods, done, retry_errors=True) == ["base", "rlm-nosub"]
+
+
+def test_a_later_result_for_the_same_task_and_method_wins(tmp_path: Path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, _result("t0", "base", 0.0, error="timeout"))
+    append_result(path, _result("t0", "base", 1.0))
+    latest = latest_by_key(load_results(path))
+    assert latest[("t0", "base")].score == 1.0 and latest[("t0", "base")].error is None
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_options_defaults_and_errors(tmp_path: Path, capsys):
+    o = parse_options(["--suite", "sniah,oolong", "--lengths", "8k,1m", "--n", "3", "--seed", "4"])
+    assert o.suites == ["sniah", "oolong"] and o.lengths == [8192, 1 << 20]
+    assert o.methods == ["base", "rlm", "rlm-nosub"] and o.n == 3
+    assert o.out == Path("bench-results/sniah+oolong-s4")
+    assert main(["--suite", "nope"]) == 2
+    assert "unknown suite nope; choose from sniah" in capsys.readouterr().err
+    assert main(["--methods", "rlm,magic"]) == 2
+    assert "unknown method magic" in capsys.readouterr().err
+    assert main(["--lengths", "lots"]) == 2
+    assert "bad context length 'lots'" in capsys.readouterr().err
+
+
+def test_no_daemon_is_a_clear_error(tmp_path: Path, capsys):
+    sock = tmp_path / "none.sock"
+    rc = main(
+        ["--socket", str(sock), "--out", str(tmp_path / "out"), "--n", "1", "--lengths", "8k"]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"no daemon answers on {sock}" in err and "start it with `rlmd`" in err
+
+
+# ---------------------------------------------------------------- report
+
+
+def _sample_results() -> list[Result]:
+    rs = []
+    for length in (8192, 65536):
+        for i in range(4):
+            rs.append(
+                _result(
+                    f"a{length}-{i}",
+                    "base",
+                    1.0 if length == 8192 else 0.0,
+                    length,
+                    tokens_in=length,
+                    cost=0.001,
+                )
+            )
+            rs.append(
+                _result(
+                    f"a{length}-{i}",
+                    "rlm",
+                    1.0 if i < 3 else 0.5,
+                    length,
+                    tokens_in=2000 + i,
+                    tokens_out=100,
+                    sub_calls=i,
+                    wall_s=float(i),
+                )
+            )
+    rs.append(_result("p0", "rlm", 0.8, suite="pairs"))
+    return rs  # fmt: skip
+
+
+def test_summary_means_medians_and_markdown_table():
+    rows = summarize(_sample_results())
+    by = {(r.suite, r.method, r.length_tokens): r for r in rows}
+    rlm = by[("sniah", "rlm", 65536)]
+    assert rlm.n == 4 and rlm.score.mean == pytest.approx(0.875) and rlm.score.median == 1.0
+    assert rlm.sub_calls.mean == 1.5 and rlm.tokens_in.median == 2001.5
+    assert by[("sniah", "base", 65536)].score.mean == 0.0
+    md = markdown(rows, {"command": "rlm bench --suite sniah", "seed": 0})
+    assert "## sniah" in md and "## pairs" in md and "Mean F1" in md
+    # The Table-1 row for rlm: 8k then 64k.
+    assert re.search(r"^\| rlm \| 0\.875 \(4\) \| 0\.875 \(4\) \|$", md, re.M)
+    assert re.search(r"^\| base \| 1\.000 \(4\) \| 0\.000 \(4\) \|$", md, re.M)
+    sniah = md.split("## sniah", 1)[1]
+    assert sniah.index("| base |") < sniah.index("| rlm |")
+
+
+def test_plot_writes_a_png_or_says_why_not(tmp_path: Path):
+    files, note = plot(summarize(_sample_results()), tmp_path)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert files == [] and "matplotlib is not installed" in note
+        return
+    assert note is None
+    assert sorted(p.name for p in files) == ["accuracy-pairs.png", "accuracy-sniah.png"]
+    for p in files:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_write_outputs_uses_only_this_runs_cells(tmp_path: Path):
+    path = tmp_path / "results.jsonl"
+    for r in _sample_results():
+        append_result(path, r)
+    append_result(path, _result("x", "rlm-nosub", 1.0))  # a method this run did not ask for
+    opts = BenchOptions(suites=["sniah"], lengths=[8192, 65536], n=4, methods=["base", "rlm"],
+                        out=tmp_path)  # fmt: skip
+    out_json, report, _, _ = write_outputs(opts, path, {"seed": 0}, None)
+    data = json.loads(out_json.read_text())
+    assert {r["method"] for r in data["results"]} == {"base", "rlm"}
+    assert {r["suite"] for r in data["summary"]} == {"sniah"}
+    assert len(data["results"]) == 16
+    assert "rlm-nosub" not in report.read_text()
+
+
+# ---------------------------------------------------------------- perf scripts
+
+
+def test_perf_scripts_are_imported_by_path_and_failures_are_reported(tmp_path: Path, capsys):
+    (tmp_path / "bench_a.py").write_text(
+        "def run(quick=False):\n    return f'| x | quick={quick} |'\n"
+    )
+    (tmp_path / "bench_b.py").write_text("def run():\n    raise RuntimeError('no GPU')\n")
+    (tmp_path / "helper.py").write_text("raise SystemExit('must not be imported')\n")
+    import sys
+
+    md = run_perf(tmp_path, True, Progress(0, sys.stderr))
+    assert "## bench_a" in md and "| x | quick=True |" in md
+    assert "## bench_b" in md and "RuntimeError: no GPU" in md
+    assert "helper" not in md
+    out = tmp_path / "out"
+    rc = main(["--suite", "perf", "--perf-dir", str(tmp_path), "--out", str(out)])
+    assert rc == 0
+    assert "| x | quick=False |" in (out / "report.md").read_text()
+    assert (out / "perf.md").exists()
+    assert msgspec.json.decode((out / "results.json").read_bytes())["perf"].startswith("# perf")
