@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 
 from rlmd.config import ConfigError, ProviderConfig
 from rlmd.providers.anthropic import AnthropicProvider
 from rlmd.providers.base import ChatRequest, Message, ProviderError
-from rlmd.providers.http import HttpProvider
+from rlmd.providers.http import HttpProvider, retry_after_seconds, sse_events
 from rlmd.providers.ollama import OllamaProvider
 from rlmd.providers.openai import OpenAIProvider
 from rlmd.providers.registry import build_provider
@@ -360,5 +362,53 @@ async def test_registry_provider_sends_key_from_env() -> None:
         p = build_provider(cfg, {"DS_KEY": KEY})
         try:
             assert (await p.chat(_req())).text == "ok"
+        finally:
+            await p.aclose()
+
+
+async def test_sse_parser_comments_multiline_and_llamacpp_error_lines() -> None:
+    raw = (
+        b": keep-alive\n\n"
+        b'event: message_start\ndata: {"a":\ndata: 1}\n\n'
+        b"data: x\r\n\r\n"
+        b'error: {"code": 500, "message": "slot unavailable"}\n\n'
+        b"data: tail"
+    )
+    resp = httpx.Response(200, content=raw)
+    events = [e async for e in sse_events(resp)]
+    assert events == [
+        ("message_start", '{"a":\n1}'),
+        ("message", "x"),
+        ("error", '{"code": 500, "message": "slot unavailable"}'),
+        ("message", "tail"),
+    ]
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds(httpx.Headers({"Retry-After": "7"})) == 7
+    assert retry_after_seconds(httpx.Headers({"retry-after-ms": "1500"})) == 1.5
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    got = retry_after_seconds(httpx.Headers({"Retry-After": date}))
+    assert got is not None and 25 <= got <= 31
+    assert retry_after_seconds(httpx.Headers({"Retry-After": "soon"})) is None
+    assert retry_after_seconds(httpx.Headers()) is None
+
+
+def test_bad_base_url_is_a_clear_error() -> None:
+    cfg = ProviderConfig(name="x", kind="ollama", base_url="localhost:11434", models=["m"])
+    with pytest.raises(ConfigError, match="base_url must start with http"):
+        build_provider(cfg, {})
+
+
+async def test_openai_provider_with_explicit_base_url_and_no_key() -> None:
+    # How the embedded provider reuses this client for its llama.cpp server.
+    with ScriptedServer([Rule(reply=Reply(text="local"))]) as srv:
+        cfg = ProviderConfig(name="local", kind="embedded")
+        p = OpenAIProvider(cfg, base_url=srv.url + "/v1")
+        try:
+            assert await p.health()
+            res = await p.chat(_req())
+            assert res.text == "local" and res.provider == "local"
+            assert "authorization" not in srv.calls[0].headers
         finally:
             await p.aclose()

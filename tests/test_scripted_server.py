@@ -330,7 +330,15 @@ def test_cli_prints_port_and_serves(tmp_path: Path) -> None:
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps({"rules": [{"pattern": "ping", "reply": {"text": "pong"}}]}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlmd.testing.scripted_server", "--rules", str(rules)],
+        [
+            sys.executable,
+            "-m",
+            "rlmd.testing.scripted_server",
+            "--rules",
+            str(rules),
+            "--delay",
+            "0.3",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -339,11 +347,13 @@ def test_cli_prints_port_and_serves(tmp_path: Path) -> None:
         first = proc.stdout.readline()
         assert first.startswith("PORT ")
         port = int(first.split()[1])
+        t = time.monotonic()
         r = httpx.post(
             f"http://127.0.0.1:{port}/api/chat",
             json={"model": "m", "messages": _user("ping"), "stream": False},
         )
         assert r.json()["message"]["content"] == "pong"
+        assert time.monotonic() - t >= 0.3  # --delay
     finally:
         proc.terminate()
         assert proc.wait(timeout=5) == 0

@@ -119,6 +119,10 @@ async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str]]:
         value = value.removeprefix(" ")
         if field == "event":
             event = value
+        elif field == "error":
+            # llama.cpp's server reports a failure as a bare ``error: {...}`` line.
+            yield "error", value
+            event, data = "", []
         elif field == "data":
             data.append(value)
     if data:
@@ -185,15 +189,23 @@ class HttpProvider:
         api_key: str | None = None,
         client: httpx.AsyncClient | None = None,
         stream: bool = True,
+        base_url: str | None = None,
     ) -> None:
-        """``cfg.base_url`` is where the paths are appended; ``stream=False`` asks for
-        whole answers (for servers that cannot stream; the first-token timeout then
-        covers the whole generation)."""
+        """Paths are appended to ``base_url`` (default ``cfg.base_url``; the embedded
+        provider passes its llama.cpp server's address).  ``stream=False`` asks for whole
+        answers (for servers that cannot stream; the first-token timeout then covers the
+        whole generation).  ``client`` lets a caller share or tune the httpx client; it
+        is then the caller's to close."""
         self.name = cfg.name
         self.config = cfg
         self.stream = stream
         self._api_key = api_key or None
-        self._base = cfg.base_url.rstrip("/")
+        self._base = (base_url if base_url is not None else cfg.base_url).rstrip("/")
+        if not self._base.startswith(("http://", "https://")):
+            raise ValueError(
+                f"provider {cfg.name!r}: base_url must start with http:// or https://, "
+                f"got {self._base!r}"
+            )
         self._client = client or httpx.AsyncClient(
             headers=self._auth_headers(api_key),
             timeout=httpx.Timeout(
@@ -388,8 +400,10 @@ class HttpProvider:
             max_tokens=1,
         )
         try:
-            await self.chat(req)
-        except ProviderError:
+            # A health check must not wait as long as a real call may.
+            async with asyncio.timeout(min(self.config.first_token_timeout_s, 30.0)):
+                await self.chat(req)
+        except (ProviderError, TimeoutError):
             return False
         return True
 

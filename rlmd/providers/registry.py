@@ -65,4 +65,8 @@ def build_provider(
             f"provider {cfg.name!r}: unknown kind {cfg.kind!r} "
             f"(expected one of: {', '.join([*_KINDS, 'embedded'])})"
         )
-    return cls(cfg, api_key=read_api_key(cfg, env))
+    key = read_api_key(cfg, env)
+    try:
+        return cls(cfg, api_key=key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
