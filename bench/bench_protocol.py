@@ -37,10 +37,11 @@ def _throughput_client(path: str, framing: str, seconds: float, window: int, q: 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     batch = b"".join(_frame(framing, REQ % i) for i in range(window))
-    # Every answer is a JSON object ending in '}' followed by the frame end; count ids.
+    # Count answers by their "result" key, across chunk boundaries: count in tail + chunk,
+    # minus what the tail alone held (it was counted with the previous chunk).
     done = 0
     deadline = time.perf_counter() + seconds
-    buf = b""
+    tail = b""
     while time.perf_counter() < deadline:
         s.sendall(batch)
         got = 0
@@ -48,12 +49,9 @@ def _throughput_client(path: str, framing: str, seconds: float, window: int, q: 
             chunk = s.recv(1 << 20)
             if not chunk:
                 raise ConnectionError("daemon closed the connection")
-            buf += chunk
-            n = buf.count(b'"result"') + buf.count(b'"error"')
-            got += n
-            # keep a partial tail only
-            cut = max(buf.rfind(b"}\n"), buf.rfind(b"}}"))
-            buf = buf[cut + 2:] if cut >= 0 and n else buf
+            joined = tail + chunk
+            got += joined.count(b'"result"') - tail.count(b'"result"')
+            tail = joined[-16:]
         done += window
     s.close()
     q.put(done)

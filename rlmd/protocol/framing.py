@@ -96,31 +96,34 @@ class FrameDecoder:
     def _feed_content_length(self) -> list[bytes]:
         buf = self._buf
         out: list[bytes] = []
-        while True:
-            if self._need < 0:
-                # Skip blank lines between messages (some clients send a stray CRLF).
-                start = 0
-                while start < len(buf) and buf[start] in _WS:
-                    start += 1
-                if start:
-                    del buf[:start]
-                end = buf.find(_HEADER_END)
-                if end < 0:
-                    if len(buf) > _MAX_HEADER:
-                        raise FrameError(
-                            "expected 'Content-Length: N' headers followed by a blank line; "
-                            "got something else (send newline-delimited JSON starting with '{' "
-                            "or '[', or Content-Length framing)",
-                            kind="bad_framing",
-                        )
+        pos = 0  # consumed up to here; deleted once at the end (del per message is quadratic)
+        n = len(buf)
+        try:
+            while True:
+                if self._need < 0:
+                    # Skip blank lines between messages (some clients send a stray CRLF).
+                    while pos < n and buf[pos] in _WS:
+                        pos += 1
+                    end = buf.find(_HEADER_END, pos)
+                    if end < 0:
+                        if n - pos > _MAX_HEADER:
+                            raise FrameError(
+                                "expected 'Content-Length: N' headers followed by a blank line; "
+                                "got something else (send newline-delimited JSON starting with "
+                                "'{' or '[', or Content-Length framing)",
+                                kind="bad_framing",
+                            )
+                        return out
+                    self._need = self._parse_headers(bytes(buf[pos:end]))
+                    pos = end + len(_HEADER_END)
+                if n - pos < self._need:
                     return out
-                self._need = self._parse_headers(bytes(buf[:end]))
-                del buf[: end + len(_HEADER_END)]
-            if len(buf) < self._need:
-                return out
-            out.append(bytes(buf[: self._need]))
-            del buf[: self._need]
-            self._need = -1
+                out.append(bytes(buf[pos : pos + self._need]))
+                pos += self._need
+                self._need = -1
+        finally:
+            if pos:
+                del buf[:pos]
 
     def _parse_headers(self, block: bytes) -> int:
         length = None
