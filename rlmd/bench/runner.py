@@ -56,7 +56,18 @@ class RpcClient(Protocol):
 
 
 class DaemonUnavailable(Exception):
-    """The daemon cannot be reached or stopped answering; the run can be resumed."""
+    """The daemon cannot be reached, stopped answering, or cannot run queries at all.
+
+    Nothing is recorded for the task at hand, so rerunning the command resumes there.
+    """
+
+
+# Errors that say the daemon or the request is wrong, not that the method failed the task:
+# they stop the run instead of being recorded as a score of 0.
+SETUP_ERROR_KINDS = frozenset(
+    {"unavailable", "shutting_down", "bad_params", "context_not_found", "job_exists", "cancelled"}
+)
+SETUP_ERROR_CODES = frozenset({-32600, -32601, -32602})
 
 
 class BenchOptions(msgspec.Struct, kw_only=True):
@@ -249,6 +260,10 @@ def run_one(
                 pass
         raise
     except RpcError as exc:
+        if exc.kind in SETUP_ERROR_KINDS or exc.code in SETUP_ERROR_CODES:
+            raise DaemonUnavailable(
+                f"the daemon cannot run {method} queries: {exc.message} ({exc.kind or exc.code})"
+            ) from None
         wall = time.monotonic() - t0
         data = exc.data if isinstance(exc.data, dict) else {}
         partial = data.get("partial") or None
