@@ -136,11 +136,8 @@ async def build_app(config: Config, socket_path: Path, state_dir: Path) -> Async
 
 async def _wire_models(app: App, stack: contextlib.AsyncExitStack) -> None:
     """Providers, pool and engine, where those parts are installed and configured."""
-    try:
-        from .wiring import wire_models
-    except ImportError:
-        app.embedded_note = "the model parts are not wired yet"
-        return
+    from .wiring import wire_models
+
     await wire_models(app, stack)
 
 
@@ -199,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"rlmd: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found while building providers (e.g. a missing API key)
+        print(f"rlmd: bad config: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
 

@@ -19,6 +19,7 @@ from jsonrpcserver import Error
 
 from . import __version__
 from .config import Config
+from .engine.types import QueryParams
 from .jobs import JobExists, Jobs
 from .protocol.errors import (
     BAD_INPUT,
@@ -37,7 +38,6 @@ from .wire import (
     DaemonStatus,
     JobParams,
     ProviderBrief,
-    QueryRunParams,
     TraceParams,
 )
 
@@ -131,7 +131,7 @@ def build_methods(app: App) -> dict[str, Method]:
     async def context_drop(conn: Any, req: Any, p: ContextNameParams) -> Any:
         return {"dropped": await in_thread(app.store.drop, p.name)}
 
-    async def query_run(conn: Any, req: Any, p: QueryRunParams) -> Any:
+    async def query_run(conn: Any, req: Any, p: QueryParams) -> Any:
         if app.draining:
             raise AppError("shutting_down", "the daemon is shutting down; retry shortly", code=SHUTTING_DOWN)
         if app.engine is None:
@@ -167,18 +167,9 @@ def build_methods(app: App) -> dict[str, Method]:
             msg = "query cancelled (query/cancel)"
             job.emit({"kind": "error", "message": msg, "error_kind": "cancelled"})
             return Error(CANCELLED, msg, {"kind": "cancelled", "job": job.id})
-        except AppError as exc:
+        except AppError as exc:  # engine errors included: they carry kind and partial
             job.emit({"kind": "error", "message": exc.message, "error_kind": exc.kind, **exc.data})
             raise
-        except Exception as exc:
-            kind = getattr(exc, "kind", None)
-            if kind is None:
-                raise
-            # Engine errors carry a kind, a code and the best partial answer.
-            data = {"partial": getattr(exc, "partial", None), "job": job.id}
-            code = getattr(exc, "code", -32000)
-            job.emit({"kind": "error", "message": str(exc), "error_kind": kind, **data})
-            return Error(code, str(exc), {"kind": kind, **data})
         finally:
             app.jobs.finish(job)
             if temp_name is not None:
@@ -217,7 +208,7 @@ def build_methods(app: App) -> dict[str, Method]:
         "context/peek": Method.of(context_peek, ContextPeekParams),
         "context/search": Method.of(context_search, ContextSearchParams),
         "context/drop": Method.of(context_drop, ContextNameParams),
-        "query/run": Method.of(query_run, QueryRunParams, ordering=AFTER),
+        "query/run": Method.of(query_run, QueryParams, ordering=AFTER),
         "query/cancel": Method.of(query_cancel, JobParams, ordering=FREE),
         "query/jobs": Method.of(query_jobs, ordering=FREE),
         "query/trace": Method.of(query_trace, TraceParams),

@@ -39,31 +39,6 @@ class ContextSearchParams(_Params):
     max_matches: int = 100
 
 
-class QueryOptions(_Params):
-    max_iterations: int | None = None
-    max_depth: int | None = None
-    max_sub_calls: int | None = None
-    root_model: str | None = None
-    sub_model: str | None = None
-    timeout_s: float | None = None
-    max_cost: float | None = None
-    cell_timeout_s: float | None = None
-    output_chars: int | None = None
-    # "rlm" (default), "rlm-nosub" (no sub-calls), "base" (the root model reads the text
-    # directly, truncated to its window): the methods the benchmark compares.
-    mode: str = "rlm"
-    cache: bool = True
-    speculation: bool = True
-
-
-class QueryRunParams(_Params):
-    query: str
-    context: str | None = None
-    text: str | None = None
-    job: str | None = None
-    options: QueryOptions = msgspec.field(default_factory=QueryOptions)
-
-
 class JobParams(_Params):
     job: str
 
