@@ -88,6 +88,7 @@ class BenchOptions(msgspec.Struct, kw_only=True):
     retry_errors: bool = False
     perf_dir: Path = REPO_ROOT / "bench"
     quick: bool = False
+    export: Path | None = None
     command: str = ""
 
 
@@ -345,6 +346,30 @@ def _drop(client: RpcClient, name: str) -> None:
         raise DaemonUnavailable(f"the daemon stopped answering: {exc}") from exc
 
 
+def export_tasks(opts: BenchOptions, stream: TextIO) -> int:
+    """Write the tasks to ``opts.export`` (tasks.jsonl + one file per context), no daemon."""
+    assert opts.export is not None
+    ctx_dir = opts.export / "contexts"
+    ctx_dir.mkdir(parents=True, exist_ok=True)
+    enc = msgspec.json.Encoder()
+    count = 0
+    with open(opts.export / "tasks.jsonl", "wb") as f:
+        for suite in opts.suites:
+            if suite == "perf":
+                continue
+            for task in make_tasks(suite, opts.lengths, opts.n, opts.seed):
+                ctx_file = ctx_dir / f"{task.context_key}.txt"
+                if not ctx_file.exists():
+                    task.write_context(ctx_file)
+                record = msgspec.structs.asdict(task)
+                del record["context"]
+                record["context_file"] = str(ctx_file.relative_to(opts.export))
+                f.write(enc.encode(record) + b"\n")
+                count += 1
+    print(f"exported {count} tasks to {opts.export / 'tasks.jsonl'}", file=stream)
+    return 0
+
+
 # ---------------------------------------------------------------- perf suite
 
 
@@ -451,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--perf-dir", help="where --suite perf finds bench_*.py (default: ./bench)")
     ap.add_argument("--quick", action="store_true", help="perf: pass quick=True to scripts")
+    ap.add_argument(
+        "--export",
+        metavar="DIR",
+        help="write the tasks (tasks.jsonl, contexts/) to DIR and exit; no daemon needed",
+    )
     return ap
 
 
@@ -492,6 +522,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
         retry_errors=args.retry_errors,
         perf_dir=perf_dir,
         quick=args.quick,
+        export=Path(args.export) if args.export else None,
         command="rlm bench " + shlex.join(argv),
     )
 
@@ -598,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlm bench: {exc}", file=sys.stderr)
         return 2
     try:
+        if opts.export is not None:
+            return export_tasks(opts, sys.stderr)
         return run(opts)
     except BenchError as exc:
         print(f"rlm bench: {exc}", file=sys.stderr)
