@@ -16,7 +16,8 @@ gets a :class:`ContextView` over the mmap, so that a 1 GB context is not copied:
   functions and compiled patterns accept the view.  When the pattern's meaning on UTF-8
   bytes is provably the same as on the str (any ASCII pattern on an ASCII text; on a
   non-ASCII text an ASCII pattern made only of ASCII literals, ASCII classes, groups,
-  repeats, alternation and anchors, without IGNORECASE), it runs on the mapped bytes
+  repeats, alternation and anchors, without IGNORECASE, that cannot match the empty
+  string), it runs on the mapped bytes
   directly and match offsets are converted to characters.  Otherwise (``.``, ``\\w``,
   negated classes ... on non-ASCII text) the text is decoded once, kept, and the real
   ``re`` runs on it.
@@ -325,6 +326,11 @@ class ContextView:
 
     # --- regular expressions ------------------------------------------------------------
 
+    @property
+    def materialized(self) -> bool:
+        """Whether a regex needed the whole text decoded (and kept) as a str."""
+        return self._full is not None
+
     def _full_str(self) -> str:
         if self._full is None:
             self._full = self._dec(0, self._size)
@@ -417,6 +423,9 @@ def _bytes_safe(pattern: str, flags: int) -> bool:
     except _re.error:
         return False
     if parsed.state.flags & _re.IGNORECASE:
+        return False
+    # A match that may be empty could start between the bytes of one character.
+    if parsed.getwidth()[0] == 0:
         return False
     return _safe_items(list(parsed))
 
