@@ -23,6 +23,7 @@ _FENCE_OPEN = re.compile(r"^[ \t]*(`{3,})[ \t]*([A-Za-z0-9_+-]*)[^`\n]*$")
 _FENCE_CLOSE = re.compile(r"^[ \t]*(`{3,})[ \t]*$")
 # FINAL at the start of a line, maybe behind markdown emphasis or a quote marker.
 _FINAL_START = re.compile(r"^[ \t>*_#-]*(?:\*\*)?(FINAL_VAR|FINAL)[ \t]*\(", re.MULTILINE)
+_FINAL_ANYWHERE = re.compile(r"\b(FINAL_VAR|FINAL)[ \t]*\(")
 
 FinalKind = Literal["answer", "var", "expr"]
 
@@ -121,6 +122,21 @@ def parse_reply(text: str) -> Reply:
     return reply
 
 
+def sole_final(code: str) -> Final | None:
+    """The FINAL of a block that is nothing but one ``FINAL(...)`` call, read as text.
+
+    ``FINAL(It is 7 (seven))`` is valid Python that fails when run; when such a block
+    fails, this is what the model meant.
+    """
+    stripped = code.strip()
+    if not stripped.startswith(("FINAL(", "FINAL_VAR(")) or not stripped.endswith(")"):
+        return None
+    f = find_final(stripped)
+    if f is None or len(f.value) + len("FINAL_VAR()") < len(stripped) - 2:
+        return None  # more than the one call
+    return f
+
+
 def _is_python(code: str) -> bool:
     try:
         ast.parse(code)
@@ -129,9 +145,13 @@ def _is_python(code: str) -> bool:
     return True
 
 
-def find_final(text: str) -> Final | None:
-    """The first ``FINAL(...)``/``FINAL_VAR(...)`` that starts a line of ``text``, or None."""
-    m = _FINAL_START.search(text)
+def find_final(text: str, *, anywhere: bool = False) -> Final | None:
+    """The first ``FINAL(...)``/``FINAL_VAR(...)`` that starts a line of ``text``, or None.
+
+    ``anywhere``: also one inside a line (for the last answer at max_iterations, where
+    "From what I saw: FINAL(5)" should count).
+    """
+    m = (_FINAL_ANYWHERE if anywhere else _FINAL_START).search(text)
     if m is None:
         return None
     inner = _call_argument(text, m.end())

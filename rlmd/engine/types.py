@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from rlmd.protocol.errors import (
+    APP_ERROR,
     BAD_INPUT,
     BUDGET_EXCEEDED,
     MODEL_ERROR,
@@ -78,6 +79,7 @@ class QueryResult(msgspec.Struct, kw_only=True):
 ERROR_CODES: dict[str, int] = {
     "bad_params": BAD_INPUT,
     "context_not_found": NOT_FOUND,
+    "context_error": APP_ERROR,
     "max_iterations": BUDGET_EXCEEDED,
     "max_sub_calls": BUDGET_EXCEEDED,
     "max_cost": BUDGET_EXCEEDED,
@@ -90,5 +92,5 @@ class EngineError(AppError):
     """A query that could not finish; ``partial`` is the best answer it had by then."""
 
     def __init__(self, kind: str, message: str, partial: str = "") -> None:
-        super().__init__(kind, message, code=ERROR_CODES.get(kind, -32000), partial=partial)
+        super().__init__(kind, message, code=ERROR_CODES.get(kind, APP_ERROR), partial=partial)
         self.partial = partial

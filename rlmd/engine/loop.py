@@ -1,0 +1,848 @@
+"""The RLM loop: a root model writes ```repl code over the context until it answers.
+
+One ``Engine`` serves every query of the daemon; ``Engine.run`` is one query.  A turn:
+
+1. the root model answers, streamed (``root_delta`` events); the stream is cut at the
+   closing fence of the first runnable block (the model would otherwise invent its
+   output), and that block starts running at that very moment (*pipelining*);
+2. the block runs in the query's REPL worker (``code``/``output`` events); what it printed
+   goes back, truncated, as the next user message; the model's turns stay in the
+   conversation;
+3. the loop ends at ``FINAL(...)``/``FINAL_VAR(...)`` (in prose or called in code).
+
+Sub-calls from the REPL (``llm_query``, ``llm_query_batched``, ``rlm_query``) go to the
+pool; ``rlm_query`` runs a nested loop while depth allows.  Budgets (iterations, sub-calls,
+time, cost) end the query with an ``EngineError`` carrying the best partial answer.
+Cancelling the task that runs ``run`` stops the stream, kills the worker (``close`` in a
+``finally``) and abandons the sub-calls.  Every step is appended to the query's trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlmd.config import Config
+from rlmd.engine import prompts
+from rlmd.engine.parse import (
+    Final,
+    Reply,
+    StreamCutter,
+    find_final,
+    non_answer_reason,
+    parse_reply,
+    sole_final,
+    truncate_output,
+)
+from rlmd.engine.trace import TraceWriter, trace_path
+from rlmd.engine.types import EngineError, QueryOptions, QueryParams, QueryResult, Tokens
+from rlmd.protocol.errors import AppError
+from rlmd.providers.base import ChatRequest, ChatResult, Message, ProviderError
+from rlmd.repl.session import ReplSession
+from rlmd.store.store import StoreError
+
+Emit = Callable[[dict[str, Any]], None]
+
+PARTIAL_CHARS = 4000  # the longest partial answer an error carries
+HEAD_CHARS = 1200  # how much of the context is peeked for its description
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The effective limits of one query (config ``[limits]`` lowered by its options)."""
+
+    max_iterations: int
+    max_depth: int
+    max_sub_calls: int
+    timeout_s: float
+    max_cost: float | None
+    output_chars: int
+    cell_timeout_s: float
+    pipeline: bool
+
+
+@dataclass
+class _State:
+    """Counters shared by a query and its nested loops."""
+
+    job: str
+    budget: Budget
+    root_model: str
+    sub_model: str
+    trace: TraceWriter
+    emit: Emit
+    t0: float = field(default_factory=time.monotonic)
+    iterations: int = 0
+    sub_calls: int = 0
+    cached_calls: int = 0
+    root_tokens: Tokens = field(default_factory=Tokens)
+    sub_tokens: Tokens = field(default_factory=Tokens)
+    cost: float = 0.0
+    max_depth_seen: int = 1
+    partial: str = ""
+    last_output: str = ""
+    # Set by a sub-call that ran out of budget; the loop raises it after the block.
+    budget_error: EngineError | None = None
+
+    def tokens(self) -> Tokens:
+        return Tokens(
+            input=self.root_tokens.input + self.sub_tokens.input,
+            output=self.root_tokens.output + self.sub_tokens.output,
+        )
+
+    def best_partial(self) -> str:
+        text = self.partial.strip() or self.last_output.strip()
+        return text if len(text) <= PARTIAL_CHARS else text[:PARTIAL_CHARS] + " …"
+
+    def progress(self) -> dict[str, Any]:
+        t = self.tokens()
+        return {
+            "kind": "progress",
+            "iteration": self.iterations,
+            "sub_calls": self.sub_calls,
+            "tokens": {"input": t.input, "output": t.output},
+            "cost": round(self.cost, 6),
+            "elapsed_s": round(time.monotonic() - self.t0, 3),
+        }
+
+
+class _SubBudgetExceeded(Exception):
+    """Raised into the REPL's call when the query's sub-call or cost budget is gone."""
+
+
+def resolve_budget(config: Config, opts: QueryOptions) -> Budget:
+    """The query's limits: options may lower ``[limits]``, never raise them."""
+    lim = config.limits
+
+    def lowered(name: str, value: float | None, ceiling: float | None, minimum: float) -> Any:
+        if value is None:
+            return ceiling
+        if value < minimum:
+            raise EngineError("bad_params", f"options.{name} must be at least {minimum:g}")
+        if ceiling is not None and value > ceiling:
+            raise EngineError(
+                "bad_params",
+                f"options.{name} = {value:g} is above the daemon's limit {ceiling:g}; "
+                f"raise limits.{name} in the config to allow it",
+            )
+        return value
+
+    output_chars = lim.output_chars if opts.output_chars is None else opts.output_chars
+    if output_chars < 200:
+        raise EngineError("bad_params", "options.output_chars must be at least 200")
+    return Budget(
+        max_iterations=int(lowered("max_iterations", opts.max_iterations, lim.max_iterations, 1)),
+        max_depth=int(lowered("max_depth", opts.max_depth, lim.max_depth, 1)),
+        max_sub_calls=int(lowered("max_sub_calls", opts.max_sub_calls, lim.max_sub_calls, 0)),
+        timeout_s=float(lowered("timeout_s", opts.timeout_s, lim.timeout_s, 0.001)),
+        max_cost=lowered("max_cost", opts.max_cost, lim.max_cost, 0.0),
+        output_chars=output_chars,
+        cell_timeout_s=lim.cell_timeout_s,
+        pipeline=True if opts.pipeline is None else opts.pipeline,
+    )
+
+
+class Engine:
+    """Runs queries.  Holds no per-query state: each ``run`` builds its own."""
+
+    def __init__(self, *, config: Config, pool: Any, store: Any, state_dir: Path) -> None:
+        self._config = config
+        self._pool = pool
+        self._store = store
+        self._state_dir = Path(state_dir)
+
+    # ------------------------------------------------------------------ one query
+
+    async def run(self, params: QueryParams, job: str, emit: Emit) -> QueryResult:
+        """Answer ``params.query``; events go to ``emit``; raise ``EngineError`` on failure."""
+        budget = resolve_budget(self._config, params.options)
+        if not params.query.strip():
+            raise EngineError("bad_params", "query must not be empty")
+        if params.context is not None and params.text is not None:
+            raise EngineError(
+                "bad_params", "give either `context` (a stored name) or `text`, not both"
+            )
+        try:
+            root_model = params.options.root_model or self._pool.model_for("root")
+            sub_model = params.options.sub_model or self._pool.model_for("sub")
+        except ProviderError as exc:
+            raise EngineError("model_error", str(exc)) from None
+        path = trace_path(self._state_dir, job)
+        writer = TraceWriter(path, secrets=self._secrets())
+        state = _State(
+            job=job,
+            budget=budget,
+            root_model=root_model,
+            sub_model=sub_model,
+            trace=writer,
+            emit=emit,
+        )
+        scratch = self._state_dir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="query-", dir=scratch))
+        pins = contextlib.ExitStack()
+        try:
+            try:
+                async with asyncio.timeout(budget.timeout_s) as deadline:
+                    ctx_path, desc = await self._resolve_context(params, work, pins)
+                    writer.write(
+                        "start",
+                        job=job,
+                        query=params.query,
+                        context=params.context or ("(inline text)" if params.text else None),
+                        context_chars=desc.chars if desc else 0,
+                        root_model=root_model,
+                        sub_model=sub_model,
+                        budget=dataclasses.asdict(budget),
+                    )
+                    answer, finish = await self._loop(
+                        state,
+                        query=params.query,
+                        context_path=ctx_path,
+                        desc=desc,
+                        depth=1,
+                        work=work,
+                        emit=emit,
+                    )
+                    self._write_end(state)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise EngineError(
+                    "timeout",
+                    f"the query ran out of time after {budget.timeout_s:g} s "
+                    "(options.timeout_s / limits.timeout_s)",
+                    state.best_partial(),
+                ) from None
+        except AppError as exc:
+            writer.write(
+                "error", kind=exc.kind, message=exc.message, partial=getattr(exc, "partial", "")
+            )
+            self._write_end(state)
+            raise
+        except asyncio.CancelledError:
+            writer.write("error", kind="cancelled", message="the query was cancelled")
+            self._write_end(state)
+            raise
+        except BaseException as exc:
+            writer.write("error", kind="internal", message=repr(exc))
+            self._write_end(state)
+            raise
+        finally:
+            writer.close()
+            await asyncio.to_thread(pins.close)
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        elapsed = time.monotonic() - state.t0
+        result = QueryResult(
+            answer=answer,
+            job=job,
+            iterations=state.iterations,
+            sub_calls=state.sub_calls,
+            tokens=state.tokens(),
+            cost=round(state.cost, 6),
+            elapsed_s=round(elapsed, 3),
+            trace=str(path),
+            root_model=root_model,
+            sub_model=sub_model,
+            root_tokens=state.root_tokens,
+            sub_tokens=state.sub_tokens,
+            cached_calls=state.cached_calls,
+            depth=state.max_depth_seen,
+            finish=finish,
+        )
+        emit(state.progress())
+        emit({"kind": "final", "answer": answer})
+        return result
+
+    def _write_end(self, state: _State) -> None:
+        t = state.tokens()
+        state.trace.write(
+            "end",
+            iterations=state.iterations,
+            sub_calls=state.sub_calls,
+            tokens={"input": t.input, "output": t.output},
+            cost=state.cost,
+            elapsed_s=round(time.monotonic() - state.t0, 3),
+        )
+
+    def _secrets(self) -> list[str]:
+        names = [p.api_key_env for p in self._config.providers if p.api_key_env]
+        return [v for n in names if (v := os.environ.get(n))]
+
+    async def _resolve_context(
+        self, params: QueryParams, work: Path, pins: contextlib.ExitStack
+    ) -> tuple[Path | None, prompts.ContextDescription | None]:
+        """The file the worker maps and its description: a stored context, a text, none."""
+        if params.text is not None:
+            path = work / "context.txt"
+            await asyncio.to_thread(path.write_text, params.text, "utf-8")
+            return path, prompts.describe_text(params.text)
+        if params.context is None:
+            return None, None
+        return await asyncio.to_thread(self._describe_stored, params.context, pins)
+
+    def _describe_stored(
+        self, name: str, pins: contextlib.ExitStack
+    ) -> tuple[Path, prompts.ContextDescription]:
+        # Runs in a thread: the store is synchronous.  The version is pinned for the whole
+        # query, so a put meanwhile cannot pull the text from under the worker.
+        try:
+            pinned = pins.enter_context(self._store.pin(name))
+            head = self._store.peek(name, 0, HEAD_CHARS)
+        except StoreError as exc:
+            if exc.kind == "not_found":
+                raise EngineError(
+                    "context_not_found",
+                    f"no context named {name!r}; `context/list` shows the stored ones",
+                ) from None
+            raise EngineError("context_error", f"context {name!r}: {exc.message}") from None
+        desc = prompts.ContextDescription(
+            name=name,
+            chars=pinned.info.chars,
+            lines=pinned.info.lines,
+            head=prompts.cut_head(head),
+        )
+        return pinned.path, desc
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _loop(
+        self,
+        state: _State,
+        *,
+        query: str,
+        context_path: Path | None,
+        desc: prompts.ContextDescription | None,
+        depth: int,
+        work: Path,
+        emit: Emit,
+    ) -> tuple[str, str]:
+        """Run turns until an answer; return (answer, how it finished)."""
+        b = state.budget
+        model = state.root_model
+        scratch = work / f"scratch-{depth}-{uuid.uuid4().hex[:8]}"
+        scratch.mkdir()
+        session = await ReplSession.start(
+            context_path=context_path,
+            limits=self._config.limits,
+            sandbox=self._config.sandbox,
+            scratch_dir=scratch,
+            on_call=self._on_call(state, depth, work, emit),
+        )
+        try:
+            system = prompts.system_prompt(
+                model, nested_rlm=depth < b.max_depth, output_chars=b.output_chars
+            )
+            messages = [
+                Message("system", system),
+                Message("user", prompts.first_message(query, desc)),
+            ]
+            for m in messages:
+                state.trace.write("message", depth=depth, role=m.role, content=m.content)
+            rejected_final = False
+            bare_replies = 0
+            for turn in range(1, b.max_iterations + 1):
+                reply, text, exec_task = await self._root_turn(
+                    state, messages, session, depth=depth, turn=turn, emit=emit
+                )
+                messages.append(Message("assistant", text))
+                final_text: str | None = None
+                outputs: list[str] = []
+                if reply.blocks:
+                    bare_replies = 0
+                    outputs, final_text = await self._run_blocks(
+                        state, session, reply.blocks, exec_task, depth=depth, emit=emit
+                    )
+                    if depth == 1:
+                        emit(state.progress())
+                if final_text is None and reply.final is not None:
+                    final_text, problem = await self._resolve_final(state, session, reply.final)
+                    if problem is not None:
+                        outputs.append(prompts.missing_variable(reply.final.value, problem))
+                if final_text is not None:
+                    reason = non_answer_reason(final_text)
+                    if reason is None or rejected_final:
+                        state.trace.write("final", depth=depth, answer=final_text, how="final")
+                        return final_text, "final"
+                    rejected_final = True
+                    state.partial = final_text
+                    outputs.append(prompts.not_an_answer(reason))
+                elif not reply.blocks and reply.final is None:
+                    bare_replies += 1
+                    prose = reply.prose.strip()
+                    if bare_replies >= 2 and prose and non_answer_reason(prose) is None:
+                        state.trace.write("final", depth=depth, answer=prose, how="reply")
+                        return prose, "reply"
+                    outputs.append(prompts.NO_CODE_NO_FINAL)
+                feedback = "\n\n".join(outputs) if outputs else prompts.NO_CODE_NO_FINAL
+                messages.append(Message("user", feedback))
+                state.trace.write("message", depth=depth, role="user", content=feedback)
+            return await self._last_chance(state, messages, session, depth=depth, emit=emit)
+        finally:
+            await session.close()
+
+    async def _root_turn(
+        self,
+        state: _State,
+        messages: list[Message],
+        session: ReplSession,
+        *,
+        depth: int,
+        turn: int,
+        emit: Emit,
+        tools: bool = True,
+    ) -> tuple[Reply, str, asyncio.Task[tuple[list[str], str | None]] | None]:
+        """One streamed root call; with pipelining the first block starts as it closes.
+
+        Returns the parsed reply, the kept text, and the task already running its first
+        block (or None).  The caller awaits that task via ``_run_blocks``.
+        """
+        b = state.budget
+        if depth == 1:
+            state.iterations += 1
+        cutter = StreamCutter(stop_at_block=b.pipeline and tools, stop_at_final=True)
+        exec_task: asyncio.Task[tuple[list[str], str | None]] | None = None
+        loop = asyncio.get_running_loop()
+
+        def on_delta(piece: str) -> bool:
+            nonlocal exec_task
+            kept, stop = cutter.feed(piece)
+            if kept and depth == 1:
+                emit({"kind": "root_delta", "text": kept})
+            if stop and exec_task is None and tools:
+                early = parse_reply(cutter.text)
+                if early.blocks:
+                    # Pipelining: the block runs while the stream is being closed.
+                    exec_task = loop.create_task(
+                        self._exec_blocks(state, session, early.blocks[:1], depth=depth, emit=emit)
+                    )
+            return stop
+
+        req = ChatRequest(model=state.root_model, messages=tuple(messages))
+        t0 = time.monotonic()
+        try:
+            result: ChatResult = await self._pool.chat(req, on_delta=on_delta, affinity=state.job)
+        except ProviderError as exc:
+            if exec_task is not None:
+                exec_task.cancel()
+            raise EngineError(
+                "model_error",
+                f"the root model {state.root_model!r} failed: {exc}",
+                state.best_partial(),
+            ) from None
+        except BaseException:
+            if exec_task is not None:
+                exec_task.cancel()
+            raise
+        if not cutter.text and result.text:
+            # A provider that does not stream (or a cache hit delivered at once).
+            cutter.feed(result.text)
+        text = cutter.text
+        state.root_tokens.input += result.usage.input
+        state.root_tokens.output += result.usage.output
+        state.cost += result.cost
+        state.trace.write(
+            "message",
+            depth=depth,
+            role="assistant",
+            content=text,
+            iteration=turn,
+            model=result.model,
+            provider=result.provider,
+            elapsed_s=round(time.monotonic() - t0, 4),
+            ttft_s=round(result.ttft_s, 4),
+            tokens_in=result.usage.input,
+            tokens_out=result.usage.output,
+            cost=result.cost,
+            stopped=result.stopped,
+            cached=result.cached,
+        )
+        if depth == 1:
+            emit(state.progress())
+        reply = parse_reply(text)
+        if reply.prose.strip():
+            state.partial = reply.prose.strip()
+        if exec_task is not None and not reply.blocks:
+            exec_task.cancel()  # cannot happen with a consistent parser; never leak it
+            exec_task = None
+        try:
+            self._check_cost(state)
+        except EngineError:
+            if exec_task is not None:
+                exec_task.cancel()
+            raise
+        return reply, text, exec_task
+
+    async def _run_blocks(
+        self,
+        state: _State,
+        session: ReplSession,
+        blocks: list[str],
+        started: asyncio.Task[tuple[list[str], str | None]] | None,
+        *,
+        depth: int,
+        emit: Emit,
+    ) -> tuple[list[str], str | None]:
+        """Run the reply's blocks (the first may already run); return outputs and a FINAL."""
+        outputs: list[str] = []
+        rest = blocks
+        if started is not None:
+            try:
+                outs, final = await started
+            finally:
+                if not started.done():
+                    started.cancel()
+            outputs += outs
+            rest = blocks[1:]
+            if final is not None:
+                return outputs, final
+        if rest:
+            outs, final = await self._exec_blocks(state, session, rest, depth=depth, emit=emit)
+            outputs += outs
+            if final is not None:
+                return outputs, final
+        return outputs, None
+
+    async def _exec_blocks(
+        self, state: _State, session: ReplSession, blocks: list[str], *, depth: int, emit: Emit
+    ) -> tuple[list[str], str | None]:
+        """Run blocks in order until one calls FINAL; return the messages and the FINAL."""
+        b = state.budget
+        outputs: list[str] = []
+        for code in blocks:
+            emit({"kind": "code", "code": code, **_depth(depth)})
+            state.trace.write("code", depth=depth, code=code)
+            res = await session.execute(code, timeout_s=b.cell_timeout_s)
+            if state.budget_error is not None:
+                raise state.budget_error
+            meant = sole_final(code)
+            if res.final is None and res.error and meant is not None and meant.kind == "answer":
+                # ``FINAL(It is 7 (seven))`` in a fence: valid Python that fails; a text answer.
+                state.trace.write("output", depth=depth, text="", error=res.error, elapsed_s=0)
+                return outputs, meant.value
+            shown = truncate_output(res.output or "", b.output_chars)
+            error = truncate_output(res.error, b.output_chars // 4) if res.error else None
+            seen = shown + (f"\n{error}" if error else "")
+            if seen.strip():
+                state.last_output = seen
+            emit(
+                {
+                    "kind": "output",
+                    "text": seen,
+                    "timed_out": bool(res.timed_out),
+                    "restarted": bool(res.restarted),
+                    "elapsed_s": round(res.elapsed_s, 4),
+                    **_depth(depth),
+                }
+            )
+            state.trace.write(
+                "output",
+                depth=depth,
+                text=shown,
+                error=error,
+                timed_out=bool(res.timed_out),
+                restarted=bool(res.restarted),
+                elapsed_s=round(res.elapsed_s, 4),
+                chars=len(res.output or ""),
+            )
+            outputs.append(
+                prompts.output_message(
+                    shown,
+                    error=error,
+                    timed_out=bool(res.timed_out),
+                    restarted=bool(res.restarted),
+                    cell_timeout_s=b.cell_timeout_s,
+                )
+            )
+            if res.final is not None:
+                return outputs, _final_text(res.final)
+        return outputs, None
+
+    async def _resolve_final(
+        self, state: _State, session: ReplSession, final: Final
+    ) -> tuple[str | None, str | None]:
+        """The answer a prose FINAL gives, or (None, what went wrong)."""
+        if final.kind == "answer":
+            return final.value, None
+        if final.kind == "expr":
+            # FINAL renders any value (str as is, tuples and dicts as JSON) in the worker.
+            res = await session.execute(
+                f"FINAL(({final.value}))", timeout_s=state.budget.cell_timeout_s
+            )
+            if res.final is not None:
+                return _final_text(res.final), None
+            problem = (res.error or "").strip() or "evaluating it gave nothing"
+            return None, problem.splitlines()[-1]
+        name = final.value
+        value = await session.get_var(name)
+        if value is None:
+            return None, f"there is no variable named {final.value!r} in the REPL"
+        return str(value), None
+
+    async def _last_chance(
+        self,
+        state: _State,
+        messages: list[Message],
+        session: ReplSession,
+        *,
+        depth: int,
+        emit: Emit,
+    ) -> tuple[str, str]:
+        """At max_iterations: one more call, no tools, for the best answer so far."""
+        messages.append(Message("user", prompts.LAST_CHANCE))
+        state.trace.write("message", depth=depth, role="user", content=prompts.LAST_CHANCE)
+        reply, _text, _ = await self._root_turn(
+            state, messages, session, depth=depth, turn=0, emit=emit, tools=False
+        )
+        answer: str | None = None
+        if reply.final is None:
+            reply.final = find_final(reply.prose, anywhere=True)
+        if reply.final is not None and reply.final.kind == "answer":
+            answer = reply.final.value
+        elif reply.final is not None:
+            answer, _ = await self._resolve_final(state, session, reply.final)
+        elif not reply.blocks:
+            answer = reply.prose.strip()
+        if answer and non_answer_reason(answer) is None:
+            state.trace.write("final", depth=depth, answer=answer, how="best_effort")
+            return answer, "best_effort"
+        if reply.prose.strip():
+            state.partial = reply.prose.strip()
+        raise EngineError(
+            "max_iterations",
+            f"no answer after {state.budget.max_iterations} iterations "
+            "(options.max_iterations / limits.max_iterations); the partial answer is the "
+            "model's last words",
+            state.best_partial(),
+        )
+
+    # ------------------------------------------------------------------ sub-calls
+
+    def _check_cost(self, state: _State) -> None:
+        mc = state.budget.max_cost
+        if mc is not None and state.cost > mc:
+            raise EngineError(
+                "max_cost",
+                f"the query cost ${state.cost:.4f}, above its budget of ${mc:.4f} "
+                "(options.max_cost / limits.max_cost)",
+                state.best_partial(),
+            )
+
+    def _take_sub_calls(self, state: _State, n: int) -> None:
+        """Count ``n`` sub-calls against the budget, or stop the query."""
+        b = state.budget
+        if state.budget_error is not None:
+            raise _SubBudgetExceeded(state.budget_error.message)
+        if state.sub_calls + n > b.max_sub_calls:
+            state.budget_error = EngineError(
+                "max_sub_calls",
+                f"the code asked for {state.sub_calls + n} sub-calls, above the budget of "
+                f"{b.max_sub_calls} (options.max_sub_calls / limits.max_sub_calls)",
+                state.best_partial(),
+            )
+            raise _SubBudgetExceeded(state.budget_error.message)
+        if b.max_cost is not None and state.cost > b.max_cost:
+            state.budget_error = EngineError(
+                "max_cost",
+                f"the query cost ${state.cost:.4f}, above its budget of ${b.max_cost:.4f} "
+                "(options.max_cost / limits.max_cost)",
+                state.best_partial(),
+            )
+            raise _SubBudgetExceeded(state.budget_error.message)
+        state.sub_calls += n
+
+    def _on_call(self, state: _State, depth: int, work: Path, emit: Emit) -> Any:
+        """The REPL's handler for ``llm_query``, ``llm_query_batched`` and ``rlm_query``."""
+
+        async def on_call(fn: str, args: dict[str, Any]) -> Any:
+            model = args.get("model") or state.sub_model
+            if fn == "llm_query":
+                self._take_sub_calls(state, 1)
+                return await self._sub_call(state, fn, str(args["prompt"]), model, depth, emit)
+            if fn == "llm_query_batched":
+                prompts_ = [str(p) for p in args["prompts"]]
+                if not prompts_:
+                    return []
+                self._take_sub_calls(state, len(prompts_))
+                results: list[str] = [""] * len(prompts_)
+
+                async def one(i: int, p: str) -> None:
+                    results[i] = await self._sub_call(state, fn, p, model, depth, emit)
+
+                async with asyncio.TaskGroup() as tg:
+                    for i, p in enumerate(prompts_):
+                        tg.create_task(one(i, p))
+                return results
+            if fn == "rlm_query":
+                self._take_sub_calls(state, 1)
+                prompt = str(args["prompt"])
+                sub_ctx = args.get("context")
+                if depth >= state.budget.max_depth:
+                    text = prompt if sub_ctx is None else f"{prompt}\n\n{sub_ctx}"
+                    return await self._sub_call(state, fn, text, state.sub_model, depth, emit)
+                return await self._nested(state, prompt, sub_ctx, depth + 1, work, emit)
+            raise ValueError(f"unknown REPL call {fn!r}")
+
+        return on_call
+
+    async def _sub_call(
+        self, state: _State, fn: str, prompt: str, model: str, depth: int, emit: Emit
+    ) -> str:
+        """One sub-model call; a failure becomes an error string in the answer's place."""
+        call_id = uuid.uuid4().hex[:8]
+        base = {"kind": "subcall", "id": call_id, "fn": fn, "model": model, **_depth(depth)}
+        emit({**base, "prompt_chars": len(prompt), "status": "start"})
+        state.trace.write(
+            "subcall",
+            depth=depth,
+            id=call_id,
+            fn=fn,
+            model=model,
+            prompt=prompt,
+            prompt_chars=len(prompt),
+            status="start",
+        )
+        t0 = time.monotonic()
+        req = ChatRequest(model=model, messages=(Message("user", prompt),))
+        try:
+            r = await self._pool.chat(req)
+        except ProviderError as exc:
+            elapsed = round(time.monotonic() - t0, 4)
+            emit(
+                {
+                    **base,
+                    "prompt_chars": len(prompt),
+                    "status": "error",
+                    "elapsed_s": elapsed,
+                    "error": str(exc),
+                }
+            )
+            state.trace.write(
+                "subcall",
+                depth=depth,
+                id=call_id,
+                fn=fn,
+                model=model,
+                prompt_chars=len(prompt),
+                status="error",
+                elapsed_s=elapsed,
+                error=str(exc),
+            )
+            return f"[{fn} error: {exc}]"
+        elapsed = round(time.monotonic() - t0, 4)
+        state.sub_tokens.input += r.usage.input
+        state.sub_tokens.output += r.usage.output
+        state.cost += r.cost
+        if r.cached:
+            state.cached_calls += 1
+        status = "cached" if r.cached else "ok"
+        emit(
+            {
+                **base,
+                "prompt_chars": len(prompt),
+                "status": status,
+                "elapsed_s": elapsed,
+                "tokens": {"input": r.usage.input, "output": r.usage.output},
+                "cost": r.cost,
+                "answer_chars": len(r.text),
+            }
+        )
+        state.trace.write(
+            "subcall",
+            depth=depth,
+            id=call_id,
+            fn=fn,
+            model=r.model,
+            provider=r.provider,
+            prompt_chars=len(prompt),
+            status=status,
+            elapsed_s=elapsed,
+            ttft_s=round(r.ttft_s, 4),
+            answer=r.text,
+            tokens_in=r.usage.input,
+            tokens_out=r.usage.output,
+            cost=r.cost,
+        )
+        mc = state.budget.max_cost
+        if mc is not None and state.cost > mc and state.budget_error is None:
+            state.budget_error = EngineError(
+                "max_cost",
+                f"the query cost ${state.cost:.4f}, above its budget of ${mc:.4f} "
+                "(options.max_cost / limits.max_cost)",
+                state.best_partial(),
+            )
+        return r.text
+
+    async def _nested(
+        self, state: _State, prompt: str, sub_ctx: str | None, depth: int, work: Path, emit: Emit
+    ) -> str:
+        """``rlm_query`` below the depth limit: a whole loop of its own on ``sub_ctx``."""
+        call_id = uuid.uuid4().hex[:8]
+        state.max_depth_seen = max(state.max_depth_seen, depth)
+        base = {
+            "kind": "subcall",
+            "id": call_id,
+            "fn": "rlm_query",
+            "model": state.root_model,
+            "depth": depth,
+        }
+        emit({**base, "prompt_chars": len(prompt), "status": "start"})
+        t0 = time.monotonic()
+        ctx_path: Path | None = None
+        desc = None
+        if sub_ctx:
+            ctx_path = work / f"subcontext-{call_id}.txt"
+            await asyncio.to_thread(ctx_path.write_text, sub_ctx, "utf-8")
+            desc = prompts.describe_text(sub_ctx)
+        saved_partial = state.partial
+
+        def nested_emit(event: dict[str, Any]) -> None:
+            # Nested loops show their code, output and sub-calls, never root text or final.
+            if event.get("kind") in ("code", "output", "subcall"):
+                emit(event)
+
+        try:
+            answer, _how = await self._loop(
+                state,
+                query=prompt,
+                context_path=ctx_path,
+                desc=desc,
+                depth=depth,
+                work=work,
+                emit=nested_emit,
+            )
+        except EngineError as exc:
+            if exc.kind in ("max_sub_calls", "max_cost", "timeout", "model_error"):
+                state.budget_error = state.budget_error or exc
+                raise _SubBudgetExceeded(exc.message) from None
+            answer = f"[rlm_query error: {exc.message}]"
+        finally:
+            state.partial = saved_partial
+        elapsed = round(time.monotonic() - t0, 4)
+        emit({**base, "prompt_chars": len(prompt), "status": "ok", "elapsed_s": elapsed})
+        return answer
+
+
+def _depth(depth: int) -> dict[str, int]:
+    """Events of nested loops say their depth; the root's stay as the protocol shows."""
+    return {} if depth == 1 else {"depth": depth}
+
+
+def _final_text(final: Any) -> str:
+    """A FINAL from the REPL: a string, or (kind, value) from some worker versions."""
+    if isinstance(final, str):
+        return final
+    value = getattr(final, "value", None)
+    if value is not None:
+        return str(value)
+    return str(final)
