@@ -62,7 +62,7 @@ def test_put_peek_search_list_drop(store: ContextStore) -> None:
     assert (info.chars, info.bytes, info.lines, info.tokens_est) == (30, 30, 3, 8)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", info.created)
     assert info.updated >= info.created
-    assert info.version == hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    assert info.version == hashlib.sha256(text.encode()).hexdigest()
     assert store.drop("doc") is True
     assert store.drop("doc") is False
     assert store.list() == []
@@ -262,7 +262,7 @@ def test_append_long_nonascii_keeps_index(store: ContextStore) -> None:
     text = a + b
     for i in (0, 65_535, 65_536, 70_000, 70_001, 131_072, 139_999, len(text) - 1):
         assert store.peek("a", i, i + 3) == text[i : i + 3]
-    assert store.version("a") == hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    assert store.version("a") == hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- persistence ----------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_concurrent_puts_and_reads(store: ContextStore) -> None:
     assert errors == []
     final = file_text(store, "c")
     assert final in texts
-    assert store.version("c") == hashlib.blake2b(final.encode(), digest_size=16).hexdigest()
+    assert store.version("c") == hashlib.sha256(final.encode()).hexdigest()
     assert len(list(store.text_path("c").parent.glob("*.txt"))) == 1
 
 

@@ -10,8 +10,8 @@ Layout of ``root`` (``<state_dir>/contexts``)::
         <version>.idx            its character index (see ``charindex.py``)
         .tmp-*                   a write in progress (removed at startup if left over)
 
-``version`` is a blake2b hash of the text computed while writing, so re-putting the same
-text keeps it.  A write streams into temp files, fsyncs them, renames them to their
+``version`` is the SHA-256 (hex) of the UTF-8 text, computed while writing (what
+``sha256sum <version>.txt`` prints), so re-putting the same text keeps it.  A write streams into temp files, fsyncs them, renames them to their
 content-addressed names, then atomically replaces ``meta.json`` (fsync of file and
 directory on each step).  A process killed at any point leaves ``meta.json`` naming either
 the old version or the new one, whose files are complete; startup removes the rest.
@@ -189,7 +189,7 @@ class _Writer:
         self.dir = d
         self.tmp = d / f"{_TMP}{secrets.token_hex(8)}.txt"
         self.f = open(self.tmp, "xb")
-        self.hash = hashlib.blake2b(digest_size=16)
+        self.hash = hashlib.sha256()
         self.builder = CharIndexBuilder()
         self.newlines = 0
         self.last = b""
@@ -637,7 +637,7 @@ class ContextStore:
                 h = self._open(key, sig)
             except FileNotFoundError:
                 continue
-            if h.meta.name != name:  # pragma: no cover - a blake2b collision
+            if h.meta.name != name:  # pragma: no cover - a hash collision
                 raise StoreError("io", f"context storage {key} holds {h.meta.name!r}")
             with self._mutex:
                 self._handles[key] = h
