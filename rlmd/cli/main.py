@@ -122,7 +122,8 @@ def cmd_context(c: Client, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r, indent=2))
         else:
-            extra = f", {r['files']} files" if r.get("files") else ""
+            n = r.get("files") or 0
+            extra = f", {n} file{'s' if n != 1 else ''}" if n else ""
             print(f"{r['name']}: {r['chars']} chars, {r['lines']} lines, ~{r['tokens_est']} tokens{extra}")
             for s in r.get("skipped") or []:
                 print(f"  skipped {s['path']}: {s['reason']}", file=sys.stderr)

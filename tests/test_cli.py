@@ -1,0 +1,64 @@
+"""The ``rlm`` command as a user runs it, against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def rlm(*args: str, env: dict | None = None, input: str | None = None, check: bool = True):
+    r = subprocess.run([sys.executable, "-m", "rlmd.cli.main", *args], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, **(env or {})}, input=input)
+    if check and r.returncode != 0:
+        raise AssertionError(f"rlm {' '.join(args)} exited {r.returncode}: {r.stderr}")
+    return r
+
+
+def test_context_commands(daemon, tmp_path):
+    s = ["--socket", str(daemon.socket)]
+    f = tmp_path / "notes.txt"
+    f.write_text("one\ntwo TODO\nthree\n")
+    out = rlm(*s, "context", "put", "notes", str(f)).stdout
+    assert "notes: 19 chars, 3 lines" in out
+    rlm(*s, "context", "put", "piped", "-", input="from stdin\n")
+    ls = rlm(*s, "context", "ls").stdout
+    assert "notes" in ls and "piped" in ls
+    assert rlm(*s, "context", "peek", "notes", "--start", "4", "--end", "7").stdout == "two\n"
+    assert rlm(*s, "context", "search", "notes", "TODO").stdout.strip() == "2:8-12: TODO"
+    assert rlm(*s, "context", "search", "notes", "nothing-here", check=False).returncode == 1
+    j = json.loads(rlm(*s, "--json", "context", "ls").stdout)
+    assert {c["name"] for c in j} == {"notes", "piped"}
+    rlm(*s, "context", "rm", "piped")
+    r = rlm(*s, "context", "rm", "piped", check=False)
+    assert r.returncode == 1 and "no context named" in r.stderr
+    st = json.loads(rlm(*s, "--json", "status").stdout)
+    assert st["pid"] == daemon.proc.pid and st["contexts"] == 1
+    r = rlm(*s, "context", "peek", "missing", check=False)
+    assert r.returncode == 1 and "missing" in r.stderr
+
+
+def test_cli_starts_a_daemon_when_none_runs(short_tmp):
+    sock = short_tmp / "auto.sock"
+    env = {"RLMD_STATE_DIR": str(short_tmp / "state")}
+    r = rlm("--socket", str(sock), "status", env=env)
+    try:
+        assert "started rlmd" in r.stderr
+        assert "rlmd 0." in r.stdout
+        r2 = rlm("--socket", str(sock), "status", env=env)
+        assert "started" not in r2.stderr
+    finally:
+        pid = int((short_tmp / "auto.sock.lock").read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not sock.exists():
+                break
+            time.sleep(0.1)
+
+
+def test_no_start_reports_clearly(short_tmp):
+    r = rlm("--socket", str(short_tmp / "none.sock"), "--no-start", "status", check=False)
+    assert r.returncode == 1 and "cannot reach the daemon" in r.stderr
