@@ -332,12 +332,20 @@ class Engine:
         model = state.root_model
         scratch = work / f"scratch-{depth}-{uuid.uuid4().hex[:8]}"
         scratch.mkdir()
+        t_start = time.monotonic()
         session = await ReplSession.start(
             context_path=context_path,
             limits=self._config.limits,
             sandbox=self._config.sandbox,
             scratch_dir=scratch,
             on_call=self._on_call(state, depth, work, emit),
+        )
+        state.trace.write(
+            "repl",
+            depth=depth,
+            event="start",
+            elapsed_s=round(time.monotonic() - t_start, 4),
+            protection=str(getattr(session, "protection", "")),
         )
         try:
             system = prompts.system_prompt(
