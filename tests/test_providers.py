@@ -288,7 +288,7 @@ async def test_api_key_sent_but_never_shown(kind: str, make) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_on_delta_stop_closes_the_stream(kind: str, make) -> None:
-    reply = Reply(text=" ".join(f"w{i}" for i in range(30)), chunk_delay_s=0.1)
+    reply = Reply(text=" ".join(f"w{i}" for i in range(60)), chunk_delay_s=0.1)
     with ScriptedServer([Rule(reply=reply)]) as srv:
         p = make(kind, srv)
         got: list[str] = []
