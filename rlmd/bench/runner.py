@@ -84,7 +84,7 @@ class BenchOptions(msgspec.Struct, kw_only=True):
     max_iterations: int | None = None
     root_model: str | None = None
     sub_model: str | None = None
-    cache: bool = False
+    cache: bool | None = None  # None: the daemon's default
     retry_errors: bool = False
     perf_dir: Path = REPO_ROOT / "bench"
     quick: bool = False
@@ -201,9 +201,9 @@ class Progress:
 
 
 def query_options(opts: BenchOptions, method: str) -> dict[str, Any]:
-    """``query/run`` options for one method."""
-    o: dict[str, Any] = {"mode": method, "cache": opts.cache}
-    for key in ("timeout_s", "max_iterations", "root_model", "sub_model"):
+    """``query/run`` options for one method; only what differs from the daemon's defaults."""
+    o: dict[str, Any] = {} if method == "rlm" else {"mode": method}
+    for key in ("cache", "timeout_s", "max_iterations", "root_model", "sub_model"):
         v = getattr(opts, key)
         if v is not None:
             o[key] = v
@@ -468,8 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sub-model", help="sub model for every query")
     ap.add_argument(
         "--cache",
-        action="store_true",
-        help="allow the daemon's model-call cache (off by default, so costs are per task)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "use (--cache) or bypass (--no-cache) the daemon's model-call cache; default: "
+            "the daemon's setting. --no-cache makes every task pay its own cost"
+        ),
     )
     ap.add_argument(
         "--retry-errors", action="store_true", help="on resume, rerun tasks that ended in error"
