@@ -307,7 +307,9 @@ class Engine:
                 ) from None
             raise EngineError("context_error", f"context {name!r}: {exc.message}") from None
         desc = prompts.ContextDescription(
-            name=name,
+            # The daemon stores an inline ``text`` under a "_query:<job>" name: not the
+            # model's business.
+            name="" if name.startswith("_query:") else name,
             chars=pinned.info.chars,
             lines=pinned.info.lines,
             head=prompts.cut_head(head),

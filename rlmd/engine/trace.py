@@ -22,7 +22,7 @@ _SAFE_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
 _encoder = msgspec.json.Encoder()
 
 
-class TraceNotFound(LookupError):
+class TraceNotFound(FileNotFoundError):
     """No trace for the asked job (or none at all); the message says what to do."""
 
 

@@ -1,0 +1,215 @@
+"""The engine's flows end to end over the socket: a real daemon subprocess whose config
+points at the scripted loopback model server running in this test process."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rlmd.client import RpcError
+from rlmd.engine.trace import format_trace
+from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer
+
+ROOT = "root-model"
+SUB = "sub-model"
+F = "```"
+
+
+def repl(code: str, before: str = "") -> str:
+    return f"{before}\n{F}repl\n{code.strip()}\n{F}\n"
+
+
+class Script:
+    """Scripted models: (regex on the last user message, reply or function), in order."""
+
+    def __init__(self) -> None:
+        self.root: list[tuple[str, object]] = []
+        self.sub: list[tuple[str, object]] = []
+
+    def __call__(self, call: ChatCall) -> Reply | None:
+        for pattern, reply in self.sub if call.model == SUB else self.root:
+            m = re.search(pattern, call.last_user, re.S)
+            if m:
+                reply = reply(m, call) if callable(reply) else reply
+                return reply if isinstance(reply, Reply) else Reply(text=str(reply))
+        return None
+
+
+CONFIG = """
+[[providers]]
+name = "scripted"
+kind = "ollama"
+base_url = "{url}"
+models = ["{root}", "{sub}"]
+capacity = 8
+
+[models]
+root = "{root}"
+sub = "{sub}"
+
+[limits]
+cell_timeout_s = 10
+
+[pool]
+retries = 1
+backoff_base_s = 0.01
+
+[cache]
+enabled = false
+"""
+
+
+@pytest.fixture
+def script() -> Script:
+    return Script()
+
+
+@pytest.fixture
+def served(make_daemon, script):
+    with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
+        d = make_daemon(CONFIG.format(url=srv.url, root=ROOT, sub=SUB))
+        yield d, srv
+
+
+def run_query(d, params: dict) -> tuple[object, list[dict]]:
+    events: list[dict] = []
+    with d.client() as c:
+        try:
+            result = c.call("query/run", params, on_event=events.append)
+        except RpcError as exc:
+            return exc, events
+    return result, events
+
+
+def check_stream(events: list[dict], job: str, last: str) -> None:
+    assert events, "no events"
+    assert all(e["job"] == job for e in events)
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert events[-1]["kind"] == last
+    assert [e["kind"] for e in events].count(last) == 1
+
+
+def test_needle_over_the_socket(served, script):
+    d, _srv = served
+    lines = [f"line {i}: nothing to see" for i in range(50_000)]
+    lines[31_337] = "line 31337: the launch code is ZEBRA-42"
+    put = d.call("context/put", {"name": "big", "text": "\n".join(lines)})
+    assert put["chars"] > 1_000_000
+    script.root.append(
+        (
+            r"Question: What is the launch code",
+            repl(
+                "import re\nprint('code=' + re.search(r'launch code is (\\S+)', context).group(1))"
+            ),
+        )
+    )
+    script.root.append((r"code=(\S+)", lambda m, c: f"FINAL({m.group(1)})"))
+    res, events = run_query(
+        d, {"query": "What is the launch code?", "context": "big", "job": "needle-1"}
+    )
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "ZEBRA-42"
+    for key in ("answer", "job", "iterations", "sub_calls", "tokens", "cost", "elapsed_s", "trace"):
+        assert key in res
+    assert res["job"] == "needle-1" and res["iterations"] == 2
+    assert set(res["tokens"]) >= {"input", "output"}
+    check_stream(events, "needle-1", "final")
+    kinds = [e["kind"] for e in events]
+    for k in ("root_delta", "code", "output", "progress"):
+        assert k in kinds
+    out = next(e for e in events if e["kind"] == "output")
+    assert "code=ZEBRA-42" in out["text"]
+    # The trace is served by the daemon and renders.
+    recs = d.call("query/trace", {"job": "needle-1"})["records"]
+    assert recs[0]["type"] == "start" and recs[-1]["type"] == "end"
+    assert "launch code" in format_trace(recs)
+
+
+def test_fan_out_with_inline_text(served, script):
+    d, srv = served
+    text = "\n".join(f"review {i}: {'great' if i % 3 else 'awful'} product" for i in range(300))
+    script.root.append(
+        (
+            r"Question: How many awful",
+            repl(
+                "ls = context.splitlines()\n"
+                "parts = ['\\n'.join(ls[i:i + 50]) for i in range(0, len(ls), 50)]\n"
+                "counts = llm_query_batched(['Count awful reviews:\\n' + p for p in parts])\n"
+                "print('sum', sum(int(x) for x in counts))"
+            ),
+        )
+    )
+    script.sub.append((r"^Count awful", lambda m, c: str(c.last_user.count("awful product"))))
+    script.root.append((r"sum (\d+)", lambda m, c: f"FINAL({m.group(1)})"))
+    res, events = run_query(d, {"query": "How many awful reviews?", "text": text, "job": "fan"})
+    assert not isinstance(res, Exception), res
+    assert int(res["answer"]) == 100
+    assert res["sub_calls"] == 6
+    assert sum(1 for c in srv.calls if c.model == SUB) == 6
+    subs = [e for e in events if e["kind"] == "subcall"]
+    assert sum(e["status"] == "ok" for e in subs) == 6
+    assert all(e["model"] == SUB and e["prompt_chars"] > 0 for e in subs)
+    check_stream(events, "fan", "final")
+    # The inline text never shows up as a stored context.
+    assert all(not c["name"].startswith("_query") for c in d.call("context/list"))
+
+
+def test_budget_error_carries_kind_and_partial(served, script):
+    d, _srv = served
+    script.root.append(
+        (r"", repl("r = llm_query_batched(['a', 'b', 'c'])", before="Three questions first."))
+    )
+    script.sub.append((r"", "x"))
+    res, events = run_query(d, {"query": "q", "job": "budget", "options": {"max_sub_calls": 2}})
+    assert isinstance(res, RpcError), res
+    assert res.kind == "max_sub_calls"
+    assert res.data["partial"] == "Three questions first."
+    check_stream(events, "budget", "error")
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(p.name))
+    return out
+
+
+def test_cancel_from_another_connection(served, script):
+    d, _srv = served
+    script.root.append((r"Question: stall", repl("import time\ntime.sleep(60)")))
+    holder: dict = {}
+
+    def run() -> None:
+        holder["res"], holder["events"] = run_query(d, {"query": "stall", "job": "stall-1"})
+
+    daemon_pid = d.proc.pid
+    before = _children(daemon_pid)
+    t = threading.Thread(target=run)
+    t.start()
+    workers: set[int] = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not workers:
+        time.sleep(0.1)
+        workers = _children(daemon_pid) - before
+    assert workers, "no REPL worker appeared under the daemon"
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert d.call("query/cancel", {"job": "stall-1"}) == {"cancelled": True}
+    t.join(10)
+    assert not t.is_alive()
+    assert time.monotonic() - t0 < 5
+    res = holder["res"]
+    assert isinstance(res, RpcError) and res.kind == "cancelled"
+    assert holder["events"][-1]["kind"] == "error"
+    time.sleep(0.2)
+    assert not (_children(daemon_pid) & workers), "worker still alive after cancel"
