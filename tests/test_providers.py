@@ -412,3 +412,12 @@ async def test_openai_provider_with_explicit_base_url_and_no_key() -> None:
             assert "authorization" not in srv.calls[0].headers
         finally:
             await p.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_server_ignoring_stream_flag_still_answers(kind: str, make) -> None:
+    with ScriptedServer([Rule(reply=Reply(text="whole answer", no_stream=True))]) as srv:
+        got: list[str] = []
+        res = await make(kind, srv).chat(_req(), got.append)
+        assert srv.calls[0].stream  # the provider asked for a stream...
+        assert res.text == "whole answer" and got == ["whole answer"]  # ...and coped

@@ -369,3 +369,11 @@ def test_cli_bad_rules_file_is_a_clear_error(tmp_path: Path) -> None:
         timeout=20,
     )
     assert p.returncode == 2 and "bad regex" in p.stderr and str(bad) in p.stderr
+
+
+def test_expand_fills_the_reply_from_the_match() -> None:
+    rule = Rule(pattern=r"say (\w+)", expand=True, reply=Reply(text=r"\1!"))
+    with ScriptedServer([rule]) as srv:
+        assert _ollama_chat(srv, "please say hello") == "hello!"
+    rules, _, _ = parse_rules([{"pattern": "say (\\w+)", "expand": True, "reply": "\\1!"}])
+    assert rules[0].pattern == r"say (\w+)" and rules[0].reply.text == r"\1!"

@@ -181,6 +181,7 @@ class HttpProvider:
 
     kind: ClassVar[str] = "http"
     _chat_path: ClassVar[str] = ""
+    _sse: ClassVar[bool] = True  # the stream is server-sent events (else NDJSON)
 
     def __init__(
         self,
@@ -235,6 +236,12 @@ class HttpProvider:
 
     def _read_full(self, data: Any, sink: StreamSink) -> None:
         raise NotImplementedError
+
+    def _whole_json(self, resp: httpx.Response) -> bool:
+        """True when a server asked to stream answered one JSON body instead (some
+        OpenAI-compatible servers ignore ``stream``); SSE formats then read it whole."""
+        ctype = resp.headers.get("content-type", "")
+        return self._sse and ctype.startswith("application/json")
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -340,7 +347,7 @@ class HttpProvider:
                 async with self._client.stream("POST", self.url(path), json=body) as resp:
                     if resp.status_code >= 400:
                         raise await self.status_error("POST", path, resp)
-                    if self.stream:
+                    if self.stream and not self._whole_json(resp):
                         await self._read_stream(resp, sink)
                     else:
                         raw = await resp.aread()

@@ -26,6 +26,7 @@ class OllamaProvider(HttpProvider):
 
     kind: ClassVar[str] = "ollama"
     _chat_path: ClassVar[str] = "/api/chat"
+    _sse: ClassVar[bool] = False
 
     def _options(self, req: ChatRequest | None = None) -> dict[str, Any]:
         opts: dict[str, Any] = dict(self.config.options)

@@ -1,4 +1,4 @@
-"""A real loopback HTTP model server with scripted answers, for tests and benchmarks.
+r"""A real loopback HTTP model server with scripted answers, for tests and benchmarks.
 
 One HTTP/1.1 server on 127.0.0.1 speaks three wire formats at once, so every provider
 (and anything built on them) can be tested against real sockets, real streaming and real
@@ -54,6 +54,11 @@ A rule matches when
 * the rule has been used fewer than ``times`` times (``times`` unset: unlimited); a used-up
   rule is skipped, so the next matching rule answers ("fail once, then succeed").
 
+With ``"expand": true`` the reply text is a ``re`` template over the pattern's match of
+the last user message: ``{"pattern": "say (\\w+)", "expand": true, "reply": "\\1!"}``
+(JSON) answers "say hello" with "hello!"; in Python:
+``Rule(pattern=r"say (\w+)", expand=True, reply=Reply(text=r"\1!"))``.
+
 A ``responder`` callable (``responder(call: ChatCall) -> Reply | None``) may be given
 instead of or besides rules; it is asked first, and ``None`` falls through to the rules.
 When nothing matches, the ``default`` reply answers; without one the server answers
@@ -90,6 +95,8 @@ Reply fields (all optional):
 ``hang``               never send the first token; the handler waits until the client goes
                        away (or the server is stopped)
 ``usage_in``/``usage_out``  reported token counts; default: about 4 characters a token
+``no_stream``          answer with one JSON body even when a stream was asked for (as some
+                       servers do)
 ``quirks``             OpenAI streams also carry a ``"choices": null`` chunk and an empty
                        ``"choices": []`` chunk mid-stream (SSE ``: keep-alive`` comments
                        and Anthropic ``ping`` events are always sent)
@@ -146,6 +153,7 @@ class Reply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     usage_in: int | None = None
     usage_out: int | None = None
     quirks: bool = False
+    no_stream: bool = False
 
 
 class Rule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -156,6 +164,7 @@ class Rule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     system_pattern: str | None = None
     model: str | None = None
     times: int | None = None
+    expand: bool = False
 
 
 class ChatCall(msgspec.Struct, kw_only=True):
@@ -426,9 +435,12 @@ class ScriptedServer:
                     continue
                 if rule.system_pattern is not None and not re.search(rule.system_pattern, system):
                     continue
-                if rule.pattern and not re.search(rule.pattern, user):
+                match = re.search(rule.pattern, user)
+                if match is None:
                     continue
                 self._used[i] += 1
+                if rule.expand:
+                    return msgspec.structs.replace(rule.reply, text=match.expand(rule.reply.text))
                 return rule.reply
         return self.default
 
@@ -726,7 +738,7 @@ class _Handler(BaseHTTPRequestHandler):
             else (reply.error or "scripted error mid-stream")
         )
         fmt = _FORMATS[api](call, usage_in, usage_out)
-        if not stream:
+        if not stream or reply.no_stream:
             if reply.hang:
                 self._hang()
             self._sleep(reply.delay_s + self.owner.delay_s)
