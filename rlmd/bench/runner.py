@@ -16,6 +16,7 @@ skipped.  At the end ``OUT/results.json``, ``OUT/report.md`` and, with matplotli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -153,6 +154,7 @@ class Progress:
         self.live = stream.isatty()
         self.count = 0
         self.scores: dict[str, list[float]] = defaultdict(list)
+        self._current = ""
 
     def skip(self, k: int) -> None:
         self.count += k
@@ -161,8 +163,17 @@ class Progress:
         return " ".join(f"{m}={sum(v) / len(v):.2f}" for m, v in sorted(self.scores.items()) if v)
 
     def start(self, task: Task, method: str) -> None:
+        self._current = f"[{self.count + 1}/{self.total}] {self._label(task, method)}"
         if self.live:
-            self._write(f"[{self.count + 1}/{self.total}] {self._label(task, method)} ...")
+            self._write(self._current + " ...")
+
+    def event(self, params: dict[str, Any]) -> None:
+        """A ``query/event`` of the query in flight: show its iterations and sub-calls."""
+        if self.live and params.get("kind") == "progress":
+            self._write(
+                f"{self._current} iteration {params.get('iteration', '?')}, "
+                f"{params.get('sub_calls', 0)} sub-calls"
+            )
 
     def done(self, task: Task, result: Result) -> None:
         self.count += 1
@@ -226,7 +237,12 @@ def upload_context(client: RpcClient, name: str, task: Task, tmp_dir: Path) -> N
 
 
 def run_one(
-    client: RpcClient, task: Task, method: str, ctx_name: str, opts: BenchOptions
+    client: RpcClient,
+    task: Task,
+    method: str,
+    ctx_name: str,
+    opts: BenchOptions,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> Result:
     """Ask one question with one method and score the answer."""
     from rlmd.client import RpcError
@@ -250,7 +266,7 @@ def run_one(
     )
     t0 = time.monotonic()
     try:
-        res = client.call("query/run", params)
+        res = client.call("query/run", params, on_event=on_event)
     except KeyboardInterrupt:
         # Leave no orphan job burning model time on the daemon.
         notify = getattr(client, "notify", None)
@@ -326,7 +342,7 @@ def run_tasks(client: RpcClient, opts: BenchOptions, progress: Progress, results
                 uploaded = name
             for method in todo:
                 progress.start(task, method)
-                result = run_one(client, task, method, name, opts)
+                result = run_one(client, task, method, name, opts, progress.event)
                 append_result(results_path, result)
                 progress.done(task, result)
                 ran += 1
@@ -336,6 +352,8 @@ def run_tasks(client: RpcClient, opts: BenchOptions, progress: Progress, results
                 _drop(client, uploaded)
             except (OSError, ConnectionError, DaemonUnavailable):
                 pass
+        with contextlib.suppress(OSError):
+            tmp_dir.rmdir()  # only when empty: a big context is deleted once uploaded
     return ran
 
 
