@@ -296,6 +296,12 @@ class _HTTPServer(ThreadingHTTPServer):
         self.owner = owner
         super().__init__(addr, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-answer is routine here (stopped streams, timeouts).
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
 
 class ScriptedServer:
     """The loopback server.  Start with ``start()`` or ``with``; stop with ``close()``."""
