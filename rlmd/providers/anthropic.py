@@ -92,11 +92,11 @@ class AnthropicProvider(HttpProvider):
             raise ServerError(f"unexpected answer {str(data)[:200]!r}")
         if data.get("type") == "error":
             raise _error(data)
+        usage = data.get("usage") or {}  # usage first: on_delta may stop the call
+        sink.usage(usage.get("input_tokens"), usage.get("output_tokens"))
         for block in data.get("content") or ():
             if isinstance(block, dict) and block.get("type") == "text":
                 sink.text(block.get("text") or "")
-        usage = data.get("usage") or {}
-        sink.usage(usage.get("input_tokens"), usage.get("output_tokens"))
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """Anthropic has no embeddings: always a (non-retryable) ProviderError."""

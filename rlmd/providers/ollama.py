@@ -70,13 +70,13 @@ class OllamaProvider(HttpProvider):
             raise ServerError(f"unexpected stream line {str(obj)[:200]!r}")
         if "error" in obj:
             raise ServerError(str(obj["error"]))
+        done = bool(obj.get("done"))
+        if done:  # usage first: on_delta may stop the call at the text below
+            sink.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
         msg = obj.get("message")
         if isinstance(msg, dict):
             sink.text(msg.get("content") or "")
-        if obj.get("done"):
-            sink.usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
-            return True
-        return False
+        return done
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """Vectors for ``texts`` from ``/api/embed``, in order."""

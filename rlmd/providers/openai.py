@@ -83,11 +83,11 @@ class OpenAIProvider(HttpProvider):
         choices = data.get("choices") or []
         if not choices:
             raise ServerError("answer has no choices")
+        usage = data.get("usage")
+        if isinstance(usage, dict):  # usage first: on_delta may stop the call at the text
+            sink.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
         msg = (choices[0] or {}).get("message") or {}
         sink.text(msg.get("content") or "")
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            sink.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """Vectors for ``texts`` from ``/embeddings``, in order."""
