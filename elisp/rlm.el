@@ -321,6 +321,10 @@ Waits at most `rlm-daemon-start-timeout' seconds; signals
     (signal 'rlm-error
             (list (format "no daemon answers on %s (start one with `rlmd', or set `rlm-daemon-command')"
                           path))))
+  (unless (executable-find (car rlm-daemon-command))
+    (signal 'rlm-error
+            (list (format "cannot start the daemon: `%s' is not an executable program (install rlmd or set `rlm-daemon-command')"
+                          (car rlm-daemon-command)))))
   (let* ((command (append rlm-daemon-command (list "--socket" path)))
          (out (get-buffer-create " *rlmd*"))
          (proc
@@ -527,9 +531,11 @@ output and sub-calls) is folded below it.
           (insert (propertize "Context: " 'face 'rlm-label)
                   (rlm-job-description job) "\n"))
         (insert "\n")
-        (setf (rlm-job-answer-marker job) (point-marker))
-        (set-marker-insertion-type (rlm-job-answer-marker job) t)
-        (insert "\n")
+        (let ((answer-pos (point)))
+          (insert "\n")
+          ;; Created after the text that follows it, so that only answer
+          ;; insertions push it forward.
+          (setf (rlm-job-answer-marker job) (copy-marker answer-pos t)))
         (insert-text-button "▾ Trajectory"
                             'face 'rlm-heading
                             'action (lambda (_) (rlm-toggle-trajectory))
