@@ -192,8 +192,9 @@ def test_write_outputs_uses_only_this_runs_cells(tmp_path: Path):
 
 def test_perf_scripts_are_imported_by_path_and_failures_are_reported(tmp_path: Path, capsys):
     (tmp_path / "bench_a.py").write_text(
-        "def run(quick=False):\n    return f'| x | quick={quick} |'\n"
+        "def run(quick=False):\n    return f'# A\\n| x | quick={quick} |'\n"
     )
+    (tmp_path / "bench_c.py").write_text("def run(sizes):\n    return 'never'\n")
     (tmp_path / "bench_b.py").write_text("def run():\n    raise RuntimeError('no GPU')\n")
     (tmp_path / "helper.py").write_text("raise SystemExit('must not be imported')\n")
     import sys
@@ -201,6 +202,8 @@ def test_perf_scripts_are_imported_by_path_and_failures_are_reported(tmp_path: P
     md = run_perf(tmp_path, True, Progress(0, sys.stderr))
     assert "## bench_a" in md and "| x | quick=True |" in md
     assert "## bench_b" in md and "RuntimeError: no GPU" in md
+    assert "\n## A\n" in md  # the script's own heading is nested under its section
+    assert "run() of bench_c.py needs arguments (sizes); give them defaults" in md
     assert "helper" not in md
     out = tmp_path / "out"
     rc = main(["--suite", "perf", "--perf-dir", str(tmp_path), "--out", str(out)])

@@ -409,8 +409,20 @@ def run_perf(perf_dir: Path, quick: bool, progress: Progress) -> str:
             fn = getattr(module, "run", None)
             if not callable(fn):
                 raise TypeError(f"{script.name} has no run() function")
-            kwargs = {"quick": quick} if "quick" in inspect.signature(fn).parameters else {}
-            text = str(fn(**kwargs))
+            params = inspect.signature(fn).parameters
+            required = [
+                n
+                for n, prm in params.items()
+                if prm.default is inspect.Parameter.empty
+                and prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)
+            ]
+            if required:
+                raise TypeError(
+                    f"run() of {script.name} needs arguments ({', '.join(required)}); "
+                    "give them defaults so that `rlm bench --suite perf` can call run()"
+                )
+            kwargs = {"quick": quick} if "quick" in params else {}
+            text = _demote_headings(str(fn(**kwargs)))
         except Exception as exc:  # one broken script must not lose the others' results
             text = f"**failed**: `{type(exc).__name__}: {exc}`\n"
         parts += [
@@ -422,6 +434,16 @@ def run_perf(perf_dir: Path, quick: bool, progress: Progress) -> str:
             "",
         ]
     return "\n".join(parts)
+
+
+def _demote_headings(md: str) -> str:
+    """Nest a script's Markdown headings under its own ``##`` section (not in code)."""
+    out, fenced = [], False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if not fenced and line.startswith("#") else line)
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------- report
