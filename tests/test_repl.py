@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -320,17 +321,55 @@ def test_protection_report_and_require() -> None:
     none.probe = Probe(
         bwrap=False, seccomp=False, bwrap_detail="bwrap: not found", seccomp_detail="x"
     )
-    with pytest.raises(SandboxUnavailable, match=r"sandbox\.bwrap = 'require' but bwrap: not found"):
+    with pytest.raises(
+        SandboxUnavailable, match=r"sandbox\.bwrap = 'require' but bwrap: not found"
+    ):
         resolve(none.probe, bwrap="require", seccomp="auto")
     got = resolve(none.probe, bwrap="auto", seccomp="auto")
     assert not got.bwrap and not got.seccomp
     assert not protection(SandboxConfig(bwrap="off", seccomp="off")).bwrap
 
 
-def test_seccomp_filter_jumps_are_forward_and_in_range() -> None:
-    for machine in ("x86_64", "aarch64"):
+def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
+    """A classic-BPF interpreter for the instructions the filter uses."""
+    a6 = (*args, 0, 0, 0, 0, 0, 0)[:6]
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *a6)
+    ins = [struct.unpack("=HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = ins[pc]
+        if code == 0x20:
+            acc = struct.unpack_from("<I", data, k)[0]
+            pc += 1
+        elif code == 0x06:
+            return k
+        else:
+            cond = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            assert jt >= 0 and jf >= 0
+            pc += 1 + (jt if cond else jf)
+
+
+def test_seccomp_filter_decisions() -> None:
+    allow, eperm, enosys, kill = 0x7FFF0000, 0x50001, 0x50026, 0x80000000
+    for machine, arch, nrs in (
+        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425}),
+        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425}),
+    ):  # fmt: skip
         prog = build_filter(machine)
-        assert len(prog) % 8 == 0 and 10 < len(prog) // 8 < 100
+        assert run_bpf(prog, nrs["read"], arch) == allow
+        assert run_bpf(prog, nrs["socket"], arch, (2, 1, 0)) == eperm
+        assert run_bpf(prog, nrs["execve"], arch) == eperm
+        assert run_bpf(prog, nrs["io_uring_setup"], arch) == eperm
+        assert run_bpf(prog, nrs["clone"], arch, (0x3D0F00,)) == allow  # pthread_create's flags
+        assert run_bpf(prog, nrs["clone"], arch, (0x1200011,)) == eperm  # fork()'s flags
+        assert run_bpf(prog, nrs["clone3"], arch) == enosys  # libc falls back to clone
+        assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 0, 12345)) == allow  # getrlimit
+        assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 0x7FFF0000, 0)) == eperm
+        assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 1 << 40, 0)) == eperm
+        assert run_bpf(prog, nrs["read"], 0x40000003) == kill  # i386 ABI
+        if "fork" in nrs:
+            assert run_bpf(prog, nrs["fork"], arch) == eperm
+            assert run_bpf(prog, 0x40000000 | nrs["read"], arch) == eperm  # x32 ABI
 
 
 # --- the context view -------------------------------------------------------------------

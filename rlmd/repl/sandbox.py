@@ -12,7 +12,7 @@ Three layers, each optional, each probed once on this machine:
   (fork, vfork, clone without CLONE_THREAD; clone3 gets ENOSYS so that libc falls back to
   clone, which keeps threads working), exec, ptrace and cross-process memory access,
   io_uring (which could create sockets behind seccomp's back), namespace and mount calls,
-  bpf, perf and keyring calls, and raising rlimits.  The filter checks the architecture
+  bpf, perf and keyring calls, and setting rlimits (reading them stays allowed).  The filter checks the architecture
   field and kills the process on a foreign one (and on x32 syscalls).
 * **bubblewrap** (``SandboxConfig.bwrap``): the worker runs in fresh namespaces
   (``--unshare-all``: no network at all, its own pid namespace, ...), sees only read-only
@@ -82,7 +82,6 @@ def apply_rlimits(*, memory_bytes: int, cpu_s: int, open_files: int, file_size_b
     if memory_bytes > 0:
         pairs.append((resource.RLIMIT_AS, memory_bytes))
     if cpu_s > 0:
-        # Soft limit sends SIGXCPU (Python dies of it: default action); hard one SIGKILL.
         pairs.append((resource.RLIMIT_CPU, cpu_s))
     if open_files > 0:
         pairs.append((resource.RLIMIT_NOFILE, open_files))
@@ -91,9 +90,11 @@ def apply_rlimits(*, memory_bytes: int, cpu_s: int, open_files: int, file_size_b
         pairs.append((resource.RLIMIT_FSIZE, file_size_bytes))
     for which, value in pairs:
         _soft, hard = resource.getrlimit(which)
-        if hard != resource.RLIM_INFINITY and hard < value:
-            value = hard
-        resource.setrlimit(which, (value, value))
+        # CPU: SIGXCPU at the soft limit (a clear death), SIGKILL 2 s later if caught.
+        new_hard = value + 2 if which == resource.RLIMIT_CPU else value
+        if hard != resource.RLIM_INFINITY:
+            value, new_hard = min(value, hard), min(new_hard, hard)
+        resource.setrlimit(which, (value, new_hard))
 
 
 # --- seccomp (called in the worker) -----------------------------------------------------
@@ -118,7 +119,7 @@ _DENY_NAMES = (
     "socket socketpair fork vfork execve execveat ptrace process_vm_readv process_vm_writev "
     "pidfd_getfd pidfd_open kcmp io_uring_setup io_uring_enter io_uring_register unshare "
     "setns mount umount2 pivot_root chroot bpf perf_event_open userfaultfd keyctl add_key "
-    "request_key setrlimit prlimit64 personality"
+    "request_key setrlimit personality"
 ).split()
 _SYSCALLS = {
     "x86_64": {
@@ -207,7 +208,8 @@ def build_filter(machine: str) -> bytes:
     nrs = _SYSCALLS[machine]
     deny = sorted({nrs[n] for n in _DENY_NAMES if n in nrs})
     prog: list[tuple[int, int, int, int]] = []
-    # Jumps are forward only; the tail is: ALLOW, clone check (2), ALLOW, EPERM, ENOSYS.
+    # Jumps are forward only: checks jump into a tail of ALLOW, the clone check (3), the
+    # prlimit64 check (5), EPERM, ENOSYS.
     prog.append((_BPF_LD_W_ABS, 0, 0, 4))  # seccomp_data.arch
     prog.append((_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[machine]))
     prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS))
@@ -217,25 +219,36 @@ def build_filter(machine: str) -> bytes:
         checks.append(("x32", _X32_SYSCALL_BIT))
     checks.append(("clone", nrs["clone"]))
     checks.append(("clone3", nrs["clone3"]))
+    checks.append(("prlimit64", nrs["prlimit64"]))
     checks.extend(("deny", nr) for nr in deny)
     n_checks = len(checks)
     # Index (relative to the first check) of each tail instruction.
     allow1 = n_checks
     clone_chk = allow1 + 1
-    eperm = clone_chk + 3
+    prlimit_chk = clone_chk + 3
+    eperm = prlimit_chk + 5
     enosys = eperm + 1
     for i, (kind, k) in enumerate(checks):
         if kind == "x32":
             prog.append((_BPF_JGE_K, eperm - i - 1, 0, k))
         elif kind == "clone":
             prog.append((_BPF_JEQ_K, clone_chk - i - 1, 0, k))
+        elif kind == "prlimit64":
+            prog.append((_BPF_JEQ_K, prlimit_chk - i - 1, 0, k))
         elif kind == "clone3":
             prog.append((_BPF_JEQ_K, enosys - i - 1, 0, k))
         else:
             prog.append((_BPF_JEQ_K, eperm - i - 1, 0, k))
     prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))  # allow1
     prog.append((_BPF_LD_W_ABS, 0, 0, 16))  # clone flags: low word of args[0] (LE)
-    prog.append((_BPF_JSET_K, 0, 1, _CLONE_THREAD))  # thread: allow, else EPERM
+    # A thread: allow; anything else (a new process): EPERM.
+    prog.append((_BPF_JSET_K, 0, eperm - (clone_chk + 1) - 1, _CLONE_THREAD))
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    # prlimit64 reads limits (getrlimit uses it) but must not set them: args[2] == NULL.
+    prog.append((_BPF_LD_W_ABS, 0, 0, 32))  # low word of args[2]
+    prog.append((_BPF_JEQ_K, 0, 3, 0))
+    prog.append((_BPF_LD_W_ABS, 0, 0, 36))  # high word of args[2]
+    prog.append((_BPF_JEQ_K, 0, 1, 0))
     prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
     prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))  # eperm
     prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS))  # enosys

@@ -113,6 +113,7 @@ class _Proc:
         self.send_lock = asyncio.Lock()
         self.drain_task: asyncio.Task[None] | None = None
         self.ready: ch.Ready | None = None
+        self.under_bwrap = False
 
     async def send(self, msg: Any) -> None:
         async with self.send_lock:
@@ -145,13 +146,15 @@ class _Proc:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 async with asyncio.timeout(0.5):
                     await asyncio.shield(self.drain_task)
+        if rc is not None and self.under_bwrap and rc > 128:
+            rc = -(rc - 128)  # bubblewrap reports a signal death of its child as 128 + n
         if rc is None:
             why = "closed its channel"
         elif rc < 0:
             sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
             hint = {
-                "SIGXCPU": " (CPU time limit limits.worker_cpu_s reached)",
-                "SIGKILL": " (killed: out of memory or CPU hard limit)",
+                "SIGXCPU": " (its CPU time limit, limits.worker_cpu_s, was reached)",
+                "SIGKILL": " (out of memory, or past its CPU time limit)",
                 "SIGSYS": " (a forbidden system call)",
             }.get(sig, "")
             why = f"was killed by {sig}{hint}"
@@ -275,6 +278,7 @@ class ReplSession:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         w = _Proc(proc, reader, writer, self.limits.max_frame_bytes)
+        w.under_bwrap = prot.bwrap
         w.drain_task = asyncio.get_running_loop().create_task(w.drain_stderr())
         self.workers_started += 1
         try:

@@ -1,0 +1,322 @@
+"""Hostile blocks: network, secrets, runaway loops and memory, forks, the file system.
+
+Parametrized over the protection modes this machine offers (bubblewrap + seccomp,
+bubblewrap alone, seccomp alone, rlimits only); a mode that does not work here is
+skipped, and a check that only one layer can give is asserted only under that layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlmd.config import LimitsConfig, SandboxConfig
+from rlmd.repl.sandbox import SandboxUnavailable
+from rlmd.repl.session import ReplSession, protection
+
+MODES = {
+    "bwrap+seccomp": SandboxConfig(bwrap="require", seccomp="require"),
+    "bwrap": SandboxConfig(bwrap="require", seccomp="off"),
+    "seccomp": SandboxConfig(bwrap="off", seccomp="require"),
+    "none": SandboxConfig(bwrap="off", seccomp="off"),
+}
+SECRET = "s3cr3t-value-that-must-not-leak-4711"
+
+
+def mode_config(mode: str) -> SandboxConfig:
+    cfg = MODES[mode]
+    try:
+        protection(cfg)
+    except SandboxUnavailable as exc:
+        pytest.skip(f"{mode} not available here: {exc}")
+    return cfg
+
+
+async def no_call(method: str, params: dict) -> Any:
+    raise AssertionError(f"unexpected call {method}")
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def repl(
+    mode: str, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ReplSession]:
+    # Secrets in the daemon's environment must not reach the worker.
+    monkeypatch.setenv("RLMD_TEST_SECRET", SECRET)
+    monkeypatch.setenv("DEEPSEEK_API_KEY", SECRET)
+    scratch = short_tmp / "scratch"
+    scratch.mkdir()
+    ctx = short_tmp / "context.txt"
+    ctx.write_text("the context\n")
+    s = await ReplSession.start(
+        context_path=ctx,
+        limits=LimitsConfig(worker_memory_mb=512, worker_cpu_s=3),
+        sandbox=mode_config(mode),
+        scratch_dir=scratch,
+        on_call=no_call,
+    )
+    yield s
+    await s.close()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def exists(path: str | Path) -> bool:
+    return os.path.exists(path)
+
+
+async def wait_gone(pgid: int, within_s: float = 2.0) -> None:
+    """The process group is gone soon (a pid namespace takes a few ms to tear down)."""
+    deadline = time.monotonic() + within_s
+    members = group_members(pgid)
+    while members and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        members = group_members(pgid)
+    assert members == []
+
+
+async def run(s: ReplSession, code: str, timeout_s: float = 20) -> str:
+    r = await s.execute(code, timeout_s=timeout_s)
+    return r.output + (r.error or "")
+
+
+async def test_no_network_to_loopback(mode: str, repl: ReplSession) -> None:
+    if mode == "none":
+        pytest.skip("without bwrap or seccomp the worker has the host's network")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        out = await run(
+            repl,
+            "import socket\n"
+            "for fam, addr in ((socket.AF_INET, ('127.0.0.1', PORT)), (socket.AF_INET6, ('::1', PORT))):\n"
+            "    try:\n"
+            "        s = socket.socket(fam, socket.SOCK_STREAM)\n"
+            "        s.settimeout(2)\n"
+            "        s.connect(addr)\n"
+            "        print('CONNECTED', addr)\n"
+            "    except OSError as e:\n"
+            "        print('blocked', type(e).__name__)\n"
+            "try:\n"
+            "    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "    u.sendto(b'x', ('127.0.0.1', PORT))\n"
+            "    print('UDP SENT')\n"
+            "except OSError as e:\n"
+            "    print('blocked', type(e).__name__)\n".replace("PORT", str(port)),
+        )
+        assert "CONNECTED" not in out and out.count("blocked") >= 2, out
+        if "seccomp" in mode:
+            assert "UDP SENT" not in out and "PermissionError" in out
+        await asyncio.sleep(0.1)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody knocked
+    finally:
+        listener.close()
+
+
+async def test_no_unix_sockets(mode: str, repl: ReplSession, short_tmp: Path) -> None:
+    if mode == "none":
+        pytest.skip("without bwrap or seccomp the worker shares the host's sockets")
+    path = str(short_tmp / "daemon.sock")
+    abstract = f"\0rlmd-test-{os.getpid()}"
+    listeners = []
+    for addr in (path, abstract):
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(addr)
+        ls.listen(4)
+        ls.setblocking(False)
+        listeners.append(ls)
+    try:
+        out = await run(
+            repl,
+            "import socket\n"
+            f"for addr in ({path!r}, {abstract!r}):\n"
+            "    try:\n"
+            "        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "        s.connect(addr)\n"
+            "        print('CONNECTED')\n"
+            "    except OSError as e:\n"
+            "        print('blocked', type(e).__name__)\n"
+            "try:\n"
+            "    socket.socketpair()\n"
+            "    print('PAIR')\n"
+            "except OSError as e:\n"
+            "    print('blocked pair')\n",
+        )
+        assert "CONNECTED" not in out and out.count("blocked") >= 2, out
+        if "seccomp" in mode:
+            assert "PAIR" not in out
+        for ls in listeners:
+            with pytest.raises(BlockingIOError):
+                ls.accept()
+    finally:
+        for ls in listeners:
+            ls.close()
+
+
+async def test_environment_holds_no_secrets(mode: str, repl: ReplSession) -> None:
+    out = await run(
+        repl,
+        "import os\n"
+        "print(sorted(os.environ))\n"
+        "print(dict(os.environ))\n"
+        "print(open('/proc/self/environ').read())\n"
+        f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
+        "except OSError as e:\n    print('daemon environ not visible', type(e).__name__)\n",
+    )
+    keys = eval(out.splitlines()[0])
+    assert set(keys) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PWD", "PYTHONDONTWRITEBYTECODE",
+                         "PYTHONNOUSERSITE", "PYTHONIOENCODING", "PYTHONHASHSEED"}  # fmt: skip
+    if "bwrap" in mode:
+        # Its own pid namespace: the daemon's /proc entry does not exist in there.
+        assert SECRET not in out and "daemon environ not visible" in out
+    else:
+        # Without bwrap a same-uid worker can read /proc/<daemon>/environ (docs/sandbox.md);
+        # what the daemon passes itself must still be clean.
+        before = out.split(f"/proc/{os.getpid()}")[0]
+        assert SECRET not in out.splitlines()[0] + out.splitlines()[1] + before
+
+
+async def test_infinite_loop_is_killed(repl: ReplSession) -> None:
+    pid = repl.worker_pid
+    assert pid is not None
+    t0 = time.monotonic()
+    r = await repl.execute(
+        "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass",
+        timeout_s=0.5,
+    )
+    assert r.timed_out and r.restarted
+    assert time.monotonic() - t0 < 5
+    await wait_gone(pid)
+    assert (await run(repl, "print(6 * 7)")) == "42\n"
+
+
+async def test_memory_bomb_fails_without_harm(repl: ReplSession) -> None:
+    out = await run(repl, "x = bytearray(64 * 1024**3)")
+    assert "MemoryError" in out
+    out = await run(repl, "chunks = []\nwhile True:\n    chunks.append(b'x' * (64 * 1024 * 1024))")
+    assert "MemoryError" in out or "REPL was restarted" in out
+    assert (await run(repl, "chunks = None\nprint('alive')")).endswith("alive\n")
+
+
+async def test_process_creation_is_bounded(mode: str, repl: ReplSession) -> None:
+    pid = repl.worker_pid
+    assert pid is not None
+    out = await run(
+        repl,
+        "import os, time, subprocess\n"
+        "n = 0\n"
+        "try:\n"
+        "    for i in range(20):\n"
+        "        child = os.fork()\n"
+        "        if child == 0:\n"
+        "            time.sleep(60)\n"
+        "            os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print('fork denied', type(e).__name__)\n"
+        "try:\n"
+        "    subprocess.Popen(['sleep', '60'])\n"
+        "    n += 1\n"
+        "except OSError as e:\n"
+        "    print('spawn denied', type(e).__name__)\n"
+        "print('forked', n)\n",
+    )
+    if "seccomp" in mode:
+        assert "fork denied PermissionError" in out and "spawn denied" in out and "forked 0" in out
+    else:
+        assert "forked 21" in out, out
+        assert len(group_members(pid)) > 1
+    await repl.close()
+    await wait_gone(pid)
+
+
+async def test_rlimits_cannot_be_raised(mode: str, repl: ReplSession) -> None:
+    out = await run(
+        repl,
+        "import resource\n"
+        "try:\n"
+        "    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+        "    print('RAISED')\n"
+        "except (OSError, ValueError) as e:\n"
+        "    print('refused', type(e).__name__)\n"
+        "print(resource.getrlimit(resource.RLIMIT_CORE), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n",
+    )
+    assert "(0, 0) 256" in out
+    if mode != "none":  # root without namespaces or seccomp keeps CAP_SYS_RESOURCE
+        assert "refused" in out and "RAISED" not in out
+
+
+async def test_cpu_limit_kills_a_spinning_worker(mode: str, repl: ReplSession) -> None:
+    if mode != "bwrap+seccomp" and mode != "none":
+        pytest.skip("rlimits are the same in every mode; two modes suffice")
+    r = await repl.execute("while True:\n    pass", timeout_s=60)
+    assert r.restarted and not r.timed_out
+    assert r.error is not None and "killed by SIGXCPU" in r.error and "CPU time limit" in r.error
+
+
+async def test_writes_outside_scratch_fail(mode: str, repl: ReplSession, short_tmp: Path) -> None:
+    if "bwrap" not in mode:
+        pytest.skip("file system isolation needs bubblewrap")
+    outside = short_tmp / "outside.txt"
+    out = await run(
+        repl,
+        "import os\n"
+        "open('inside.txt', 'w').write('ok')\n"
+        f"for p in ({str(outside)!r}, '/usr/evil.txt', '/context/context.txt', '/opt/rlmd-lib/rlmd/evil.py'):\n"
+        "    try:\n"
+        "        open(p, 'a').write('pwned')\n"
+        "        print('WROTE', p)\n"
+        "    except OSError as e:\n"
+        "        print('refused', type(e).__name__)\n",
+    )
+    assert "WROTE" not in out and out.count("refused") == 4, out
+    assert (short_tmp / "scratch" / "inside.txt").read_text() == "ok"
+    assert not any(map(exists, (outside, "/usr/evil.txt")))
+    assert (short_tmp / "context.txt").read_text() == "the context\n"
+
+
+async def test_daemon_files_are_invisible(mode: str, repl: ReplSession, short_tmp: Path) -> None:
+    if "bwrap" not in mode:
+        pytest.skip("file system isolation needs bubblewrap")
+    state = short_tmp / "state"
+    state.mkdir()
+    (state / "credentials.toml").write_text(f"api_key = '{SECRET}'\n")
+    out = await run(
+        repl,
+        "import os\n"
+        f"try:\n    print(open({str(state / 'credentials.toml')!r}).read())\n"
+        "except OSError as e:\n    print('not visible', type(e).__name__)\n"
+        "print(sorted(os.listdir('/')))\n",
+    )
+    assert SECRET not in out and "not visible FileNotFoundError" in out
+    top = eval(out.splitlines()[-1])
+    assert "work" not in top and "home" not in top and "scratch" in top
