@@ -421,3 +421,18 @@ async def test_server_ignoring_stream_flag_still_answers(kind: str, make) -> Non
         res = await make(kind, srv).chat(_req(), got.append)
         assert srv.calls[0].stream  # the provider asked for a stream...
         assert res.text == "whole answer" and got == ["whole answer"]  # ...and coped
+
+
+async def test_shared_client_still_sends_each_providers_key() -> None:
+    with ScriptedServer([Rule(reply=Reply(text="ok"))], api_key=KEY) as srv:
+        async with httpx.AsyncClient() as shared:
+            a = OpenAIProvider(_cfg("openai", srv), api_key=KEY, client=shared)
+            b = AnthropicProvider(_cfg("anthropic", srv), api_key=KEY, client=shared)
+            assert (await a.chat(_req())).text == "ok"
+            assert (await b.chat(_req())).text == "ok"
+            assert await a.health() and await b.health()
+            await a.aclose()  # not the provider's client: stays open
+            assert not shared.is_closed
+        assert srv.calls[0].headers["authorization"] == f"Bearer {KEY}"
+        assert "authorization" not in srv.calls[1].headers
+        assert srv.calls[1].headers["x-api-key"] == KEY

@@ -207,8 +207,10 @@ class HttpProvider:
                 f"provider {cfg.name!r}: base_url must start with http:// or https://, "
                 f"got {self._base!r}"
             )
+        # Sent with each request (not as client defaults) so that a caller's shared
+        # client never carries this provider's key to another server.
+        self._headers = self._auth_headers(api_key)
         self._client = client or httpx.AsyncClient(
-            headers=self._auth_headers(api_key),
             timeout=httpx.Timeout(
                 connect=cfg.connect_timeout_s, read=None, write=cfg.connect_timeout_s, pool=None
             ),
@@ -295,7 +297,9 @@ class HttpProvider:
         timeout_s = timeout_s or self.config.total_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await self._client.request(method, self.url(path), json=body)
+                resp = await self._client.request(
+                    method, self.url(path), json=body, headers=self._headers
+                )
                 if resp.status_code >= 400:
                     raise await self.status_error(method, path, resp)
                 return parse_json(resp.content, f"answer of {method} {path}")
@@ -344,7 +348,9 @@ class HttpProvider:
         stopped = False
         try:
             async with asyncio.timeout_at(first_deadline) as scope:
-                async with self._client.stream("POST", self.url(path), json=body) as resp:
+                async with self._client.stream(
+                    "POST", self.url(path), json=body, headers=self._headers
+                ) as resp:
                     if resp.status_code >= 400:
                         raise await self.status_error("POST", path, resp)
                     if self.stream and not self._whole_json(resp):
@@ -419,7 +425,7 @@ class HttpProvider:
         timeout = max(self.config.connect_timeout_s, 5.0)
         try:
             async with asyncio.timeout(timeout):
-                resp = await self._client.get(self.url(path))
+                resp = await self._client.get(self.url(path), headers=self._headers)
         except (TimeoutError, httpx.HTTPError):
             return False
         return resp.is_success

@@ -114,6 +114,7 @@ class OpenAIProvider(HttpProvider):
             try:
                 resp = await self._client.get(
                     self._root() + "/health",
+                    headers=self._headers,
                     timeout=max(self.config.connect_timeout_s, 5.0),
                 )
             except httpx.HTTPError:
