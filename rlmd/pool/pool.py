@@ -645,8 +645,12 @@ class Pool:
         self._waiters = still
         # Preempted calls still being torn down will free slots soon: only ask for more
         # preemptions than are already on their way.
-        pending = sum(1 for s in self._servers for r in s.running if r.abort_reason == "preempted")
+        runs = [r for s in self._servers for r in s.running]
+        worst = max((r.priority for r in runs), default=None)
+        pending = sum(1 for r in runs if r.abort_reason == "preempted")
         for w in still:
+            if worst is None or w.priority >= worst:
+                break  # the queue is sorted: nobody behind can preempt either
             pending = self._preempt_for(w, now, pending)
 
     def _usable(self, w: _Waiter, now: float) -> tuple[list[_Server], list[_Server]]:
@@ -713,5 +717,5 @@ class Pool:
         self._timers.add(handle)
 
     def _on_health_change(self, name: str, healthy: bool) -> None:
-        if healthy:
-            self._dispatch()
+        # Up: waiting calls may go there.  Down: affinity calls waiting for it move on.
+        self._dispatch()
