@@ -492,3 +492,20 @@ async def test_odd_job_ids_stay_inside_the_traces_dir(rig, script):
     p = Path(res.trace)
     assert p.parent == rig.tmp / "traces"
     assert read_trace(rig.tmp, "../../etc/passwd")[0]["type"] == "start"
+
+
+async def test_cancel_while_the_worker_starts_leaves_no_process(rig, script):
+    # The worker starts while the root model "thinks"; cancel lands in that window.
+    script.on_root(r"", Reply(text="FINAL(late)", delay_s=5))
+    before = child_pids()
+    for wait in (0.0, 0.02, 0.1, 0.4):
+        task = asyncio.create_task(rig.run("q", job=f"early{wait}"))
+        await asyncio.sleep(wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(40):
+        if not (child_pids() - before):
+            break
+        await asyncio.sleep(0.05)
+    assert not (child_pids() - before), "a worker outlived its cancelled query"

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from rlmd.engine.trace import TraceWriter, trace_path
 from rlmd.engine.types import EngineError, QueryOptions, QueryParams, QueryResult, Tokens
 from rlmd.protocol.errors import AppError
 from rlmd.providers.base import ChatRequest, ChatResult, Message, ProviderError
-from rlmd.repl.session import ReplSession
+from rlmd.repl.sandbox import SandboxUnavailable
+from rlmd.repl.session import ReplSession, WorkerError
 from rlmd.store.store import StoreError
 
 Emit = Callable[[dict[str, Any]], None]
@@ -160,6 +161,8 @@ class Engine:
         self._pool = pool
         self._store = store
         self._state_dir = Path(state_dir)
+        # Closers of workers whose query was torn down while they were still starting.
+        self._background: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ one query
 
@@ -334,20 +337,19 @@ class Engine:
         model = state.root_model
         scratch = work / f"scratch-{depth}-{uuid.uuid4().hex[:8]}"
         scratch.mkdir()
-        t_start = time.monotonic()
-        session = await ReplSession.start(
-            context_path=context_path,
-            limits=self._config.limits,
-            sandbox=self._config.sandbox,
-            scratch_dir=scratch,
-            on_call=self._on_call(state, depth, work, emit),
-        )
-        state.trace.write(
-            "repl",
-            depth=depth,
-            event="start",
-            elapsed_s=round(time.monotonic() - t_start, 4),
-            protection=str(getattr(session, "protection", "")),
+        # The worker starts while the root model writes its first turn (a real model's
+        # first turn takes longer than a worker start, so the start costs no time).
+        session = _Repl(
+            lambda: ReplSession.start(
+                context_path=context_path,
+                limits=self._config.limits,
+                sandbox=self._config.sandbox,
+                scratch_dir=scratch,
+                on_call=self._on_call(state, depth, work, emit),
+            ),
+            state.trace,
+            depth,
+            self._background,
         )
         try:
             system = prompts.system_prompt(
@@ -405,7 +407,7 @@ class Engine:
         self,
         state: _State,
         messages: list[Message],
-        session: ReplSession,
+        session: _Repl,
         *,
         depth: int,
         turn: int,
@@ -496,7 +498,7 @@ class Engine:
     async def _run_blocks(
         self,
         state: _State,
-        session: ReplSession,
+        session: _Repl,
         blocks: list[str],
         started: asyncio.Task[tuple[list[str], str | None]] | None,
         *,
@@ -524,7 +526,7 @@ class Engine:
         return outputs, None
 
     async def _exec_blocks(
-        self, state: _State, session: ReplSession, blocks: list[str], *, depth: int, emit: Emit
+        self, state: _State, session: _Repl, blocks: list[str], *, depth: int, emit: Emit
     ) -> tuple[list[str], str | None]:
         """Run blocks in order until one calls FINAL; return the messages and the FINAL."""
         b = state.budget
@@ -579,7 +581,7 @@ class Engine:
         return outputs, None
 
     async def _resolve_final(
-        self, state: _State, session: ReplSession, final: Final
+        self, state: _State, session: _Repl, final: Final
     ) -> tuple[str | None, str | None]:
         """The answer a prose FINAL gives, or (None, what went wrong)."""
         if final.kind == "answer":
@@ -603,7 +605,7 @@ class Engine:
         self,
         state: _State,
         messages: list[Message],
-        session: ReplSession,
+        session: _Repl,
         *,
         depth: int,
         emit: Emit,
@@ -841,6 +843,71 @@ class Engine:
         elapsed = round(time.monotonic() - t0, 4)
         emit({**base, "prompt_chars": len(prompt), "status": "ok", "elapsed_s": elapsed})
         return answer
+
+
+class _Repl:
+    """A REPL session started in the background, waited for at its first use.
+
+    The start runs as its own task (shielded: a cancelled waiter must not interrupt a
+    half-spawned worker); ``close`` waits for it to finish and kills the worker.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], Awaitable[ReplSession]],
+        trace: TraceWriter,
+        depth: int,
+        background: set[asyncio.Future[None]],
+    ) -> None:
+        self._t0 = time.monotonic()
+        self._background = background
+        self._trace = trace
+        self._depth = depth
+        self._task = asyncio.get_running_loop().create_task(start())
+        self._task.add_done_callback(self._started)
+
+    def _close_when_started(self, task: asyncio.Task[ReplSession]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._background.add(closer := asyncio.ensure_future(task.result().close()))
+            closer.add_done_callback(self._background.discard)
+
+    def _started(self, task: asyncio.Task[ReplSession]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._trace.write(
+            "repl",
+            depth=self._depth,
+            event="start",
+            elapsed_s=round(time.monotonic() - self._t0, 4),
+            protection=str(getattr(task.result(), "protection", "")),
+        )
+
+    async def _session(self) -> ReplSession:
+        try:
+            return await asyncio.shield(self._task)
+        except (WorkerError, SandboxUnavailable) as exc:
+            raise EngineError(
+                "repl_unavailable", f"the REPL worker could not start: {exc}"
+            ) from None
+
+    async def execute(self, code: str, *, timeout_s: float) -> Any:
+        return await (await self._session()).execute(code, timeout_s=timeout_s)
+
+    async def get_var(self, name: str) -> str | None:
+        return await (await self._session()).get_var(name)
+
+    async def close(self) -> None:
+        try:
+            session = await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if self._task.cancelled():
+                return
+            # Cancelled again while the worker was still starting: kill it once it is up.
+            self._task.add_done_callback(self._close_when_started)
+            raise
+        except Exception:
+            return  # it never started: nothing to kill
+        await session.close()
 
 
 def _depth(depth: int) -> dict[str, int]:

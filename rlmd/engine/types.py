@@ -16,6 +16,7 @@ from rlmd.protocol.errors import (
     BUDGET_EXCEEDED,
     MODEL_ERROR,
     NOT_FOUND,
+    UNAVAILABLE,
     AppError,
 )
 
@@ -85,6 +86,7 @@ ERROR_CODES: dict[str, int] = {
     "max_cost": BUDGET_EXCEEDED,
     "timeout": BUDGET_EXCEEDED,
     "model_error": MODEL_ERROR,
+    "repl_unavailable": UNAVAILABLE,
 }
 
 
