@@ -108,6 +108,12 @@ async def test_anthropic_body_system_field_and_required_max_tokens(make) -> None
         p2 = make("anthropic", srv, max_tokens=123)
         await p2.chat(_req())
         assert srv.calls[1].body["max_tokens"] == 123
+        # A base_url ending in /v1 means the same server.
+        p3 = AnthropicProvider(_cfg("anthropic", srv), api_key=KEY, base_url=srv.url + "/v1/")
+        try:
+            assert (await p3.chat(_req())).text == "ok"
+        finally:
+            await p3.aclose()
 
 
 async def test_openai_keyless_and_usage_requested(make) -> None:
@@ -436,3 +442,16 @@ async def test_shared_client_still_sends_each_providers_key() -> None:
         assert srv.calls[0].headers["authorization"] == f"Bearer {KEY}"
         assert "authorization" not in srv.calls[1].headers
         assert srv.calls[1].headers["x-api-key"] == KEY
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_connections_are_reused_and_stopped_streams_dropped(kind: str, make) -> None:
+    with ScriptedServer([Rule(reply=Reply(text="a b c d e f"))]) as srv:
+        p = make(kind, srv)
+        for _ in range(5):
+            assert (await p.chat(_req(), lambda s: None)).text == "a b c d e f"
+        assert srv.connections == 1
+        res = await p.chat(_req(), lambda s: True)  # stop at the first piece
+        assert res.stopped and res.text == "a "
+        assert (await p.chat(_req())).text == "a b c d e f"
+        assert srv.connections == 2  # the stopped stream's connection was closed

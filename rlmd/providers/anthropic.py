@@ -36,6 +36,11 @@ class AnthropicProvider(HttpProvider):
     kind: ClassVar[str] = "anthropic"
     _chat_path: ClassVar[str] = "/v1/messages"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The API's paths carry the version; a base_url ending in /v1 is the same server.
+        self._base = self._base.removesuffix("/v1")
+
     def _auth_headers(self, api_key: str | None) -> dict[str, str]:
         headers = {"anthropic-version": API_VERSION}
         if api_key:

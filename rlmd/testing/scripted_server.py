@@ -32,6 +32,7 @@ Use in Python (sync or async tests alike; the server runs in its own threads)::
         ...
         srv.calls          # list[ChatCall], one per chat request, in arrival order
         srv.max_concurrent # most chat requests ever in flight at once
+        srv.connections    # TCP connections accepted so far
         srv.down(); srv.up()   # refuse connections (cutting open ones), then serve again
 
 or as a process (Emacs and benchmark tests)::
@@ -334,6 +335,7 @@ class ScriptedServer:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self.in_flight = 0
         self.max_concurrent = 0
+        self.connections = 0  # TCP connections accepted (keep-alive reuse shows here)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._httpd: _HTTPServer | None = None
@@ -506,6 +508,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.owner._lock:
             self.owner._conns.add(self.connection)
+            self.owner.connections += 1
 
     def finish(self) -> None:
         with self.owner._lock:
