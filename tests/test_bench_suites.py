@@ -299,8 +299,11 @@ def test_codeqa_gold_matches_an_independent_ast_walk():
 # ---------------------------------------------------------------- scorers
 
 
-def test_oolong_extract_takes_text_after_last_colon_without_markup():
+def test_oolong_extract_follows_the_official_parse():
     assert oolong_extract("Reasoning: blah. Answer: **[location]**") == "location"
+    assert oolong_extract("location") == "location"  # no colon, short: whole
+    assert oolong_extract("The most frequent label is entity") == "entity"  # last word
+    assert oolong_extract("Answer: entity is less common than location") == "less common"
 
 
 @pytest.mark.parametrize(
@@ -313,6 +316,10 @@ def test_oolong_extract_takes_text_after_last_colon_without_markup():
         ("Answer: 10", 12, "numeric", 0.75**2),
         ("Answer: 15", 12, "numeric", 0.75**3),
         ("Answer: about twelve", 12, "numeric", 0.0),
+        ("The count is exactly 12", 12, "numeric", 1.0),
+        ("There are 12", 12, "numeric", 0.0),
+        ("Answer: 12 instances", 12, "numeric", 0.0),
+        ("Label: more common", "location", "label", 0.0),
         ("Answer: location is more common than entity", "location is more common than entity",
          "comparison", 1.0),
         ("Answer: more common", "location is more common than entity", "comparison", 1.0),

@@ -2,13 +2,13 @@
 
 Each task names its scorer (``Task.scorer``); :func:`score` dispatches on that name.
 
-- ``oolong:<type>`` follows the official OOLONG scorer (Bertsch et al., 2025): the answer
-  is the text after the last ``:`` with ``*``, ``[`` and ``]`` removed; exact match scores 1;
-  for ``comparison`` the phrases "more common", "less common" and "same frequency" match
-  when the answer and the gold both contain the same one; for ``numeric`` the partial
-  credit is ``0.75 ** |gold - predicted|``; ``date`` answers must parse to the same date.
-  One leniency: the exact match ignores case and surrounding whitespace, quotes and a
-  final full stop (OOLONG's models rarely add them; small local models often do).
+- ``oolong:<type>`` follows the official OOLONG scorer (Bertsch et al., 2025, its
+  ``synth_process_response``): the answer is the text after the last ``:`` with ``*``,
+  ``[`` and ``]`` removed (see :func:`oolong_extract`); exact match scores 1; a comparison
+  phrase ("more common", "less common", "same frequency") scores 1 when the gold contains
+  it; ``numeric`` answers get ``0.75 ** |gold - predicted|``; ``date`` answers must parse to
+  the same date.  One leniency: the exact match ignores case, quotes and a final full stop
+  (OOLONG's models rarely add them; small local models often do).
 - ``contains``: RULER's ``string_match_all`` for one needle: 1 if the gold string occurs
   in the answer (case-insensitive), else 0.
 - ``pairs_f1``: OOLONG-Pairs (Zhang et al., 2025): F1 between the set of unordered pairs
@@ -40,11 +40,25 @@ class ScoringError(ValueError):
 
 
 def oolong_extract(answer: str) -> str:
-    """The part of a model's answer OOLONG scores: after the last ``:``, without ``*[]``."""
-    tail = answer.rsplit(":", 1)[-1]
+    """The part of a model's answer OOLONG scores (its ``synth_attempt_answer_parse``).
+
+    Without a ``:``, a short answer (< 20 chars) is taken whole and a long one by its
+    last word.  Otherwise the text after the last ``:``, stripped, without ``*``, ``[``
+    and ``]``; when that is 20 chars or longer and holds a comparison phrase, the phrase.
+    """
+    if ":" not in answer:
+        if len(answer) < 20:
+            return answer
+        words = answer.split()
+        return words[-1] if words else ""
+    cand = answer.split(":")[-1].strip()
     for ch in "*[]":
-        tail = tail.replace(ch, "")
-    return tail.strip()
+        cand = cand.replace(ch, "")
+    if len(cand) >= 20:
+        for phrase in COMPARISON_PHRASES:
+            if phrase in cand:
+                return phrase
+    return cand
 
 
 def _norm(text: str) -> str:
@@ -52,10 +66,8 @@ def _norm(text: str) -> str:
 
 
 def _parse_int(text: str) -> int | None:
-    m = re.fullmatch(r"[-+]?\d[\d,]*(?:\.0+)?", text.strip().rstrip("."))
-    if not m:
-        return None
-    return int(float(m.group(0).replace(",", "")))
+    m = re.fullmatch(r"[-+]?\d+", text.strip())
+    return int(m.group(0)) if m else None
 
 
 def parse_date(text: str) -> _dt.date | None:
@@ -76,16 +88,20 @@ def parse_date(text: str) -> _dt.date | None:
 
 
 def oolong_score(answer: str, gold: Gold, answer_type: str) -> float:
-    """Score one OOLONG answer; ``answer_type`` is label, numeric, comparison or date."""
+    """Score one OOLONG answer; ``answer_type`` is label, numeric, comparison or date.
+
+    The official rules in their order: exact match; a bare comparison phrase that occurs
+    in the gold; numeric partial credit; equal dates.  Our one leniency: the exact match
+    (and the integer parse) also ignore case, quotes and a final full stop.
+    """
     pred = oolong_extract(answer)
     gold_s = str(gold[0] if isinstance(gold, list) else gold)
-    if _norm(pred) == _norm(gold_s):
+    if pred == gold_s or _norm(pred) == _norm(gold_s):
         return 1.0
-    if answer_type == "comparison":
-        p, g = pred.lower(), gold_s.lower()
-        return 1.0 if any(ph in p and ph in g for ph in COMPARISON_PHRASES) else 0.0
+    if pred in COMPARISON_PHRASES:
+        return 1.0 if pred in gold_s else 0.0
     if answer_type == "numeric":
-        gi, pi = _parse_int(gold_s), _parse_int(pred)
+        gi, pi = _parse_int(gold_s), _parse_int(_norm(pred))
         if gi is None or pi is None:
             return 0.0
         return 0.75 ** abs(gi - pi)
@@ -151,8 +167,8 @@ def codeqa_name(answer: str, gold: Gold) -> float:
 
 
 def codeqa_numeric(answer: str, gold: Gold) -> float:
-    """OOLONG's numeric credit, taking the last integer after the last ``:``."""
-    nums = re.findall(r"-?\d[\d,]*", oolong_extract(answer))
+    """OOLONG's numeric credit for the last integer after the last ``:`` (if any)."""
+    nums = re.findall(r"-?\d[\d,]*", answer.split(":")[-1])
     gi = _parse_int(str(gold))
     if not nums or gi is None:
         return 0.0
