@@ -879,7 +879,7 @@ class _Repl:
             depth=self._depth,
             event="start",
             elapsed_s=round(time.monotonic() - self._t0, 4),
-            protection=str(getattr(task.result(), "protection", "")),
+            protection=_layers(getattr(task.result(), "protection", None)),
         )
 
     async def _session(self) -> ReplSession:
@@ -908,6 +908,12 @@ class _Repl:
         except Exception:
             return  # it never started: nothing to kill
         await session.close()
+
+
+def _layers(protection: Any) -> str:
+    """``bwrap+seccomp+rlimits``: the sandbox layers a worker runs under."""
+    names = [n for n in ("bwrap", "seccomp", "rlimits") if getattr(protection, n, False)]
+    return "+".join(names) or "none"
 
 
 def _depth(depth: int) -> dict[str, int]:

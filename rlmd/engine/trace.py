@@ -150,6 +150,11 @@ def format_trace(records: list[dict[str, Any]], *, max_chars: int = 4000) -> str
                 )
             out.append(f"{t} {pad}{role}{extra}:")
             out.append(_indent(_clip(r.get("content", ""), max_chars), pad + "    "))
+        elif kind == "repl":
+            out.append(
+                f"{t} {pad}REPL worker up in {r.get('elapsed_s', 0):.2f}s "
+                f"({r.get('protection') or 'protection unknown'})"
+            )
         elif kind == "code":
             out.append(f"{t} {pad}code:")
             out.append(_indent(_clip(r.get("code", ""), max_chars), pad + "  | "))
