@@ -26,10 +26,12 @@ def store(tmp_path: Path) -> ContextStore:
 
 
 def expected_matches(text: str, pattern: str) -> list[tuple[int, int, int, str]]:
-    return [
-        (m.start(), m.end(), text.count("\n", 0, m.start()) + 1, m.group())
-        for m in re.finditer(pattern, text)
-    ]
+    out, line, pos = [], 1, 0
+    for m in re.finditer(pattern, text):
+        line += text.count("\n", pos, m.start())
+        pos = m.start()
+        out.append((m.start(), m.end(), line, m.group()))
+    return out
 
 
 def got_matches(store: ContextStore, name: str, pattern: str) -> list[tuple[int, int, int, str]]:
@@ -553,12 +555,25 @@ def test_charindex_roundtrip_random() -> None:
         idx = CharIndex.from_bytes(builder.finish().to_bytes())
         text, buf = "".join(parts), bytes(out)
         assert (idx.chars, idx.nbytes, idx.ascii) == (len(text), len(buf), text.isascii())
+        assert idx.newlines == text.count("\n")
         for c in range(len(text) + 1):
             b = idx.byte_offset(buf, c)
             assert b == len(text[:c].encode())
             assert idx.char_offset(buf, b) == c
-        i, j = sorted(rng.randint(0, len(text)) for _ in range(2))
-        assert idx.slice(buf, i, j) == text[i:j]
+            assert idx.line_of(buf, c) == text.count("\n", 0, c) + 1
+        for _ in range(5):
+            i, j = sorted(rng.randint(0, len(text)) for _ in range(2))
+            assert idx.slice(buf, i, j) == text[i:j]
+        # Appending resumes the index where it stopped.
+        more = CharIndexBuilder.resume(idx)
+        extra = "é\n€x\n" * rng.randint(0, 9) + "abc\n"
+        for piece in more.add_str(extra):
+            buf += piece
+        text += extra
+        idx2 = more.finish()
+        for c in range(0, len(text) + 1, 3):
+            assert idx2.byte_offset(buf, c) == len(text[:c].encode())
+            assert idx2.line_of(buf, c) == text.count("\n", 0, c) + 1
 
 
 def test_charindex_rejects_garbage() -> None:
@@ -578,3 +593,14 @@ def test_split_incomplete() -> None:
         whole, rest = split_incomplete(data[:cut])
         whole.decode("utf-8")
         assert whole + rest == data[:cut] and len(rest) <= 3
+
+
+def test_search_lines_across_windows_and_checkpoints(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    for alphabet in ("ab \n", "aé 😀\n"):
+        text = "".join(rng.choice(alphabet) for _ in range(150_000))
+        s = ContextStore(tmp_path / "c", search_window_chars=5000, search_overlap_chars=300)
+        s.put_text("x", text)
+        for pat in [r"a\n", r"(?m)^b", r"😀", r"a{4,}"]:
+            want = expected_matches(text, pat)[:MAX_MATCHES]
+            assert got_matches(s, "x", pat) == want, pat

@@ -55,6 +55,7 @@ DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PEEK_CHARS = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 _COPY_CHUNK = 4 << 20
+_FAULT_AROUND = 64 * 1024
 _META = "meta.json"
 _TMP = ".tmp-"
 _FORMAT = 1
@@ -191,14 +192,12 @@ class _Writer:
         self.f = open(self.tmp, "xb")
         self.hash = hashlib.sha256()
         self.builder = CharIndexBuilder()
-        self.newlines = 0
         self.last = b""
 
     def _raw(self, data: bytes) -> None:
         if data:
             self.f.write(data)
             self.hash.update(data)
-            self.newlines += data.count(b"\n")
             self.last = data[-1:]
 
     def write_str(self, text: str) -> None:
@@ -212,7 +211,7 @@ class _Writer:
         self.builder.add_utf8(data)
         self._raw(data)
 
-    def copy_version(self, path: Path, index: CharIndex, newlines: int) -> None:
+    def copy_version(self, path: Path, index: CharIndex) -> None:
         """Start with an existing version's text (for appends); its index is reused."""
         self.builder = CharIndexBuilder.resume(index)
         buf = bytearray(_COPY_CHUNK)
@@ -222,7 +221,6 @@ class _Writer:
                 self.f.write(view[:n])
                 self.hash.update(view[:n])
                 self.last = bytes(view[n - 1 : n])
-        self.newlines = newlines
 
     def finish(self) -> tuple[str, CharIndex]:
         """Flush and fsync the text; return its version and index."""
@@ -426,7 +424,7 @@ class ContextStore:
             try:
                 if append and old is not None:
                     old_index = CharIndex.load(d / f"{old.version}.idx")
-                    w.copy_version(d / f"{old.version}.txt", old_index, old.newlines)
+                    w.copy_version(d / f"{old.version}.txt", old_index)
                 extra = produce(w, old if append else None)
                 version, index = w.finish()
             except BaseException:
@@ -448,8 +446,8 @@ class ContextStore:
                     version=version,
                     chars=index.chars,
                     bytes=index.nbytes,
-                    newlines=w.newlines,
-                    lines=w.newlines + (1 if index.nbytes and w.last != b"\n" else 0),
+                    newlines=index.newlines,
+                    lines=index.newlines + (1 if index.nbytes and w.last != b"\n" else 0),
                     ascii=index.ascii,
                     created=old.created if old else now,
                     updated=now,
@@ -732,10 +730,11 @@ class ContextStore:
             )
         if start == end:
             return ""
-        b0 = h.index.byte_offset(h.buf, start)
-        b1 = h.index.byte_offset(h.buf, end)
-        text = h.buf[b0:b1].decode("utf-8")
-        _dontneed(h.buf, b0, b1)
+        idx = h.index
+        text = idx.slice(h.buf, start, end)
+        # The bytes touched lie between the checkpoint before `start` and 4 bytes a char on.
+        lo = start if idx.ascii else idx.offsets[start // idx.stride]
+        _dontneed(h.buf, lo, lo + 4 * (idx.stride + end - start))
         return text
 
     def search(self, name: str, pattern: str, max_matches: int = 100) -> list[SearchMatch]:
@@ -769,11 +768,15 @@ class ContextStore:
 
 
 def _dontneed(buf: mmap.mmap | bytes, b0: int, b1: int) -> None:
-    """Let the kernel drop this process's mapping of [b0, b1) (the page cache keeps it)."""
+    """Let the kernel drop this process's mapping of [b0, b1) (the page cache keeps it).
+
+    Widened to 64 KiB boundaries: a page fault maps its neighbours too ("fault-around").
+    """
     if isinstance(buf, mmap.mmap) and b1 > b0:
-        start = b0 - b0 % mmap.PAGESIZE
+        start = b0 - b0 % _FAULT_AROUND
+        stop = min(len(buf), b1 + (-b1) % _FAULT_AROUND)
         with contextlib.suppress(OSError, ValueError):
-            buf.madvise(mmap.MADV_DONTNEED, start, b1 - start)
+            buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class _Scanner:
@@ -805,14 +808,15 @@ class _Scanner:
         nl = b"\n" if self.as_bytes else "\n"
         out: list[SearchMatch] = []
         a, overlap = 0, self.overlap
-        line, line_pos = 1, 0  # newlines counted up to line_pos
-        last_end, last_empty_at = 0, -1
+        last_empty_at = -1
         while True:
             c0 = max(0, a - self._CTX)
             end = min(total, a + self.window + overlap)
             s = self._text(c0, end)
             limit = a + self.window if end < total else total + 1
             restart: int | None = None
+            last_end = a
+            line = line_pos = -1  # line of line_pos, once a match is in this window
             for m in self.rx.finditer(s, a - c0):
                 ms, me = m.start() + c0, m.end() + c0
                 if ms >= limit:
@@ -822,7 +826,10 @@ class _Scanner:
                     break
                 if ms == me == last_empty_at:
                     continue  # already reported before a window change
-                line += s.count(nl, line_pos - c0, ms - c0)
+                if line < 0:  # first match here: the index knows the line
+                    line = self.h.index.line_of(self.h.buf, ms)
+                else:
+                    line += s.count(nl, line_pos - c0, ms - c0)
                 line_pos = ms
                 text = m.group()
                 cut = len(text) > MAX_MATCH_TEXT
@@ -848,12 +855,8 @@ class _Scanner:
                 if restart == a:
                     overlap *= 2
                     continue
-                nxt, overlap = restart, self.overlap
+                a, overlap = restart, self.overlap
             elif end >= total:
                 return out
             else:
-                nxt = max(limit, last_end)
-                overlap = self.overlap
-            line += s.count(nl, line_pos - c0, nxt - c0)
-            line_pos = nxt
-            a = nxt
+                a, overlap = max(limit, last_end), self.overlap
