@@ -307,20 +307,22 @@ class HttpProvider:
             raise self.error(
                 f"{method} {path}: no answer within {timeout_s:g}s", retryable=True
             ) from None
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._transport_error(method, path, exc, streamed=False) from None
         except ServerError as exc:
             raise self.error(f"{method} {path}: {exc}", retryable=exc.retryable) from None
 
     def _transport_error(
-        self, method: str, path: str, exc: httpx.TransportError, *, streamed: bool
+        self, method: str, path: str, exc: httpx.RequestError, *, streamed: bool
     ) -> ProviderError:
         if isinstance(exc, httpx.ConnectTimeout):
             what = f"cannot connect to {self._base} within {self.config.connect_timeout_s:g}s"
         elif isinstance(exc, httpx.ConnectError):
             what = f"cannot connect to {self._base} ({exc or 'connection refused'})"
-        else:
+        elif isinstance(exc, httpx.TransportError):
             what = f"connection lost ({type(exc).__name__}: {exc or 'no detail'})"
+        else:  # undecodable body, redirect loop...
+            what = f"bad answer ({type(exc).__name__}: {exc or 'no detail'})"
         return self.error(f"{method} {path}: {what}", retryable=not streamed, streamed=streamed)
 
     # -- the chat driver -------------------------------------------------------------
@@ -371,7 +373,7 @@ class HttpProvider:
                 f"POST {path}: answer not finished within {cfg.total_timeout_s:g}s",
                 streamed=sink.streamed,
             ) from None
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._transport_error("POST", path, exc, streamed=sink.streamed) from None
         except ServerError as exc:
             raise self.error(
