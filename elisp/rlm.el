@@ -62,6 +62,7 @@
 (require 'subr-x)
 (require 'button)
 (require 'tabulated-list)
+(require 'outline)
 
 (declare-function org-back-to-heading "org" (&optional invisible-ok))
 (declare-function org-end-of-subtree "org" (&optional invisible-ok to-heading))
@@ -254,7 +255,7 @@ result buffer."
   (state 'connecting) (iteration 0) (sub-calls 0) (subcall-events 0)
   tokens cost start-time end-time answer result error partial
   finished reply callback answer-marker overlay timer change-group
-  (last-kind nil) (turn 0) (code-in-text nil) (folded nil))
+  (last-kind nil) (turn 0) (turn-text "") (code-in-text nil) (folded nil))
 
 ;;;; Socket and connection
 
@@ -499,7 +500,7 @@ output and sub-calls) is folded below it.
                  (if (= (rlm-job-sub-calls job) 1) "" "s"))
          (if tokens (format " · %s tokens" (rlm--format-count tokens)) "")
          (if (and (numberp cost) (> cost 0)) (format " · $%.4f" cost) "")
-         (format " · %.0fs" (rlm-job-elapsed job))
+         (format " · %.1fs" (rlm-job-elapsed job))
          (if (rlm-job-finished job) ""
            (substitute-command-keys
             "   \\<rlm-result-mode-map>\\[rlm-cancel] cancel")))))))
@@ -524,6 +525,7 @@ output and sub-calls) is folded below it.
     (with-current-buffer buf
       (rlm-result-mode)
       (setq rlm--job job)
+      (add-hook 'kill-buffer-hook #'rlm--cancel-on-kill nil t)
       (let ((inhibit-read-only t))
         (insert (propertize "Question: " 'face 'rlm-label)
                 (rlm-job-question job) "\n")
@@ -552,6 +554,11 @@ output and sub-calls) is folded below it.
         (setf (rlm-job-change-group job) group))
       (set-buffer-modified-p nil))
     buf))
+
+(defun rlm--cancel-on-kill ()
+  "Cancel the query of this result buffer, which is being killed."
+  (when (and rlm--job (rlm-job-running-p rlm--job))
+    (rlm-cancel-job rlm--job "its buffer was killed")))
 
 (defun rlm--trajectory-insert (job &rest strings)
   "Append STRINGS at the end of JOB's trajectory."
@@ -610,10 +617,15 @@ output and sub-calls) is folded below it.
       ("root_delta"
        (let ((text (or (plist-get ev :text) "")))
          (setf (rlm-job-state job) 'thinking)
-         (when (= (rlm-job-turn job) 0)
-           (setf (rlm-job-turn job) 1)
-           (rlm--trajectory-heading job "Turn 1"))
-         (when (string-match-p "```repl" text)
+         ;; The model's text after anything else starts a new turn.
+         (unless (equal (rlm-job-last-kind job) "root_delta")
+           (cl-incf (rlm-job-turn job))
+           (setf (rlm-job-code-in-text job) nil
+                 (rlm-job-turn-text job) "")
+           (rlm--trajectory-heading job (format "Turn %d" (rlm-job-turn job))))
+         ;; A fence may arrive split over several deltas.
+         (setf (rlm-job-turn-text job) (concat (rlm-job-turn-text job) text))
+         (when (string-match-p "^[ \t]*```" (rlm-job-turn-text job))
            (setf (rlm-job-code-in-text job) t))
          (rlm--trajectory-insert job (propertize text 'face 'rlm-root-text))))
       ("code"
@@ -653,11 +665,7 @@ output and sub-calls) is folded below it.
       ("progress"
        (let ((iter (plist-get ev :iteration)))
          (when (numberp iter)
-           (setf (rlm-job-iteration job) iter)
-           (when (> iter (rlm-job-turn job))
-             (setf (rlm-job-turn job) iter
-                   (rlm-job-code-in-text job) nil)
-             (rlm--trajectory-heading job (format "Turn %d" iter)))))
+           (setf (rlm-job-iteration job) iter)))
        (when (numberp (plist-get ev :sub_calls))
          (setf (rlm-job-sub-calls job) (plist-get ev :sub_calls)))
        (when (plist-get ev :tokens) (setf (rlm-job-tokens job) (plist-get ev :tokens)))
@@ -673,7 +681,8 @@ output and sub-calls) is folded below it.
          (setf (rlm-job-partial job) (plist-get ev :partial)))))
     (when (and (equal kind "subcall") (= (rlm-job-sub-calls job) 0))
       (setf (rlm-job-sub-calls job) (rlm-job-subcall-events job)))
-    (setf (rlm-job-last-kind job) kind)
+    (unless (equal kind "progress")
+      (setf (rlm-job-last-kind job) kind))
     (rlm--refresh-header job)))
 
 (defun rlm--refresh-header (job)
@@ -1112,25 +1121,65 @@ The job ends at once on the Emacs side, whatever the daemon does."
       (let ((choice (completing-read "Trace of job: " alist)))
         (or (cdr (assoc choice alist)) choice)))))
 
+(defvar rlm-trace-mode-map
+  (let ((map (make-sparse-keymap)))
+    (define-key map (kbd "TAB") #'outline-toggle-children)
+    (define-key map (kbd "<backtab>") #'outline-show-all)
+    (define-key map (kbd "n") #'outline-next-visible-heading)
+    (define-key map (kbd "p") #'outline-previous-visible-heading)
+    map)
+  "Keymap of `rlm-trace-mode'.")
+
+(define-derived-mode rlm-trace-mode special-mode "rlm-trace"
+  "Major mode showing a query's trace: one heading per record.
+\\<rlm-trace-mode-map>\\[outline-toggle-children] shows or hides a record, \\[outline-show-all] shows all.
+
+\\{rlm-trace-mode-map}"
+  (setq-local outline-regexp "\\*+ ")
+  (setq-local outline-level (lambda () 1))
+  (outline-minor-mode 1))
+
+(defun rlm--trace-summary (rec)
+  "Return a one-line summary of trace record REC."
+  (let ((kind (or (plist-get rec :type) (plist-get rec :kind) "record"))
+        (first-line (lambda (key)
+                      (let ((v (plist-get rec key)))
+                        (and (stringp v) (rlm--truncate v 70))))))
+    (concat
+     (propertize (format "%-8s" kind) 'face 'rlm-heading)
+     (if (numberp (plist-get rec :t)) (format " %7.2fs " (plist-get rec :t)) " ")
+     (pcase kind
+       ("message" (format "%s: %s" (plist-get rec :role) (funcall first-line :content)))
+       ("code" (or (funcall first-line :code) ""))
+       ("output" (or (funcall first-line :text) (funcall first-line :output) ""))
+       ("final" (or (funcall first-line :answer) ""))
+       ("start" (or (funcall first-line :query) ""))
+       ("error" (or (funcall first-line :message) ""))
+       ("subcall" (format "%s %s" (or (plist-get rec :model) "")
+                          (or (plist-get rec :status) "")))
+       (_ "")))))
+
 (defun rlm--insert-trace-record (rec)
-  "Insert REC, one trace record (a plist), readably."
-  (let ((kind (or (plist-get rec :kind) (plist-get rec :type) "record"))
-        (rest rec))
-    (insert (propertize (format "* %s" kind) 'face 'rlm-heading) "\n")
+  "Insert REC, one trace record (a plist): a summary line, then its fields."
+  (insert "* " (rlm--trace-summary rec) "\n")
+  (let ((rest rec))
     (while rest
       (let ((k (car rest)) (v (cadr rest)))
-        (unless (memq k '(:kind :type))
+        (unless (memq k '(:kind :type :t))
           (let ((s (if (stringp v) v (format "%S" v))))
             (insert (propertize (format "  %s:" (substring (symbol-name k) 1)) 'face 'rlm-label)
                     (if (string-match-p "\n" s)
-                        (concat "\n" (replace-regexp-in-string "^" "    " (string-trim-right s)))
+                        (concat "\n" (replace-regexp-in-string
+                                      "^" "    " (string-trim-right s)))
                       (concat " " s))
                     "\n"))))
       (setq rest (cddr rest)))))
 
 ;;;###autoload
 (defun rlm-trace (job-id)
-  "Show the trajectory of the query JOB-ID as the daemon recorded it."
+  "Show the trajectory of the query JOB-ID as the daemon recorded it.
+In a result buffer, that buffer's query; else one of this session's
+queries (or any job id) read in the minibuffer."
   (interactive (list (rlm--read-job-id)))
   (let* ((res (rlm-request 'query/trace (list :job job-id)))
          (records (append (plist-get res :records) nil))
@@ -1138,14 +1187,13 @@ The job ends at once on the Emacs side, whatever the daemon does."
     (with-current-buffer buf
       (let ((inhibit-read-only t))
         (erase-buffer)
-        (special-mode)
-        (setq-local outline-regexp "\\*+ ")
-        (outline-minor-mode 1)
-        (insert (propertize (format "Trace of %s (%d records)\n\n" job-id (length records))
+        (rlm-trace-mode)
+        (insert (propertize (format "Trace of %s (%d records)\n" job-id (length records))
                             'face 'rlm-heading))
         (dolist (rec records)
           (rlm--insert-trace-record rec))
-        (goto-char (point-min))))
+        (goto-char (point-min))
+        (outline-hide-body)))
     (display-buffer buf rlm-display-buffer-action)
     buf))
 

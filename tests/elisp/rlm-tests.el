@@ -162,13 +162,15 @@
         (let* ((job (rlm-query "streamtest: how many apples are there?"))
                (buf (rlm-job-buffer job))
                point-before)
+          ;; Before anything streams in (no waiting happened yet), put
+          ;; point where the trajectory grows.
+          (with-current-buffer buf
+            (should (derived-mode-p 'rlm-result-mode))
+            (goto-char (point-max))
+            (setq point-before (point)))
           (should (equal (rlm-job-context job) (concat "emacs:" (buffer-name))))
           (should (equal (rlm-test-context-text (rlm-job-context job))
                          (buffer-substring-no-properties (point-min) (point-max))))
-          (with-current-buffer buf
-            (should (derived-mode-p 'rlm-result-mode))
-            (goto-char (point-max))     ; where the trajectory streams in
-            (setq point-before (point)))
           (should (rlm-job-running-p job))
           (rlm-test-finish job)
           (should (eq (rlm-job-state job) 'done))
