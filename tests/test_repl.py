@@ -495,3 +495,25 @@ async def test_context_in_worker_is_a_view_above_threshold(dirs: tuple[Path, Pat
         assert r.output == f"str {len(NON_ASCII_TEXT)}\n"
     finally:
         await s.close()
+
+
+def test_context_view_random_offsets_agree_with_str() -> None:
+    rng = random.Random(1)
+    alphabet = "abc xyz\n\tÅß日😀\r\u2028ERROR123"
+    text = "".join(rng.choice(alphabet) for _ in range(100_000))
+    v = ContextView(text.encode("utf-8"))
+    rem = make_re_module()
+    assert len(v) == len(text)
+    for _ in range(2000):
+        a = rng.randrange(-len(text) - 5, len(text) + 5)
+        b = rng.randrange(-len(text) - 5, len(text) + 5)
+        step = rng.choice([1, 1, 1, 2, -1, -3, 7])
+        assert v[a:b:step] == text[a:b:step], (a, b, step)
+        i = abs(a) % len(text)
+        sub = text[i : i + rng.randrange(0, 4)]
+        assert v.find(sub, a, b) == text.find(sub, a, b), (sub, a, b)
+        assert v.rfind(sub, a, b) == text.rfind(sub, a, b), (sub, a, b)
+    for pat in ["ERROR[0-9]+", "a|b", "日", "[a-c]+ x", r"\w+", "(?m)^ab"]:
+        assert [m.span() for m in rem.finditer(pat, v)] == [
+            m.span() for m in re.finditer(pat, text)
+        ]
