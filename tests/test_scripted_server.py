@@ -377,3 +377,16 @@ def test_expand_fills_the_reply_from_the_match() -> None:
         assert _ollama_chat(srv, "please say hello") == "hello!"
     rules, _, _ = parse_rules([{"pattern": "say (\\w+)", "expand": True, "reply": "\\1!"}])
     assert rules[0].pattern == r"say (\w+)" and rules[0].reply.text == r"\1!"
+
+
+def test_broken_responder_is_a_clear_400() -> None:
+    def responder(call: ChatCall) -> Reply | None:
+        raise KeyError("oops")
+
+    with ScriptedServer(responder=responder) as srv:
+        r = httpx.post(
+            srv.url + "/api/chat", json={"model": "m", "messages": _user("q"), "stream": False}
+        )
+        assert r.status_code == 400
+        assert r.json()["error"] == "scripted server: responder raised KeyError: 'oops'"
+        assert srv.in_flight == 0

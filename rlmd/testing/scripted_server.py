@@ -62,6 +62,8 @@ the last user message: ``{"pattern": "say (\\w+)", "expand": true, "reply": "\\1
 
 A ``responder`` callable (``responder(call: ChatCall) -> Reply | None``) may be given
 instead of or besides rules; it is asked first, and ``None`` falls through to the rules.
+It runs in the server's handler threads (concurrently for parallel calls); if it raises,
+the call is answered HTTP 400 naming the exception (and the traceback goes to stderr).
 When nothing matches, the ``default`` reply answers; without one the server answers
 HTTP 400 with an error naming the unmatched message (a test set-up error, not retryable).
 
@@ -125,6 +127,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -713,7 +716,16 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.owner._enter(call)
         try:
-            reply = self.owner.choose(call)
+            try:
+                reply = self.owner.choose(call)
+            except Exception as exc:
+                # A broken responder is a test bug: say so plainly (HTTP 400 is not
+                # retried) instead of cutting the connection.
+                traceback.print_exc()
+                self._send_error(
+                    api, 400, f"scripted server: responder raised {type(exc).__name__}: {exc}"
+                )
+                return
             call.reply = reply
             if reply is None:
                 self._send_error(
