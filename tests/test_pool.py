@@ -419,6 +419,40 @@ async def test_cancellation_frees_slot_and_queue_place(servers) -> None:
     assert [c.last_user for c in srv.calls] == ["slow", "fast"]
 
 
+async def test_stopped_call_frees_its_slot_and_is_charged(servers) -> None:
+    text = "```repl\nprint(1)\n``` and then a lot more text that nobody wants"
+    srv = serve(servers, Rule(reply=Reply(text=text, chunk_delay_s=0.05)))
+    pool = make_pool([pcfg("one", srv, capacity=1, price_out_per_mtok=1e6)])
+    seen: list[str] = []
+
+    def until_block_closes(piece: str) -> bool:
+        seen.append(piece)
+        return "```" in "".join(seen)[3:]
+
+    try:
+        stopped = await pool.chat(ask("q"), on_delta=until_block_closes)
+        assert pool.status()[0].in_flight == 0
+        again = await pool.chat(ask("q"))
+    finally:
+        await pool.aclose()
+    assert stopped.stopped and not again.stopped and again.text == text
+    assert stopped.usage.output > 0 and stopped.cost == pytest.approx(stopped.usage.output)
+
+
+async def test_aclose_fails_waiting_calls_clearly(servers) -> None:
+    srv = serve(servers, slow("x", 1.0))
+    pool = make_pool([pcfg("one", srv, capacity=1)])
+    running = asyncio.create_task(pool.chat(ask("a")))
+    waiting = asyncio.create_task(pool.chat(ask("b")))
+    await wait_for(lambda: pool.status()[0].queued == 1)
+    await pool.aclose()
+    with pytest.raises(ProviderError, match="shutting down"):
+        await waiting
+    running.cancel()
+    with pytest.raises((asyncio.CancelledError, ProviderError)):
+        await running
+
+
 # --------------------------------------------------------------------------- accounting
 
 
