@@ -55,7 +55,7 @@ DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PEEK_CHARS = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 _COPY_CHUNK = 4 << 20
-_FAULT_AROUND = 64 * 1024
+_MADVISE_ALIGN = 2 * 1024 * 1024
 _META = "meta.json"
 _TMP = ".tmp-"
 _FORMAT = 1
@@ -770,11 +770,12 @@ class ContextStore:
 def _dontneed(buf: mmap.mmap | bytes, b0: int, b1: int) -> None:
     """Let the kernel drop this process's mapping of [b0, b1) (the page cache keeps it).
 
-    Widened to 64 KiB boundaries: a page fault maps its neighbours too ("fault-around").
+    Widened to 2 MiB boundaries: a page fault maps neighbouring pages too (fault-around,
+    and whole large folios of the page cache); measured, 64 KiB left ~150 KiB per peek.
     """
     if isinstance(buf, mmap.mmap) and b1 > b0:
-        start = b0 - b0 % _FAULT_AROUND
-        stop = min(len(buf), b1 + (-b1) % _FAULT_AROUND)
+        start = b0 - b0 % _MADVISE_ALIGN
+        stop = min(len(buf), b1 + (-b1) % _MADVISE_ALIGN)
         with contextlib.suppress(OSError, ValueError):
             buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
