@@ -128,6 +128,7 @@ def measure(name: str, dispatch: Dispatcher, n: int, seconds: list[float]) -> li
         ]
         took = asyncio.run(timed(cfgs, dispatch, n))
         calls = [len(s.calls) for s in servers]
+        peak = [s.max_concurrent for s in servers]
     finally:
         for s in servers:
             s.close()
@@ -140,6 +141,7 @@ def measure(name: str, dispatch: Dispatcher, n: int, seconds: list[float]) -> li
         f"{ideal:.2f}",
         f"{ideal / took:.3f}",
         " / ".join(map(str, calls)),
+        " / ".join(map(str, peak)),
     ]
 
 
@@ -163,6 +165,7 @@ def run(quick: bool = False) -> str:
         "ideal s",
         "efficiency",
         "calls per server",
+        "peak requests at a server",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

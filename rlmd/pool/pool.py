@@ -632,15 +632,20 @@ class Pool:
         if not self._waiters:
             return
         now = self._clock()
+        free = sum(max(0, s.capacity - s.in_flight) for s in self._servers)
         still: list[_Waiter] = []
         for w in self._waiters:
             if w.fut.done():
+                continue
+            if free == 0:  # nothing can be placed; keep the rest in order as they are
+                still.append(w)
                 continue
             server = self._pick(w, now)
             if server is None:
                 still.append(w)
                 continue
             server.in_flight += 1
+            free -= 1
             w.fut.set_result(_Slot(server, server.ledger.begin()))
         self._waiters = still
         # Preempted calls still being torn down will free slots soon: only ask for more
