@@ -230,7 +230,7 @@ def _responder(call):
     text = "\n".join(m.content for m in call.messages)
     q = _NEEDLE_Q.search(text)
     if not q:
-        return Reply(text="FINAL(Answer: 3)")
+        return Reply(text="FINAL(Answer: 3)", delay_s=0.1)
     key = q.group(2)
     if "repl" in call.system.lower():
         code = (
@@ -238,9 +238,9 @@ def _responder(call):
             f'm = re.search(r"for {key} is: (\\S+?)\\. ", context)\n'
             'FINAL(m.group(1) if m else "none")\n'
         )
-        return Reply(text=f"```repl\n{code}```\n")
+        return Reply(text=f"```repl\n{code}```\n", delay_s=0.1)
     m = re.search(rf"for {re.escape(key)} is: (\S+?)\. ", text)
-    return Reply(text=m.group(1) if m else "I could not find it.")
+    return Reply(text=m.group(1) if m else "I could not find it.", delay_s=0.1)
 
 
 @pytest.fixture
@@ -299,6 +299,23 @@ def test_end_to_end_through_the_daemon_with_resume(scripted_daemon, tmp_path: Pa
     assert {(s["suite"], s["length_tokens"]) for s in summary} == {
         (s, n) for s in ("sniah", "oolong") for n in (8192, 16384)
     }
+
+
+def test_parallel_run_overlaps_queries_and_shares_windows(scripted_daemon, tmp_path: Path):
+    daemon, srv = scripted_daemon
+    out = tmp_path / "out"
+    argv = ["--socket", str(daemon.socket), "--out", str(out), "--suite", "oolong,sniah",
+            "--lengths", "8k", "--n", "6", "--methods", "rlm", "--parallel", "3"]  # fmt: skip
+    assert main(argv) == 0
+    results = load_results(out / "results.jsonl")
+    assert len(results) == 12 and not [r for r in results if r.error]
+    assert sorted(r.task_id for r in results) == sorted(
+        t.id for s in ("oolong", "sniah") for t in make_tasks(s, [8192], 6)
+    )
+    assert all(r.score == 1.0 for r in results if r.suite == "sniah")
+    assert srv.max_concurrent >= 2
+    # Every context (two shared OOLONG windows, six haystacks) was dropped after use.
+    assert not [c for c in daemon.call("context/list") if c["name"].startswith("bench-")]
 
 
 @pytest.mark.xfail(strict=True, reason="the engine does not handle options.mode yet")

@@ -21,9 +21,11 @@ import importlib.util
 import inspect
 import os
 import platform
+import queue
 import shlex
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -90,6 +92,7 @@ class BenchOptions(msgspec.Struct, kw_only=True):
     perf_dir: Path = REPO_ROOT / "bench"
     quick: bool = False
     export: Path | None = None
+    parallel: int = 1
     command: str = ""
 
 
@@ -243,11 +246,12 @@ def run_one(
     ctx_name: str,
     opts: BenchOptions,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    job: str | None = None,
 ) -> Result:
     """Ask one question with one method and score the answer."""
     from rlmd.client import RpcError
 
-    job = f"bench-{task.id}-{method}-{uuid.uuid4().hex[:8]}"
+    job = job or new_job_id(task, method)
     params = {
         "query": task.question,
         "context": ctx_name,
@@ -316,13 +320,30 @@ def run_one(
     )
 
 
+def new_job_id(task: Task, method: str) -> str:
+    """A job id that names the task and method (so ``rlm trace`` finds it) and is unique."""
+    return f"bench-{task.id}-{method}-{uuid.uuid4().hex[:8]}"
+
+
 def _tasks(opts: BenchOptions) -> Iterator[Task]:
     for suite in opts.suites:
         yield from make_tasks(suite, opts.lengths, opts.n, opts.seed)
 
 
-def run_tasks(client: RpcClient, opts: BenchOptions, progress: Progress, results_path: Path) -> int:
-    """Run every pending (task, method); returns how many ran."""
+def run_tasks(
+    client: RpcClient,
+    opts: BenchOptions,
+    progress: Progress,
+    results_path: Path,
+    connect: Callable[[str], RpcClient] | None = None,
+) -> int:
+    """Run every pending (task, method); returns how many ran.
+
+    With ``opts.parallel`` > 1 that many queries run at once, each worker on its own
+    connection made with ``connect``.
+    """
+    if opts.parallel > 1:
+        return _run_parallel(client, opts, progress, results_path, connect or _connect)
     done = latest_by_key(load_results(results_path))
     tmp_dir = opts.out / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -355,6 +376,138 @@ def run_tasks(client: RpcClient, opts: BenchOptions, progress: Progress, results
         with contextlib.suppress(OSError):
             tmp_dir.rmdir()  # only when empty: a big context is deleted once uploaded
     return ran
+
+
+class _Shared:
+    """State the parallel workers share, guarded by ``lock``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.refs: dict[str, int] = {}  # context name -> queued or running queries
+        self.closed: set[str] = set()  # contexts no further query will use
+        self.inflight: set[str] = set()  # job ids running now
+        self.failure: DaemonUnavailable | None = None
+        self.ran = 0
+
+    def release(self, name: str, n: int = 1) -> bool:
+        """Count ``n`` queries on ``name`` as finished; True when it can be dropped now."""
+        with self.lock:
+            self.refs[name] -= n
+            return self.refs[name] == 0 and name in self.closed
+
+    def close(self, name: str) -> bool:
+        """No more queries will be queued on ``name``; True when it can be dropped now."""
+        with self.lock:
+            self.closed.add(name)
+            return self.refs.get(name, 0) == 0
+
+
+def _run_parallel(
+    client: RpcClient,
+    opts: BenchOptions,
+    progress: Progress,
+    results_path: Path,
+    connect: Callable[[str], RpcClient],
+) -> int:
+    done = latest_by_key(load_results(results_path))
+    tmp_dir = opts.out / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    sh = _Shared()
+    # A bounded queue keeps the uploads at most a few contexts ahead of the workers.
+    work: queue.Queue[tuple[Task, str, str] | None] = queue.Queue(maxsize=opts.parallel)
+    clients = [connect(opts.socket) for _ in range(opts.parallel)]
+
+    def on_event(params: dict[str, Any]) -> None:
+        with sh.lock:
+            progress.event(params)
+
+    def worker(wc: RpcClient) -> None:
+        while True:
+            item = work.get()
+            if item is None or sh.stop.is_set():
+                return
+            task, method, name = item
+            job = new_job_id(task, method)
+            with sh.lock:
+                sh.inflight.add(job)
+                progress.start(task, method)
+            try:
+                result = run_one(wc, task, method, name, opts, on_event, job=job)
+            except DaemonUnavailable as exc:
+                with sh.lock:
+                    sh.failure = sh.failure or exc
+                sh.stop.set()
+                return
+            finally:
+                with sh.lock:
+                    sh.inflight.discard(job)
+            with sh.lock:
+                append_result(results_path, result)
+                progress.done(task, result)
+                sh.ran += 1
+            if sh.release(name):
+                with contextlib.suppress(OSError, ConnectionError, DaemonUnavailable):
+                    _drop(wc, name)
+
+    def put(item: tuple[Task, str, str] | None) -> None:
+        while not sh.stop.is_set():
+            try:
+                work.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    current: str | None = None
+    try:
+        for task in _tasks(opts):
+            if sh.stop.is_set():
+                break
+            todo = pending(task, opts.methods, done, opts.retry_errors)
+            with sh.lock:
+                progress.skip(len(opts.methods) - len(todo))
+            if not todo:
+                continue
+            name = f"bench-{task.context_key}"
+            if name != current:
+                if current is not None and sh.close(current):
+                    _drop(client, current)
+                upload_context(client, name, task, tmp_dir)
+                current = name
+            with sh.lock:
+                sh.refs[name] = sh.refs.get(name, 0) + len(todo)
+            for method in todo:
+                put((task, method, name))
+        if current is not None and sh.close(current):
+            _drop(client, current)
+        for _ in threads:
+            put(None)
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException:
+        # Ctrl-C or a failed upload: cancel what runs, then cut the workers' connections.
+        sh.stop.set()
+        notify = getattr(client, "notify", None)
+        with sh.lock:
+            jobs = list(sh.inflight)
+        for job in jobs:
+            if notify is not None:
+                with contextlib.suppress(OSError):
+                    notify("query/cancel", {"job": job})
+        raise
+    finally:
+        for c in clients:
+            with contextlib.suppress(OSError):
+                c.close()
+        with contextlib.suppress(OSError):
+            tmp_dir.rmdir()
+    if sh.failure is not None:
+        raise sh.failure
+    return sh.ran
 
 
 def _drop(client: RpcClient, name: str) -> None:
@@ -521,6 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--perf-dir", help="where --suite perf finds bench_*.py (default: ./bench)")
     ap.add_argument("--quick", action="store_true", help="perf: pass quick=True to scripts")
     ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="K",
+        help="queries in flight at once, each on its own connection (default 1)",
+    )
+    ap.add_argument(
         "--export",
         metavar="DIR",
         help="write the tasks (tasks.jsonl, contexts/) to DIR and exit; no daemon needed",
@@ -545,6 +705,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
         )
     if args.n < 1:
         raise BenchError("--n must be at least 1")
+    if args.parallel < 1:
+        raise BenchError("--parallel must be at least 1")
     from rlmd.paths import default_socket_path
 
     seed = args.seed
@@ -567,6 +729,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
         perf_dir=perf_dir,
         quick=args.quick,
         export=Path(args.export) if args.export else None,
+        parallel=args.parallel,
         command="rlm bench " + shlex.join(argv),
     )
 
@@ -631,7 +794,7 @@ def run(
                     f"the daemon on {opts.socket} is not answering: {exc}"
                 ) from exc
             sub = msgspec.structs.replace(opts, suites=task_suites)
-            run_tasks(client, sub, progress, results_path)
+            run_tasks(client, sub, progress, results_path, connect)
         except DaemonUnavailable as exc:
             progress.note(
                 f"rlm bench: {exc}. Results so far are in {results_path}; "
