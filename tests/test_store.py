@@ -363,7 +363,7 @@ def test_put_file_invalid_utf8_is_replaced(store: ContextStore, tmp_path: Path) 
     # Legit U+FFFD, an invalid byte, a truncated sequence, and one cut by the chunking.
     f.write_bytes(b"ok \xef\xbf\xbd \xff mid \xe2\x82 end" + b"a" * ((1 << 20) - 3) + "€".encode())
     res = store.put_path("b", f)
-    assert res.replaced == 2
+    assert res.replaced == 2 and res.replaced_in == [str(f)]
     text = file_text(store, "b")
     assert text.startswith("ok \ufffd \ufffd mid \ufffd end") and text.endswith("a€")
 
@@ -402,6 +402,7 @@ def make_tree(root: Path) -> None:
         "debug.log": "ignored log\n",
         "src/main.py": "print('héllo')\n",
         "src/util.py": "def f(): pass",  # no trailing newline
+        "src/latin1.txt": "caf\xe9",  # written as UTF-8 below, then overwritten
         "src/secret.txt": "not anchored here\n",
         "src/.gitignore": "generated.py\n!important.log\n",
         "src/generated.py": "# ignored by nested .gitignore\n",
@@ -417,6 +418,7 @@ def make_tree(root: Path) -> None:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(content)
+    (root / "src/latin1.txt").write_bytes(b"caf\xe9 cr\xe8me\n")
     (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     (root / "huge.txt").write_text("x" * 5000)
 
@@ -441,6 +443,7 @@ def test_put_directory(store: ContextStore, tmp_path: Path) -> None:
         "link_in.md",
         "src/.gitignore",
         "src/important.log",
+        "src/latin1.txt",
         "src/main.py",
         "src/secret.txt",
         "src/util.py",
@@ -448,6 +451,8 @@ def test_put_directory(store: ContextStore, tmp_path: Path) -> None:
     assert "===== src/util.py =====\ndef f(): pass\n\n" in text
     assert text.startswith(file_header(".gitignore"))
     assert "print('héllo')" in text
+    assert "caf\ufffd cr\ufffdme\n" in text
+    assert (res.replaced, res.replaced_in) == (2, ["src/latin1.txt"])
     assert res.files == len(headers)
     skipped = {s.path: s.reason for s in res.skipped}
     assert set(skipped) == {"huge.txt", "link_out.txt", "logo.png", "src_link"}

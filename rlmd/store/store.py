@@ -80,7 +80,8 @@ class Skipped(msgspec.Struct, frozen=True):
 
 class PutResult(msgspec.Struct, kw_only=True):
     """What a put stored.  ``files``/``skipped``/``ignored``/``excluded`` describe path puts;
-    ``replaced`` counts invalid UTF-8 sequences that became U+FFFD."""
+    ``replaced`` counts invalid UTF-8 sequences that became U+FFFD, in the files listed in
+    ``replaced_in``."""
 
     name: str
     chars: int
@@ -92,6 +93,7 @@ class PutResult(msgspec.Struct, kw_only=True):
     ignored: int = 0
     excluded: int = 0
     replaced: int = 0
+    replaced_in: list[str] = []
     version: str = ""
 
 
@@ -531,6 +533,7 @@ class ContextStore:
             )
         res = self._result(meta)
         res.files, res.replaced = 1, replaced
+        res.replaced_in = [str(p)] if replaced else []
         return res
 
     def _put_dir(
@@ -551,6 +554,8 @@ class ContextStore:
                 f"(.gitignore, .git), {walk.excluded} excluded by include/exclude globs, "
                 f"{len(skipped)} skipped; check the path and the globs",
             )
+
+        replaced_in: list[str] = []
 
         def produce(w: _Writer, old: _Meta | None) -> tuple[int, int]:
             files = replaced = 0
@@ -574,7 +579,10 @@ class ContextStore:
                     w.write_str(file_header(entry.rel))
                     before = w.builder.nbytes
                     try:
-                        replaced += _stream_file(w, f, head)
+                        bad = _stream_file(w, f, head)
+                        if bad:
+                            replaced += bad
+                            replaced_in.append(entry.rel)
                     except OSError as e:
                         skipped.append(Skipped(entry.rel, f"read error, text cut: {e.strerror}"))
                     if w.builder.nbytes > before and w.last != b"\n":
@@ -586,6 +594,7 @@ class ContextStore:
         meta, (files, replaced) = self._put(name, produce, append=append)
         res = self._result(meta)
         res.files, res.skipped, res.replaced = files, skipped, replaced
+        res.replaced_in = replaced_in
         res.ignored, res.excluded = walk.ignored, walk.excluded
         return res
 
