@@ -10,12 +10,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from rlmd.bench import make_tasks
+from rlmd.bench import BenchError, make_tasks
 from rlmd.bench.report import Result, markdown, plot, summarize
 from rlmd.bench.runner import (
     BenchOptions,
     Progress,
     append_result,
+    check_settings,
     latest_by_key,
     load_results,
     main,
@@ -67,6 +68,15 @@ def test_a_later_result_for_the_same_task_and_method_wins(tmp_path: Path):
     append_result(path, _result("t0", "base", 1.0))
     latest = latest_by_key(load_results(path))
     assert latest[("t0", "base")].score == 1.0 and latest[("t0", "base")].error is None
+
+
+def test_resuming_with_other_answer_settings_is_refused(tmp_path: Path):
+    opts = parse_options(["--out", str(tmp_path), "--timeout", "60"])
+    check_settings(opts)
+    check_settings(opts)  # the same settings resume fine
+    other = parse_options(["--out", str(tmp_path), "--timeout", "90", "--root-model", "m"])
+    with pytest.raises(BenchError, match=r"timeout_s: 60\.0 then, 90\.0 now; root_model"):
+        check_settings(other)
 
 
 # ---------------------------------------------------------------- options

@@ -130,6 +130,38 @@ def append_result(path: Path, result: Result) -> None:
         os.fsync(f.fileno())
 
 
+# Settings that change answers: a resumed run must use the same ones.
+_ANSWER_SETTINGS = ("timeout_s", "max_iterations", "root_model", "sub_model", "cache")
+
+
+def check_settings(opts: BenchOptions) -> None:
+    """Record the answer-changing settings in ``OUT/settings.json``, or check a rerun's.
+
+    Raises BenchError when the directory holds results made with other settings, so that
+    a resumed run never mixes two configurations in one table.
+    """
+    path = opts.out / "settings.json"
+    mine = {k: getattr(opts, k) for k in _ANSWER_SETTINGS}
+    if path.exists():
+        try:
+            theirs = msgspec.json.decode(path.read_bytes())
+        except msgspec.DecodeError:
+            theirs = None
+        if isinstance(theirs, dict):
+            diff = [
+                f"{k}: {theirs.get(k)!r} then, {mine[k]!r} now"
+                for k in _ANSWER_SETTINGS
+                if theirs.get(k) != mine[k]
+            ]
+            if diff:
+                raise BenchError(
+                    f"{opts.out} holds results made with other settings ({'; '.join(diff)}); "
+                    "rerun with the same options to resume, or choose another --out"
+                )
+            return
+    path.write_bytes(msgspec.json.encode(mine))
+
+
 def latest_by_key(results: list[Result]) -> dict[tuple[str, str], Result]:
     """The last result recorded for each (task id, method)."""
     return {(r.task_id, r.method): r for r in results}
@@ -781,6 +813,7 @@ def run(
 
     status = 0
     if task_suites:
+        check_settings(opts)
         try:
             client = connect(opts.socket)
         except DaemonUnavailable as exc:
