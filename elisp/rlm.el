@@ -63,6 +63,7 @@
 (require 'button)
 (require 'tabulated-list)
 (require 'outline)
+(require 'parse-time)
 
 (declare-function org-back-to-heading "org" (&optional invisible-ok))
 (declare-function org-end-of-subtree "org" (&optional invisible-ok to-heading))
@@ -194,6 +195,9 @@ result buffer."
 
 (defvar rlm--connection nil
   "The jsonrpc connection to the daemon, or nil.")
+
+(defvar rlm--daemon-process nil
+  "The daemon process Emacs started last, or nil.")
 
 (defvar rlm--jobs (make-hash-table :test #'equal)
   "Running jobs: job id (a string) to `rlm-job'.")
@@ -342,6 +346,7 @@ Waits at most `rlm-daemon-start-timeout' seconds; signals
                                    (error-message-string err)))))))
          (deadline (+ (float-time) rlm-daemon-start-timeout))
          conn)
+    (setq rlm--daemon-process proc)
     (message "rlm: starting the daemon (%s)..." (car command))
     (while (and (not (setq conn (rlm--try-connect path)))
                 (process-live-p proc)
@@ -715,7 +720,9 @@ output and sub-calls) is folded below it.
     (let ((partial (plist-get (plist-get err :data) :partial)))
       (when (stringp partial) (setf (rlm-job-partial job) partial)))
     (rlm--job-finish job (if (eql (plist-get err :code) -32005) 'cancelled 'error)
-                     (rlm--error-message err))))
+                     (if (eql (plist-get err :code) -1) ; jsonrpc: the socket closed
+                         "the daemon closed the connection (it stopped or died); see its log"
+                       (rlm--error-message err)))))
 
 (defun rlm--job-finish (job status &optional message)
   "Mark JOB finished with STATUS (done, error or cancelled) and MESSAGE.
@@ -783,8 +790,17 @@ Does nothing when JOB already finished."
 (defun rlm-put-text (name text &optional append)
   "Store TEXT as the daemon's context NAME (APPEND to it when non-nil).
 Return the daemon's description of the context."
-  (rlm-request 'context/put (rlm--plist :name name :text text :append append)
-               rlm-put-timeout))
+  (condition-case nil
+      (rlm-request 'context/put (rlm--plist :name name :text text :append append)
+                   rlm-put-timeout)
+    ;; JSON carries Unicode only: raw bytes (a binary file, a bad
+    ;; decoding) become U+FFFD, as a UTF-8 decoder would make them.
+    (wrong-type-argument
+     (rlm-request 'context/put
+                  (rlm--plist :name name :append append
+                              :text (replace-regexp-in-string
+                                     (format "[%c-%c]" #x3fff80 #x3fffff) "\ufffd" text t t))
+                  rlm-put-timeout))))
 
 (defun rlm-buffer-context (&optional buffer start end)
   "Send the text of BUFFER from START to END as a named context.
@@ -950,9 +966,8 @@ argument, or before the first heading), else the buffer."
 
 (defun rlm--read-files ()
   "Read files or a directory: the marked files in Dired, else one path."
-  (if (and (derived-mode-p 'dired-mode) (dired-get-marked-files nil nil nil t))
-      (let ((files (dired-get-marked-files)))
-        files)
+  (if (derived-mode-p 'dired-mode)
+      (or (dired-get-marked-files) (user-error "No file here"))
     (let* ((proj (and (fboundp 'project-current) (project-current)))
            (default (if proj (project-root proj) default-directory)))
       (list (read-file-name "Ask about file or directory: " default default t)))))
@@ -1213,7 +1228,10 @@ queries (or any job id) read in the minibuffer."
 (defun rlm--time-string (v)
   "Format V, seconds since the epoch or a string, as a time."
   (cond ((numberp v) (format-time-string "%F %T" (seconds-to-time v)))
-        ((stringp v) v)
+        ((stringp v)
+         (condition-case nil
+             (format-time-string "%F %T" (parse-iso8601-time-string v))
+           (error v)))
         (t "")))
 
 (defun rlm--sort-by (key)

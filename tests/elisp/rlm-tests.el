@@ -111,7 +111,7 @@
             (should (string-match-p "no answer on .*none.sock after 1 s"
                                     (error-message-string err)))
             (should (< (- (float-time) t0) 3))
-            (should-not (process-live-p (get-process "rlmd"))))
+            (should-not (process-live-p rlm--daemon-process)))
           ;; Starting is disabled.
           (let* ((rlm-daemon-command nil)
                  (err (should-error (rlm-request 'daemon/status) :type 'rlm-error)))
@@ -140,13 +140,26 @@
           (let ((st (rlm-request 'daemon/status)))
             (should (equal (plist-get st :socket) rlm-socket-path))
             ;; The second call reuses the connection.
-            (should (eq rlm--connection (rlm-connection))))
+            (should (eq rlm--connection (rlm-connection)))
+            ;; The daemon dies in the middle of a query: the query fails
+            ;; at once, saying so, and the next request starts a new one.
+            (let ((job (rlm-start-query "slowtest: forever" :display nil)))
+              (should (rlm-test-wait-for
+                       (lambda () (seq-contains-p (plist-get (rlm-request 'query/jobs) :jobs)
+                                                  (rlm-job-id job)))
+                       10))
+              (signal-process (plist-get st :pid) 'KILL)
+              (should (rlm-test-wait-for (lambda () (not (rlm-job-running-p job))) 5))
+              (should (eq (rlm-job-state job) 'error))
+              (should (string-match-p "the daemon closed the connection" (rlm-job-error job))))
+            (let ((st2 (rlm-request 'daemon/status)))
+              (should-not (equal (plist-get st2 :pid) (plist-get st :pid)))))
         (rlm-disconnect)
-        (let ((proc (get-process "rlmd")))
-          (when proc
+        (let ((proc rlm--daemon-process))
+          (when (process-live-p proc)
             (signal-process proc 'TERM)
-            (rlm-test-wait-for (lambda () (not (process-live-p proc))) 10)
-            (delete-process proc)))
+            (rlm-test-wait-for (lambda () (not (process-live-p proc))) 10))
+          (when proc (delete-process proc)))
         (delete-directory dir t)))))
 
 ;;;; Queries
@@ -234,16 +247,18 @@
   (rlm-test-with-daemon
     (with-temp-buffer
       (rename-buffer "rlm-test-region" t)
-      (insert "first line\nsecond line has the needle\nthird line\n")
+      ;; Characters outside ASCII and the BMP: offsets are characters
+      ;; and Content-Length counts bytes, both must hold.
+      (insert "first liné\nsecond ☕ line has the 𝄞 needle\nthird line\n")
       (let ((transient-mark-mode t))
         (goto-char 12)
         (push-mark 12 t t)
-        (goto-char 39)
+        (goto-char 43)
         (should (use-region-p))
         (let ((job (rlm-query "regiontest: what is here?")))
-          (should (equal (rlm-job-context job) "emacs:rlm-test-region:12-39"))
+          (should (equal (rlm-job-context job) "emacs:rlm-test-region:12-43"))
           (should (equal (rlm-test-context-text (rlm-job-context job))
-                         "second line has the needle\n"))
+                         "second ☕ line has the 𝄞 needle\n"))
           (rlm-test-finish job)
           (should (eq (rlm-job-state job) 'done))
           (should (equal (rlm-job-answer job) "Generic answer.")))))))
