@@ -530,7 +530,7 @@ def test_gitignore_semantics() -> None:
 
 
 def test_globs() -> None:
-    g = Globs(["*.py", "src/**/*.rs", "docs/"])
+    g = Globs(["*.py", "./src/**/*.rs", "docs/"])
     assert g.match("a.py") and g.match("x/y/a.py")
     assert g.match("src/a.rs") and g.match("src/x/y/a.rs") and not g.match("lib/src/a.rs")
     assert g.match("docs") and g.match("x/docs")

@@ -187,7 +187,8 @@ class Globs:
 
     def __init__(self, patterns: list[str] | None) -> None:
         self.patterns = list(patterns or [])
-        self._rx = [_compile(p.rstrip("/")) for p in self.patterns if p.strip("/")]
+        cleaned = [p.removeprefix("./").rstrip("/") for p in self.patterns]
+        self._rx = [_compile(p) for p in cleaned if p.strip("/")]
 
     def __bool__(self) -> bool:
         return bool(self._rx)
