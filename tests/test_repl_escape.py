@@ -320,3 +320,38 @@ async def test_daemon_files_are_invisible(mode: str, repl: ReplSession, short_tm
     assert SECRET not in out and "not visible FileNotFoundError" in out
     top = eval(out.splitlines()[-1])
     assert "work" not in top and "home" not in top and "scratch" in top
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "b'\\x00\\x00\\x00\\x05hello'",  # not msgpack of any message
+        "b'\\xff\\xff\\xff\\xff'",  # a 4 GiB frame announced
+        "b''.join(__import__('rlmd.repl.channel', fromlist=['x']).encode("
+        "__import__('rlmd.repl.channel', fromlist=['x']).Call(id=i, method='llm_query', "
+        "params={'prompt': 'x'})) for i in range(5000))",  # a call flood
+    ],
+    ids=["garbage", "huge-length", "call-flood"],
+)
+async def test_forged_frames_cost_only_the_worker(repl: ReplSession, payload: str) -> None:
+    code = (
+        "import os, stat\n"
+        "fd = next(f for f in range(3, 64) if _ok(f))\n"
+        f"os.write(fd, {payload})\n"
+        "import time\n"
+        "time.sleep(5)\n"
+    )
+    prelude = (
+        "def _ok(f):\n"
+        "    import os, stat\n"
+        "    try:\n"
+        "        return stat.S_ISSOCK(os.fstat(f).st_mode)\n"
+        "    except OSError:\n"
+        "        return False\n"
+    )
+    await repl.execute(prelude, timeout_s=10)
+    t0 = time.monotonic()
+    r = await repl.execute(code, timeout_s=20)
+    assert r.restarted and not r.timed_out, r
+    assert time.monotonic() - t0 < 4
+    assert (await run(repl, "print('fresh')")) == "fresh\n"

@@ -55,6 +55,8 @@ START_TIMEOUT_S = 30.0
 GET_VAR_TIMEOUT_S = 10.0
 #: Model calls in flight per session; more wait (protects the daemon from call floods).
 MAX_CALLS_IN_FLIGHT = 64
+#: Calls waiting or in flight per block; beyond this the worker is treated as abusive.
+MAX_CALLS_PENDING = 1024
 _STDERR_TAIL = 4096
 _METHODS = ("llm_query", "llm_query_batched", "rlm_query")
 
@@ -372,9 +374,15 @@ class ReplSession:
                 # Cancellation (the query was cancelled) or a bug: never leave a worker behind.
                 await asyncio.shield(self._drop_worker())
                 raise
+        # The worker caps its output, but model code can forge frames: cap again here.
+        output, error = done.output, done.error
+        if len(output) > OUTPUT_CAP_CHARS + 200:
+            output = output[:OUTPUT_CAP_CHARS] + "\n[output truncated by the daemon]\n"
+        if error is not None and len(error) > OUTPUT_CAP_CHARS:
+            error = error[:OUTPUT_CAP_CHARS] + "\n[error truncated by the daemon]\n"
         return ExecResult(
-            output=done.output,
-            error=done.error,
+            output=output,
+            error=error,
             final=done.final,
             elapsed_s=time.monotonic() - t0,
         )
@@ -391,6 +399,10 @@ class ReplSession:
                     if not isinstance(msg, ch.Call):
                         raise WorkerError(
                             f"the REPL worker sent an unexpected {type(msg).__name__}"
+                        )
+                    if len(tasks) >= MAX_CALLS_PENDING:
+                        raise WorkerError(
+                            f"the block made more than {MAX_CALLS_PENDING} model calls at once"
                         )
                     t = tg.create_task(self._serve_call(w, msg))
                     tasks.add(t)
