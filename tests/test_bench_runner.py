@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from rlmd.bench import BenchError, make_tasks
-from rlmd.bench.report import Result, markdown, plot, summarize
+from rlmd.bench.report import Result, markdown, plot, summarize, summarize_kinds
 from rlmd.bench.runner import (
     BenchOptions,
     Progress,
@@ -167,6 +167,21 @@ def test_summary_means_medians_and_markdown_table():
     assert re.search(r"^\| base \| 1\.000 \(4\) \| 0\.000 \(4\) \|$", md, re.M)
     sniah = md.split("## sniah", 1)[1]
     assert sniah.index("| base |") < sniah.index("| rlm |")
+    assert "by kind of question" not in md  # no kinds recorded
+
+
+def test_report_breaks_scores_down_by_question_kind():
+    rs = [
+        _result("o1", "rlm", 1.0, suite="oolong", task_kind="count"),
+        _result("o2", "rlm", 0.5, suite="oolong", task_kind="count"),
+        _result("o3", "rlm", 0.0, suite="oolong", task_kind="most"),
+        _result("o1", "base", 0.25, suite="oolong", task_kind="count"),
+    ]
+    kinds = summarize_kinds(rs)
+    md = markdown(summarize(rs), {}, kinds=kinds)
+    assert "| method | count | most |" in md
+    assert "| rlm | 0.750 (2) | 0.000 (1) |" in md
+    assert "| base | 0.250 (1) | – |" in md
 
 
 def test_plot_writes_a_png_or_says_why_not(tmp_path: Path):

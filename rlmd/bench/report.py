@@ -107,6 +107,28 @@ def summarize(results: Iterable[Result]) -> list[SummaryRow]:
     return rows
 
 
+class KindRow(msgspec.Struct, kw_only=True):
+    """Mean score of one method on one kind of question (over all lengths)."""
+
+    suite: str
+    method: str
+    kind: str
+    n: int
+    score: float
+
+
+def summarize_kinds(results: Iterable[Result]) -> list[KindRow]:
+    """Mean score per (suite, method, question kind): which questions a method misses."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in results:
+        if r.task_kind:
+            groups[(r.suite, r.method, r.task_kind)].append(r.score)
+    return [
+        KindRow(suite=s, method=m, kind=k, n=len(v), score=statistics.fmean(v))
+        for (s, m, k), v in sorted(groups.items())
+    ]
+
+
 def _score_name(suite: str) -> str:
     return "F1" if suite == "pairs" else "score"
 
@@ -115,8 +137,14 @@ def _fmt_tokens(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 10_000 else f"{x:.0f}"
 
 
-def markdown(rows: list[SummaryRow], meta: dict[str, Any], notes: Sequence[str] = ()) -> str:
-    """The report: per suite, a score table (methods x lengths) and a cost table."""
+def markdown(
+    rows: list[SummaryRow],
+    meta: dict[str, Any],
+    notes: Sequence[str] = (),
+    kinds: Sequence[KindRow] = (),
+) -> str:
+    """The report: per suite, a score table (methods x lengths), a cost table and, when
+    the suite has several kinds of question, the score per kind."""
     out = ["# rlm bench results", ""]
     for key in ("command", "root_model", "sub_model", "python", "seed", "created"):
         if meta.get(key) not in (None, ""):
@@ -153,6 +181,20 @@ def markdown(rows: list[SummaryRow], meta: dict[str, Any], notes: Sequence[str] 
                 f"| {r.wall_s.mean:.1f} / {r.wall_s.median:.1f} |"
             )
         out.append("")
+        skinds = [k for k in kinds if k.suite == suite]
+        names = sorted({k.kind for k in skinds})
+        if len(names) > 1:
+            by = {(k.method, k.kind): k for k in skinds}
+            out += [f"Mean {_score_name(suite)} by kind of question (all lengths):", ""]
+            out.append("| method | " + " | ".join(names) + " |")
+            out.append("| --- |" + " ---: |" * len(names))
+            for m in methods:
+                cells = [
+                    f"{by[(m, k)].score:.3f} ({by[(m, k)].n})" if (m, k) in by else "–"
+                    for k in names
+                ]
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
     for note in notes:
         out.append(f"> {note}")
         out.append("")

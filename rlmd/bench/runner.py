@@ -36,7 +36,7 @@ from typing import Any, Protocol, TextIO
 import msgspec
 
 from rlmd.bench import SUITES, BenchError, Task, format_length, make_tasks, parse_lengths
-from rlmd.bench.report import Result, markdown, plot, summarize
+from rlmd.bench.report import Result, markdown, plot, summarize, summarize_kinds
 
 METHODS = ("base", "rlm", "rlm-nosub")
 # Contexts larger than this go to the daemon as a file path, not inside the JSON frame.
@@ -652,12 +652,19 @@ def write_outputs(
     files, note = plot(rows, opts.out) if rows else ([], None)
     if note:
         notes.append(note)
-    md = markdown(rows, meta, notes) if rows or not perf_md else ""
+    kinds = summarize_kinds(results)
+    md = markdown(rows, meta, notes, kinds) if rows or not perf_md else ""
     if perf_md:
         md = (md + "\n" if md else "") + perf_md
     report = opts.out / "report.md"
     report.write_text(md, encoding="utf-8")
-    payload = {"meta": meta, "summary": rows, "results": results, "perf": perf_md}
+    payload = {
+        "meta": meta,
+        "summary": rows,
+        "by_kind": kinds,
+        "results": results,
+        "perf": perf_md,
+    }
     out_json = opts.out / "results.json"
     out_json.write_bytes(msgspec.json.format(msgspec.json.encode(payload), indent=2))
     return out_json, report, files, note
