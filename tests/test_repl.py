@@ -517,3 +517,37 @@ def test_context_view_random_offsets_agree_with_str() -> None:
         assert [m.span() for m in rem.finditer(pat, v)] == [
             m.span() for m in re.finditer(pat, text)
         ]
+
+
+@pytest.mark.parametrize("kind", ["ascii", "non_ascii"])
+async def test_store_context_and_its_index_are_used(kind: str, dirs: tuple[Path, Path]) -> None:
+    from rlmd.store import ContextStore
+
+    text = TEXTS[kind] * 40  # > one index stride of characters
+    root, scratch = dirs
+    store = ContextStore(root / "contexts")
+    store.put_text("doc", text)
+    path = store.text_path("doc")
+    index = path.with_suffix(".idx")
+    assert index.is_file()
+    v = ContextView.open(str(path), str(index))
+    # Known from the sidecar without a scan: ASCII-ness, and the checkpoints.
+    assert v._ascii is text.isascii() and (v._index is None) == text.isascii()
+    assert len(v) == len(text) and v[-5000:-4000] == text[-5000:-4000]
+    assert [m.span() for m in make_re_module().finditer("fox [0-9]+|日本語", v)] == [
+        m.span() for m in re.finditer("fox [0-9]+|日本語", text)
+    ]
+    s = await ReplSession.start(
+        context_path=path, limits=LimitsConfig(), sandbox=SandboxConfig(), scratch_dir=scratch,
+        on_call=Handler(), str_threshold_bytes=0,
+    )  # fmt: skip
+    try:
+        assert s.index_path == index
+        r = await s.execute(
+            "s = str(context)\n"
+            "print(type(context).__name__, len(context) == len(s), context[-5000:-4000] == s[-5000:-4000])",
+            timeout_s=30,
+        )
+        assert r.output == "ContextView True True\n", r
+    finally:
+        await s.close()

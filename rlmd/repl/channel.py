@@ -38,6 +38,7 @@ class Init(_Msg, tag="init"):
     """First message: how the worker sets itself up before it runs any model code."""
 
     context_path: str | None
+    index_path: str | None  # the store's character index of the context, if any
     str_threshold_bytes: int
     memory_bytes: int  # RLIMIT_AS; 0: unlimited
     cpu_s: int  # RLIMIT_CPU; 0: unlimited

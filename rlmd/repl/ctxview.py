@@ -55,94 +55,166 @@ _LINE_BREAK = _re.compile(rb"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e]|\xc2\x85|\xe2\x80[\
 
 
 def load_context(
-    path: str | None, threshold: int = STR_THRESHOLD_BYTES
+    path: str | None, threshold: int = STR_THRESHOLD_BYTES, index_path: str | None = None
 ) -> str | ContextView | None:
-    """The value of ``context``: None, a str (small file) or a view (large file)."""
+    """The value of ``context``: None, a str (small file) or a view (large file).
+
+    ``index_path``: the store's character index of the file (``<version>.idx``), used
+    when it loads and matches the file, so that a large view opens without a scan.
+    """
     if path is None:
         return None
     size = os.path.getsize(path)
     if size < threshold:
         with open(path, "rb") as f:
             return f.read().decode("utf-8", errors="replace")
-    return ContextView.open(path)
+    return ContextView.open(path, index_path)
 
 
 class _CharIndex:
-    """Byte offset and character count at the start of every block of a non-ASCII text."""
+    """Byte offset and character count at the start of every block of a non-ASCII text.
 
-    def __init__(self, buf: Any, size: int) -> None:
-        self.byte_at = array("q")
-        self.char_at = array("q")
+    Conversions remember the last answer, so that a run of increasing offsets (the
+    matches of ``finditer``) decodes each stretch of text once in all.
+    """
+
+    def __init__(self, buf: Any, byte_at: array, char_at: array) -> None:
+        self.buf = buf
+        self.byte_at = byte_at
+        self.char_at = char_at
+        self.chars = char_at[-1]
+        self._last = (0, 0)  # (byte, char) of the last conversion
+
+    @classmethod
+    def build(cls, buf: Any, size: int) -> _CharIndex:
+        byte_at, char_at = array("q"), array("q")
         pos = chars = 0
         while pos < size:
             end = min(pos + _BLOCK, size)
             while end < size and (buf[end] & 0xC0) == 0x80:
                 end -= 1  # do not split a character
             chunk = buf[pos:end]
-            self.byte_at.append(pos)
-            self.char_at.append(chars)
+            byte_at.append(pos)
+            char_at.append(chars)
             chars += len(chunk) if chunk.isascii() else len(chunk.translate(None, _CONTINUATION))
             pos = end
-        self.byte_at.append(size)
-        self.char_at.append(chars)
-        self.chars = chars
-        self.buf = buf
+        byte_at.append(size)
+        char_at.append(chars)
+        return cls(buf, byte_at, char_at)
 
     def char_to_byte(self, c: int) -> int:
-        i = bisect.bisect_right(self.char_at, c) - 1
-        if i >= len(self.byte_at) - 1:
-            return self.byte_at[-1]
-        b0, c0 = self.byte_at[i], self.char_at[i]
-        b1, c1 = self.byte_at[i + 1], self.char_at[i + 1]
-        if b1 - b0 == c1 - c0:  # ASCII block
-            return b0 + (c - c0)
-        # k characters take at most 4k bytes: decode only that much of the block (a cut
-        # character at the end is beyond the k wanted, so dropping it is harmless).
-        k = c - c0
-        head = self.buf[b0 : min(b1, b0 + 4 * k)].decode("utf-8", errors="ignore")
-        return b0 + len(head[:k].encode("utf-8"))
+        lb, lc = self._last
+        if 0 <= c - lc <= _BLOCK:
+            k = c - lc
+            b0 = lb
+        else:
+            i = bisect.bisect_right(self.char_at, c) - 1
+            if i >= len(self.byte_at) - 1:
+                return self.byte_at[-1]
+            b0, c0 = self.byte_at[i], self.char_at[i]
+            b1, c1 = self.byte_at[i + 1], self.char_at[i + 1]
+            if b1 - b0 == c1 - c0:  # ASCII block
+                return b0 + (c - c0)
+            k = c - c0
+        # k characters take at most 4k bytes: decode only that much (a character cut at
+        # the end lies beyond the k wanted, so dropping it is harmless).
+        head = self.buf[b0 : b0 + 4 * k].decode("utf-8", errors="ignore")
+        b = b0 + len(head[:k].encode("utf-8"))
+        self._last = (b, c)
+        return b
 
     def byte_to_char(self, b: int) -> int:
-        i = bisect.bisect_right(self.byte_at, b) - 1
-        if i >= len(self.byte_at) - 1:
-            return self.chars
-        b0, c0 = self.byte_at[i], self.char_at[i]
-        return c0 + len(self.buf[b0:b].decode("utf-8", errors="replace"))
+        lb, lc = self._last
+        if 0 <= b - lb <= 4 * _BLOCK:
+            b0, c0 = lb, lc
+        else:
+            i = bisect.bisect_right(self.byte_at, b) - 1
+            if i >= len(self.byte_at) - 1:
+                return self.chars
+            b0, c0 = self.byte_at[i], self.char_at[i]
+        c = c0 + len(self.buf[b0:b].decode("utf-8", errors="replace"))
+        self._last = (b, c)
+        return c
+
+
+def _store_index(buf: Any, size: int, index_path: str) -> tuple[bool, _CharIndex | None] | None:
+    """(is ASCII, index) from the store's sidecar file; None if it is missing or stale.
+
+    ``rlmd/store/charindex.py`` is loaded by file so that the store package (and what it
+    imports) stays out of the worker.
+    """
+    try:
+        import importlib.util
+
+        import rlmd
+
+        src = os.path.join(os.path.dirname(rlmd.__file__), "store", "charindex.py")
+        spec = importlib.util.spec_from_file_location("_rlmd_store_charindex", src)
+        if spec is None or spec.loader is None:
+            return None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        idx = mod.CharIndex.load(index_path)
+        if idx.nbytes != size:
+            return None
+        if idx.ascii:
+            return True, None
+        n = len(idx.offsets)
+        byte_at = array("q", idx.offsets)
+        char_at = array("q", range(0, n * idx.stride, idx.stride))
+        if byte_at[-1] != size:
+            byte_at.append(size)
+            char_at.append(idx.chars)
+        return False, _CharIndex(buf, byte_at, char_at)
+    except Exception:  # a sidecar we cannot use costs a scan, nothing more
+        return None
 
 
 class ContextView:
     """A read-only str-like view of a UTF-8 file (see the module docstring)."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, buf: Any, *, known: tuple[bool, _CharIndex | None] | None = None) -> None:
         self._buf = buf
         self._size = len(buf)
-        ascii_, seps = True, False
-        for pos in range(0, self._size, _SCAN):
-            chunk = buf[pos : pos + _SCAN]
-            if ascii_ and not chunk.isascii():
-                ascii_ = False
-            if not seps:
-                # memchr per byte value: far faster than a regex character class.
-                seps = any(chunk.find(b) >= 0 for b in _SEPARATOR_BYTES)
-        self.is_ascii = ascii_
-        self._plain_bytes_re = ascii_ and not seps
-        self._index: _CharIndex | None = None
+        self._ascii: bool | None = None if known is None else known[0]
+        self._index: _CharIndex | None = None if known is None else known[1]
+        self._seps: bool | None = None
         self._full: str | None = None
-        self._compiled: dict[tuple[str, int], tuple[str, Any]] = {}
+        self._compiled: dict[tuple[str, int], tuple[str, Any, Any]] = {}
 
     @classmethod
-    def open(cls, path: str) -> ContextView:
-        """Map ``path`` read-only."""
+    def open(cls, path: str, index_path: str | None = None) -> ContextView:
+        """Map ``path`` read-only (with the store's index at ``index_path`` if usable)."""
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
                 return cls(b"")
-            return cls(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        known = _store_index(buf, size, index_path) if index_path else None
+        return cls(buf, known=known)
+
+    @property
+    def is_ascii(self) -> bool:
+        """Whether the text is pure ASCII (scanned on first use unless the index said)."""
+        if self._ascii is None:
+            self._ascii = all(
+                self._buf[p : p + _SCAN].isascii() for p in range(0, self._size, _SCAN)
+            )
+        return self._ascii
+
+    @property
+    def _plain_bytes_re(self) -> bool:
+        # Any ASCII pattern means the same on the bytes: ASCII text without the
+        # information separators (whitespace to str, not to bytes).
+        if self._seps is None:
+            self._seps = self.is_ascii and any(self._buf.find(b) >= 0 for b in _SEPARATOR_BYTES)
+        return self.is_ascii and not self._seps
 
     # --- offsets ------------------------------------------------------------------------
 
     def _idx(self) -> _CharIndex:
         if self._index is None:
-            self._index = _CharIndex(self._buf, self._size)
+            self._index = _CharIndex.build(self._buf, self._size)
         return self._index
 
     def _b(self, c: int) -> int:

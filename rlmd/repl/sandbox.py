@@ -330,6 +330,7 @@ def bwrap_argv(
     context_path: Path | None,
     scratch_dir: Path,
     env: dict[str, str],
+    index_path: Path | None = None,
 ) -> list[str]:
     """The bubblewrap command line that precedes the worker's own argv."""
     argv = [
@@ -353,6 +354,8 @@ def bwrap_argv(
     argv += ["--bind", str(scratch_dir), SANDBOX_SCRATCH, "--chdir", SANDBOX_SCRATCH]
     if context_path is not None:
         argv += ["--ro-bind", str(context_path), f"{SANDBOX_CONTEXT_DIR}/context.txt"]
+    if index_path is not None:
+        argv += ["--ro-bind", str(index_path), f"{SANDBOX_CONTEXT_DIR}/context.idx"]
     for k, v in env.items():
         argv += ["--setenv", k, v]
     return argv

@@ -202,6 +202,8 @@ class ReplSession:
         self.on_call = on_call
         self.protection = protection
         self.str_threshold_bytes = str_threshold_bytes
+        #: The store's character index next to the context (``<version>.idx``), if any.
+        self.index_path: Path | None = None
         self._proc: _Proc | None = None
         self._lock = asyncio.Lock()
         self._calls = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
@@ -222,7 +224,7 @@ class ReplSession:
         str_threshold_bytes: int = STR_THRESHOLD_BYTES,
     ) -> ReplSession:
         """Start a worker now; SandboxUnavailable if a required layer does not work."""
-        scratch = await asyncio.to_thread(_check_paths, context_path, scratch_dir)
+        scratch, index = await asyncio.to_thread(_check_paths, context_path, scratch_dir)
         prot = await protection_async(sandbox, probe=probe)
         self = cls(
             context_path=Path(context_path) if context_path is not None else None,
@@ -233,6 +235,7 @@ class ReplSession:
             protection=prot,
             str_threshold_bytes=str_threshold_bytes,
         )
+        self.index_path = index
         self._proc = await self._spawn()
         return self
 
@@ -243,12 +246,15 @@ class ReplSession:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             fd = child.fileno()
+            index = self.index_path
             if prot.bwrap:
                 paths, home = [SANDBOX_LIB], SANDBOX_SCRATCH
                 ctx = f"{SANDBOX_CONTEXT_DIR}/context.txt" if self.context_path else None
+                idx = f"{SANDBOX_CONTEXT_DIR}/context.idx" if index else None
             else:
                 paths, home = host_sys_path(), str(self.scratch_dir)
                 ctx = str(self.context_path) if self.context_path else None
+                idx = str(index) if index else None
             boot = f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; main({fd})"
             argv = [python_executable(), "-I", "-S", "-c", boot]
             env = worker_env(home)
@@ -259,6 +265,7 @@ class ReplSession:
                         context_path=self.context_path,
                         scratch_dir=self.scratch_dir,
                         env=env,
+                        index_path=index,
                     ),
                     "--",
                     *argv,
@@ -285,7 +292,7 @@ class ReplSession:
         self.workers_started += 1
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
-                await w.send(self._init_msg(ctx))
+                await w.send(self._init_msg(ctx, idx))
                 ready = await w.recv()
             if not isinstance(ready, ch.Ready):
                 raise WorkerError(f"the REPL worker sent {type(ready).__name__} instead of Ready")
@@ -308,10 +315,11 @@ class ReplSession:
             raise
         return w
 
-    def _init_msg(self, ctx: str | None) -> ch.Init:
+    def _init_msg(self, ctx: str | None, idx: str | None) -> ch.Init:
         lim = self.limits
         return ch.Init(
             context_path=ctx,
+            index_path=idx,
             str_threshold_bytes=self.str_threshold_bytes,
             memory_bytes=lim.worker_memory_mb * 1024 * 1024,
             cpu_s=lim.worker_cpu_s,
@@ -458,13 +466,22 @@ class ReplSession:
         await self._drop_worker()
 
 
-def _check_paths(context_path: Path | None, scratch_dir: Path) -> Path:
-    """Clear errors for missing files before any process is spawned; the resolved scratch."""
+def _check_paths(context_path: Path | None, scratch_dir: Path) -> tuple[Path, Path | None]:
+    """Clear errors for missing files before any process is spawned.
+
+    Returns the resolved scratch directory and the store's index of the context
+    (``<version>.idx`` next to ``<version>.txt``) when there is one.
+    """
     if context_path is not None and not Path(context_path).is_file():
         raise WorkerError(f"context file {context_path} does not exist")
     if not Path(scratch_dir).is_dir():
         raise WorkerError(f"scratch directory {scratch_dir} does not exist; create it first")
-    return Path(scratch_dir).resolve()
+    index = None
+    if context_path is not None:
+        candidate = Path(context_path).with_suffix(".idx")
+        if candidate != Path(context_path) and candidate.is_file():
+            index = candidate
+    return Path(scratch_dir).resolve(), index
 
 
 def _check_call(method: str, params: Any) -> dict[str, Any]:

@@ -332,7 +332,7 @@ def main(fd: int) -> None:
         raise SystemExit("rlmd worker: expected Init")
     chan.max_frame_bytes = init.max_frame_bytes
     problems: list[str] = []
-    context = load_context(init.context_path, init.str_threshold_bytes)
+    context = load_context(init.context_path, init.str_threshold_bytes, init.index_path)
     kind = "none" if context is None else ("view" if isinstance(context, ContextView) else "str")
     memory = init.memory_bytes
     if memory > 0 and init.context_path is not None and kind == "view":
