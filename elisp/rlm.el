@@ -138,6 +138,15 @@ It is folded when the answer arrives either way."
   :type 'integer
   :group 'rlm)
 
+(defcustom rlm-file-transfer-threshold (* 1024 1024)
+  "Texts of at least this many characters go to the daemon via a file.
+Emacs writes them to a private temporary file that the daemon reads
+\(much faster than sending them over the socket), then deletes it.
+When the daemon cannot read the file (another machine or a private
+/tmp), the text goes over the socket.  nil means always the socket."
+  :type '(choice (const :tag "Always over the socket" nil) integer)
+  :group 'rlm)
+
 (defcustom rlm-events-buffer-size 0
   "Size of the jsonrpc events log buffer; 0 disables it.
 Logging pretty-prints every message, contexts included, so keep it
@@ -802,6 +811,24 @@ Return the daemon's description of the context."
                                      (format "[%c-%c]" #x3fff80 #x3fffff) "\ufffd" text t t))
                   rlm-put-timeout))))
 
+(defun rlm--put-via-file (name start end)
+  "Store the current buffer from START to END as context NAME via a file.
+Return non-nil on success, nil when the daemon could not use the file."
+  (let ((file (make-temp-file "rlm-put-" nil ".txt")))
+    (unwind-protect
+        (condition-case err
+            (progn
+              (let ((coding-system-for-write 'utf-8-unix)
+                    (write-region-inhibit-fsync t))
+                (write-region start end file nil 'silent))
+              (rlm-request 'context/put (list :name name :path file) rlm-put-timeout)
+              t)
+          (rlm-error
+           (message "rlm: the daemon could not read %s (%s); sending the text instead"
+                    file (error-message-string err))
+           nil))
+      (delete-file file))))
+
 (defun rlm-buffer-context (&optional buffer start end)
   "Send the text of BUFFER from START to END as a named context.
 The whole (widened) buffer when START and END are nil.  Return the
@@ -824,7 +851,10 @@ the buffer's modification tick."
           (when (> (- end start) 1000000)
             (message "rlm: sending %s (%s)..." name
                      (file-size-human-readable (- end start))))
-          (rlm-put-text name (buffer-substring-no-properties start end))
+          (unless (and rlm-file-transfer-threshold
+                       (>= (- end start) rlm-file-transfer-threshold)
+                       (rlm--put-via-file name start end))
+            (rlm-put-text name (buffer-substring-no-properties start end)))
           (setf (alist-get name rlm--sent-contexts nil nil #'equal) tick))
         name))))
 

@@ -243,6 +243,27 @@
               (rlm-drop "emacs:rlm-test-cache")))
         (rlm-disconnect)))))
 
+(ert-deftest rlm-test-large-texts-go-through-a-file-and-raw-bytes-are-replaced ()
+  (rlm-test-with-daemon
+    (let ((temporary-file-directory
+           (file-name-as-directory (make-temp-file (expand-file-name "put" rlm-test-tmp) t))))
+      (dolist (threshold '(nil 10))
+        (with-temp-buffer
+          (rename-buffer (format "rlm-test-big-%s" threshold) t)
+          (insert "ab" (string (unibyte-char-to-multibyte 200)) "cd naïve ☕ 𝄞\n")
+          (dotimes (i 50) (insert (format "line %d\n" i)))
+          (let* ((rlm-file-transfer-threshold threshold)
+                 (name (rlm-buffer-context)))
+            (should (equal (rlm-test-context-text name)
+                           (concat "ab\ufffdcd naïve ☕ 𝄞\n"
+                                   (buffer-substring-no-properties
+                                    (progn (goto-char (point-min)) (forward-line 1) (point))
+                                    (point-max)))))
+            (rlm-drop name))))
+      ;; The temporary file is gone.
+      (should (equal (directory-files temporary-file-directory nil "rlm-put-") nil))
+      (delete-directory temporary-file-directory t))))
+
 (ert-deftest rlm-test-region-sends-exactly-the-region ()
   (rlm-test-with-daemon
     (with-temp-buffer
