@@ -34,10 +34,12 @@ import resource
 import signal
 import struct
 import sys
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+
+if TYPE_CHECKING:  # pathlib is not imported at run time: the worker starts faster
+    from pathlib import Path
 
 Mode = Literal["auto", "require", "off"]
 
@@ -309,8 +311,8 @@ def library_dirs() -> dict[str, str]:
     import rlmd
 
     return {
-        "rlmd": str(Path(rlmd.__file__).resolve().parent),
-        "msgspec": str(Path(msgspec.__file__).resolve().parent),
+        "rlmd": os.path.dirname(os.path.realpath(rlmd.__file__)),
+        "msgspec": os.path.dirname(os.path.realpath(msgspec.__file__)),
     }
 
 
@@ -318,7 +320,7 @@ def host_sys_path() -> list[str]:
     """sys.path entries that make rlmd and msgspec importable without bubblewrap."""
     out: list[str] = []
     for d in library_dirs().values():
-        parent = str(Path(d).parent)
+        parent = os.path.dirname(d)
         if parent not in out:
             out.append(parent)
     return out

@@ -17,14 +17,12 @@ from __future__ import annotations
 import ast
 import builtins
 import io
-import json
 import linecache
 import os
 import queue
 import socket
 import sys
 import threading
-import traceback
 from typing import Any
 
 from rlmd.repl import channel as ch
@@ -84,6 +82,8 @@ def render(value: Any) -> str:
     if isinstance(value, ContextView):
         return str(value)
     if isinstance(value, (list, tuple, dict)):
+        import json
+
         try:
             return json.dumps(value, ensure_ascii=False, indent=2, default=str)
         except (TypeError, ValueError):  # e.g. non-str dict keys mixed, cycles
@@ -309,6 +309,8 @@ def _model(m: Any) -> str | None:
 def _format_error(exc: BaseException) -> str:
     """The traceback of model code, without the worker's own frames."""
     try:
+        import traceback
+
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename == _THIS_FILE:
             tb = tb.tb_next
