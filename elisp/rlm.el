@@ -562,6 +562,7 @@ output and sub-calls) is folded below it.
           (overlay-put ov 'rlm-trajectory t)
           (overlay-put ov 'invisible (not rlm-show-trajectory-while-running))
           (setf (rlm-job-overlay job) ov)))
+      (goto-char (point-min))
       (setq buffer-undo-list nil)
       (let ((group (prepare-change-group)))
         (activate-change-group group)
@@ -746,9 +747,11 @@ Does nothing when JOB already finished."
     (pcase status
       ('error
        (rlm--insert-answer job (format "Error: %s" message) 'rlm-error)
-       (when (rlm-job-partial job)
-         (rlm--insert-answer job (concat "Partial answer:\n" (rlm-job-partial job))))
-       (message "rlm: query failed: %s" message))
+       (let ((partial (rlm-job-partial job)))
+         (when (and (stringp partial) (not (string-blank-p partial)))
+           (rlm--insert-answer job (concat "Partial answer:\n" partial))))
+       (message "rlm: query failed: %s"
+                (car (split-string (or message "") "\n" t))))
       ('cancelled
        (rlm--insert-answer job (format "Cancelled%s" (if message (format ": %s" message) ""))
                            'rlm-error)
@@ -1120,30 +1123,49 @@ The job ends at once on the Emacs side, whatever the daemon does."
 
 ;;;###autoload
 (defun rlm-status ()
-  "Show the daemon's status and its pool of model servers."
+  "Show the daemon's status and its pool of model servers.
+Return the daemon's status (a plist)."
   (interactive)
   (let* ((st (rlm-request 'daemon/status))
-         (providers (append (plist-get st :providers) nil))
+         (pool (condition-case nil
+                   (append (plist-get (rlm-request 'pool/status) :providers) nil)
+                 (rlm-error nil)))
+         (providers (or pool (append (plist-get st :providers) nil)))
+         (num (lambda (v fmt) (if (numberp v) (format fmt v) "-")))
          (buf (get-buffer-create "*rlm status*")))
     (with-current-buffer buf
       (let ((inhibit-read-only t))
         (erase-buffer)
         (special-mode)
+        (setq-local revert-buffer-function (lambda (&rest _) (rlm-status)))
         (insert (propertize "rlm daemon" 'face 'rlm-heading) "\n\n")
         (dolist (key '(:version :pid :uptime_s :contexts :jobs :socket :state_dir :embedded))
-          (when-let ((v (plist-get st key)))
-            (unless (equal v "")
+          (let ((v (plist-get st key)))
+            (when (and v (not (equal v "")))
               (insert (propertize (format "%-10s " (substring (symbol-name key) 1))
                                   'face 'rlm-label)
                       (format "%s" v) "\n"))))
-        (insert "\n" (propertize (format "%-20s %-10s %-8s %s\n"
-                                         "Provider" "Kind" "Health" "Load")
-                                 'face 'rlm-heading))
+        (insert "\n" (propertize
+                      (format "%-16s %-9s %-6s %6s %6s %7s %7s %6s %8s %9s  %s\n"
+                              "Provider" "Kind" "Health" "Load" "Queue" "TTFT" "tok/s"
+                              "Errors" "Requests" "Cost" "Models")
+                      'face 'rlm-heading))
         (dolist (p providers)
-          (insert (format "%-20s %-10s %-8s %s/%s\n"
+          (insert (format "%-16s %-9s %-6s %6s %6s %7s %7s %6s %8s %9s  %s\n"
                           (plist-get p :name) (plist-get p :kind)
-                          (if (eq (plist-get p :healthy) t) "up" "DOWN")
-                          (plist-get p :in_flight) (plist-get p :capacity))))
+                          (if (eq (plist-get p :healthy) t) "up"
+                            (propertize "DOWN" 'face 'rlm-error))
+                          (format "%s/%s" (plist-get p :in_flight) (plist-get p :capacity))
+                          (funcall num (plist-get p :queued) "%d")
+                          (funcall num (plist-get p :ewma_ttft_s) "%.2fs")
+                          (funcall num (plist-get p :ewma_tokens_per_s) "%.0f")
+                          (funcall num (and (numberp (plist-get p :error_rate))
+                                            (* 100 (plist-get p :error_rate)))
+                                   "%.0f%%")
+                          (funcall num (plist-get p :requests) "%d")
+                          (funcall num (plist-get p :cost) "$%.4f")
+                          (mapconcat (lambda (m) (format "%s" m))
+                                     (plist-get p :models) ","))))
         (when (null providers) (insert "(no providers)\n"))
         (goto-char (point-min))))
     (display-buffer buf)
@@ -1238,7 +1260,8 @@ queries (or any job id) read in the minibuffer."
         (dolist (rec records)
           (rlm--insert-trace-record rec))
         (goto-char (point-min))
-        (outline-hide-body)))
+        (outline-hide-body)
+        (set-buffer-modified-p nil)))
     (display-buffer buf rlm-display-buffer-action)
     buf))
 
