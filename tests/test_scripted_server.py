@@ -269,7 +269,7 @@ async def test_fifty_parallel_streams_really_overlap() -> None:
         assert srv.max_concurrent == n
         # Serial service would take n * delay = 20 s.
         assert took < n * delay / 4
-        assert srv.in_flight == 0
+        assert srv.wait_idle(3)
 
 
 def test_embeddings_deterministic_and_similar() -> None:
@@ -389,4 +389,4 @@ def test_broken_responder_is_a_clear_400() -> None:
         )
         assert r.status_code == 400
         assert r.json()["error"] == "scripted server: responder raised KeyError: 'oops'"
-        assert srv.in_flight == 0
+        assert srv.wait_idle(3)
