@@ -15,6 +15,7 @@ import pytest
 from rlmd.store import ContextStore, StoreError
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import GitIgnore, Globs, file_header
+from rlmd.store.search import matches_only_ascii, plan
 from rlmd.store.store import MAX_MATCH_TEXT, MAX_MATCHES
 
 UNICODE = "Zoë's café ☕ — naïve 😀 façade 日本語 🇫🇷\nsecond line: ümlaut ß € 𝄞\n"
@@ -609,3 +610,40 @@ def test_search_lines_across_windows_and_checkpoints(tmp_path: Path) -> None:
         for pat in [r"a\n", r"(?m)^b", r"😀", r"a{4,}"]:
             want = expected_matches(text, pat)[:MAX_MATCHES]
             assert got_matches(s, "x", pat) == want, pat
+
+
+def test_ascii_only_patterns() -> None:
+    only_ascii = [
+        "abc", r"a+b*", r"[a-z0-9_]+", r"(?m)^x$", r"\Aab\Z", r"(a|bc)\1", r"(?<=a)b",
+        r"(?<!x)y", r"(?=q)q", r"(?a)\bw\w+\b", r"(?ai)abc", r"(?a)\d{2,}", r"x*", "",
+    ]  # fmt: skip
+    not_only_ascii = [
+        ".", r"[^a]", r"\w", r"\bx", r"(?i)k", r"\W", r"(?a)\W", r"é", r"\xe9", r"(?i:a)b",
+        r"[\x00-\xff]", r"(?s).", r"\S+",
+    ]  # fmt: skip
+    for p in only_ascii:
+        assert matches_only_ascii(p), p
+        assert plan(p, re.compile(p), text_ascii=False)[1] == "bytes", p
+    for p in not_only_ascii:
+        assert not matches_only_ascii(p), p
+        assert plan(p, re.compile(p), text_ascii=False)[1] == "str", p
+    assert plan(r"\w+", re.compile(r"\w+"), text_ascii=True)[1] == "bytes"
+
+
+def test_bytes_search_on_utf8_text_matches_re(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    patterns = [
+        r"ab", r"a+", r"x*", r"", r"(?m)^b", r"(?m)a$", r"\n", r"(?<=é)a", r"(?<!😀)b",
+        r"(a)\1", r"(?a)\b\w+\b", r"(?ai)AB", r"[ab]{2,}", r"$", r"\Z",
+    ]  # fmt: skip
+    writer = ContextStore(tmp_path / "c")
+    for _ in range(40):
+        text = "".join(rng.choice(["a", "b", "é", "😀", "\n", " ", "日"]) for _ in range(200))
+        writer.put_text("x", text)
+        s = ContextStore(
+            tmp_path / "c",
+            search_window_chars=rng.randint(3, 40),
+            search_overlap_chars=rng.randint(12, 30),
+        )
+        for pat in patterns:
+            assert got_matches(s, "x", pat) == expected_matches(text, pat), (text, pat)

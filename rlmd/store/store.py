@@ -45,17 +45,27 @@ import msgspec
 
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
+from rlmd.store.search import MAX_MATCH_TEXT, MAX_MATCHES, Scanner, SearchMatch, dontneed, plan
+
+__all__ = [
+    "MAX_MATCHES",
+    "MAX_MATCH_TEXT",
+    "ContextInfo",
+    "ContextStore",
+    "Pinned",
+    "PutResult",
+    "SearchMatch",
+    "Skipped",
+    "StoreError",
+]
 
 T = TypeVar("T")
 
 MAX_NAME_CHARS = 256
-MAX_MATCHES = 10_000
-MAX_MATCH_TEXT = 2_000
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PEEK_CHARS = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 _COPY_CHUNK = 4 << 20
-_MADVISE_ALIGN = 2 * 1024 * 1024
 _META = "meta.json"
 _TMP = ".tmp-"
 _FORMAT = 1
@@ -108,17 +118,6 @@ class ContextInfo(msgspec.Struct, kw_only=True):
     created: str
     updated: str
     version: str
-
-
-class SearchMatch(msgspec.Struct, kw_only=True):
-    """A regex match: character offsets, 1-based line of ``start``, the matched text
-    (cut to ``MAX_MATCH_TEXT`` characters, then ``truncated`` is true)."""
-
-    start: int
-    end: int
-    line: int
-    text: str
-    truncated: bool = False
 
 
 class _Meta(msgspec.Struct, kw_only=True):
@@ -743,7 +742,7 @@ class ContextStore:
         text = idx.slice(h.buf, start, end)
         # The bytes touched lie between the checkpoint before `start` and 4 bytes a char on.
         lo = start if idx.ascii else idx.offsets[start // idx.stride]
-        _dontneed(h.buf, lo, lo + 4 * (idx.stride + end - start))
+        dontneed(h.buf, lo, lo + 4 * (idx.stride + end - start))
         return text
 
     def search(self, name: str, pattern: str, max_matches: int = 100) -> list[SearchMatch]:
@@ -766,107 +765,6 @@ class ContextStore:
             return [SearchMatch(start=0, end=0, line=1, text="") for _ in rx.finditer("")][
                 :max_matches
             ]
-        as_bytes = False
-        if h.index.ascii and pattern.isascii():
-            # On ASCII text a bytes regex matches exactly what the str regex would, and
-            # spares the decoding; patterns bytes cannot express fall back to str.
-            with contextlib.suppress(re.error):
-                rx = re.compile(pattern.encode("ascii"))
-                as_bytes = True
-        return _Scanner(h, rx, as_bytes, self._window, self._overlap).run(max_matches)
-
-
-def _dontneed(buf: mmap.mmap | bytes, b0: int, b1: int) -> None:
-    """Let the kernel drop this process's mapping of [b0, b1) (the page cache keeps it).
-
-    Widened to 2 MiB boundaries: a page fault maps neighbouring pages too (fault-around,
-    and whole large folios of the page cache); measured, 64 KiB left ~150 KiB per peek.
-    """
-    if isinstance(buf, mmap.mmap) and b1 > b0:
-        start = b0 - b0 % _MADVISE_ALIGN
-        stop = min(len(buf), b1 + (-b1) % _MADVISE_ALIGN)
-        with contextlib.suppress(OSError, ValueError):
-            buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
-
-
-class _Scanner:
-    """Runs a regex window by window over a mapped text, in character offsets.
-
-    Window: characters ``[a - ctx, a + W + O)``; matches starting in ``[a, a + W)`` are
-    taken.  A match reaching the window's end (short of the text's end) might be cut, so
-    the next window starts at it, growing the overlap if it starts the window.
-    """
-
-    _CTX = 64 * 1024
-    _MAX_OVERLAP = 64 * 1024 * 1024
-
-    def __init__(
-        self, h: _Handle, rx: re.Pattern, as_bytes: bool, window: int, overlap: int
-    ) -> None:
-        self.h, self.rx, self.as_bytes = h, rx, as_bytes
-        self.window, self.overlap = window, overlap
-
-    def _text(self, c0: int, c1: int) -> str | bytes:
-        h = self.h
-        b0, b1 = h.index.byte_offset(h.buf, c0), h.index.byte_offset(h.buf, c1)
-        data = h.buf[b0:b1]
-        _dontneed(h.buf, b0, b1)
-        return data if self.as_bytes else data.decode("utf-8")
-
-    def run(self, max_matches: int) -> list[SearchMatch]:
-        total = self.h.meta.chars
-        nl = b"\n" if self.as_bytes else "\n"
-        out: list[SearchMatch] = []
-        a, overlap = 0, self.overlap
-        last_empty_at = -1
-        while True:
-            c0 = max(0, a - self._CTX)
-            end = min(total, a + self.window + overlap)
-            s = self._text(c0, end)
-            limit = a + self.window if end < total else total + 1
-            restart: int | None = None
-            last_end = a
-            line = line_pos = -1  # line of line_pos, once a match is in this window
-            for m in self.rx.finditer(s, a - c0):
-                ms, me = m.start() + c0, m.end() + c0
-                if ms >= limit:
-                    break
-                if me == end and end < total and overlap < self._MAX_OVERLAP:
-                    restart = ms  # may continue past the window: redo with more text
-                    break
-                if ms == me == last_empty_at:
-                    continue  # already reported before a window change
-                if line < 0:  # first match here: the index knows the line
-                    line = self.h.index.line_of(self.h.buf, ms)
-                else:
-                    line += s.count(nl, line_pos - c0, ms - c0)
-                line_pos = ms
-                text = m.group()
-                cut = len(text) > MAX_MATCH_TEXT
-                if cut:
-                    text = text[:MAX_MATCH_TEXT]
-                if isinstance(text, bytes):
-                    text = text.decode("ascii")
-                out.append(
-                    SearchMatch(
-                        start=ms,
-                        end=me,
-                        line=line,
-                        text=text,
-                        truncated=cut or (me == end and end < total),
-                    )
-                )
-                last_end = me
-                if ms == me:
-                    last_empty_at = ms
-                if len(out) >= max_matches:
-                    return out
-            if restart is not None:
-                if restart == a:
-                    overlap *= 2
-                    continue
-                a, overlap = restart, self.overlap
-            elif end >= total:
-                return out
-            else:
-                a, overlap = max(limit, last_end), self.overlap
+        rx, mode = plan(pattern, rx, h.index.ascii)
+        scanner = Scanner(h.buf, h.index, rx, mode, window=self._window, overlap=self._overlap)
+        return scanner.run(max_matches)
