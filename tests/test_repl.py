@@ -144,8 +144,9 @@ async def test_timeout_kills_worker_and_next_block_gets_a_fresh_one(
         pid = s.worker_pid
         assert pid is not None and alive(pid)
         t0 = time.monotonic()
-        r = await s.execute("while True:\n    pass", timeout_s=0.5)
+        r = await s.execute("print('started')\nwhile True:\n    pass", timeout_s=0.5)
         assert r.timed_out and r.restarted and r.error and "variables were lost" in r.error
+        assert r.output == "started\n"  # what it printed before the kill is kept
         assert time.monotonic() - t0 < 5
         assert not alive(pid)
         r = await s.execute("print(keep)", timeout_s=10)

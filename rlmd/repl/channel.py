@@ -61,6 +61,11 @@ class GetVar(_Msg, tag="getvar"):
     name: str
 
 
+class Flush(_Msg, tag="flush"):
+    """The block overran its time: send what it printed so far (answered by the reader
+    thread while the main thread is still busy), before the worker is killed."""
+
+
 class Reply(_Msg, tag="reply"):
     """The answer to a worker's Call; ``error`` set means the call raises in the worker."""
 
@@ -98,14 +103,20 @@ class Done(_Msg, tag="done"):
     final: str | None = None
 
 
+class Partial(_Msg, tag="partial"):
+    """The answer to Flush: the output of the running block so far."""
+
+    output: str
+
+
 class VarText(_Msg, tag="vartext"):
     """The answer to GetVar; ``text`` None when there is no such variable."""
 
     text: str | None = None
 
 
-ToWorker = Init | Exec | GetVar | Reply
-ToDaemon = Ready | Call | Done | VarText
+ToWorker = Init | Exec | GetVar | Flush | Reply
+ToDaemon = Ready | Call | Done | Partial | VarText
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

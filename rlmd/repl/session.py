@@ -53,6 +53,8 @@ OUTPUT_CAP_CHARS = 1_000_000
 START_TIMEOUT_S = 30.0
 #: How long ``get_var`` waits for a variable's text (a hostile ``__str__`` may loop).
 GET_VAR_TIMEOUT_S = 10.0
+#: How long a timed-out worker gets to hand over what its block printed before the kill.
+FLUSH_TIMEOUT_S = 0.25
 #: Model calls in flight per session; more wait (protects the daemon from call floods).
 MAX_CALLS_IN_FLIGHT = 64
 #: Calls waiting or in flight per block; beyond this the worker is treated as abusive.
@@ -116,6 +118,7 @@ class _Proc:
         self.drain_task: asyncio.Task[None] | None = None
         self.ready: ch.Ready | None = None
         self.under_bwrap = False
+        self.pending_len: int | None = None
 
     async def send(self, msg: Any) -> None:
         async with self.send_lock:
@@ -123,14 +126,33 @@ class _Proc:
             await self.writer.drain()
 
     async def recv(self) -> ch.ToDaemon:
+        # Cancellation-safe: readexactly consumes nothing when cancelled, and a header
+        # already read is remembered, so a timeout never leaves the stream mid-frame.
         try:
-            header = await self.reader.readexactly(ch.HEADER.size)
-            (length,) = ch.HEADER.unpack(header)
-            ch.check_length(length, self.max_frame)
-            body = await self.reader.readexactly(length)
+            if self.pending_len is None:
+                header = await self.reader.readexactly(ch.HEADER.size)
+                (length,) = ch.HEADER.unpack(header)
+                ch.check_length(length, self.max_frame)
+                self.pending_len = length
+            body = await self.reader.readexactly(self.pending_len)
+            self.pending_len = None
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise WorkerError(await self.death_note()) from exc
         return ch.decode_to_daemon(body)
+
+    async def partial_output(self, within_s: float) -> str:
+        """Ask a busy worker for what its block printed so far; "" if it cannot say."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self.send(ch.Flush())
+                while True:
+                    msg = await self.recv()
+                    if isinstance(msg, ch.Partial):
+                        return msg.output[: OUTPUT_CAP_CHARS + 200]
+                    if isinstance(msg, ch.Done):
+                        return msg.output[: OUTPUT_CAP_CHARS + 200]
+        except (TimeoutError, WorkerError, ch.ChannelError, ConnectionError):
+            return ""
 
     async def drain_stderr(self) -> None:
         # Keep only the tail: enough to explain a crash, bounded whatever the worker writes.
@@ -358,9 +380,10 @@ class ReplSession:
                     async with asyncio.timeout(timeout_s):
                         done = await self._run(w, code)
                 except TimeoutError:
+                    output = await w.partial_output(FLUSH_TIMEOUT_S)
                     await self._drop_worker()
                     return ExecResult(
-                        output="",
+                        output=output,
                         error=(
                             f"TimeoutError: the block ran longer than {timeout_s:g} s and was "
                             "stopped. The REPL was restarted: all variables were lost "

@@ -111,6 +111,7 @@ class Worker:
         self.pending: dict[int, list[Any]] = {}
         self.next_id = 0
         self.final: str | None = None
+        self.capture: _Capture | None = None  # of the running block
         self.blocks = 0
         self.ns: dict[str, Any] = self._namespace(context)
 
@@ -130,6 +131,9 @@ class Worker:
                     if slot is not None:
                         slot[1], slot[2] = msg.value, msg.error
                         slot[0].set()
+                elif isinstance(msg, ch.Flush):
+                    cap = self.capture
+                    self.send(ch.Partial(output=cap.text() if cap is not None else ""))
                 else:
                     self.inbox.put(msg)
         except (ch.ChannelError, OSError):
@@ -252,7 +256,7 @@ class Worker:
         filename = f"<block {self.blocks}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         self.final = None
-        cap = _Capture(self.init.output_cap_chars)
+        cap = self.capture = _Capture(self.init.output_cap_chars)
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = cap
         error = None
@@ -268,6 +272,7 @@ class Worker:
             error = _format_error(exc)
         finally:
             sys.stdout, sys.stderr = saved
+            self.capture = None
         return ch.Done(output=cap.text(), error=error, final=self.final)
 
     def var_text(self, name: str) -> str | None:
