@@ -334,6 +334,16 @@
         ;; never would) and the job is gone.
         (should (rlm-test-wait-for (lambda () (rlm-job-reply job)) 15))
         (should (eql (plist-get (plist-get (rlm-job-reply job) :error) :code) -32005))
+        (should (equal (plist-get (rlm-request 'query/jobs) :jobs) [])))
+      ;; Killing a result buffer cancels its query too.
+      (let ((job (rlm-query "slowtest: again")))
+        (should (rlm-test-wait-for
+                 (lambda () (seq-contains-p (plist-get (rlm-request 'query/jobs) :jobs)
+                                            (rlm-job-id job)))
+                 10))
+        (kill-buffer (rlm-job-buffer job))
+        (should (eq (rlm-job-state job) 'cancelled))
+        (should (rlm-test-wait-for (lambda () (rlm-job-reply job)) 15))
         (should (equal (plist-get (rlm-request 'query/jobs) :jobs) []))))))
 
 (ert-deftest rlm-test-files-and-named-contexts ()
