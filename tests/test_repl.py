@@ -353,11 +353,17 @@ def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
 def test_seccomp_filter_decisions() -> None:
     allow, eperm, enosys, kill = 0x7FFF0000, 0x50001, 0x50026, 0x80000000
     for machine, arch, nrs in (
-        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425}),
-        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425}),
+        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425, "kill": 62, "tgkill": 234}),
+        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425, "kill": 129, "tgkill": 131}),
     ):  # fmt: skip
-        prog = build_filter(machine)
+        prog = build_filter(machine, own_pid=4242)
         assert run_bpf(prog, nrs["read"], arch) == allow
+        assert run_bpf(prog, nrs["kill"], arch, (4242, 10)) == allow  # itself
+        assert run_bpf(prog, nrs["kill"], arch, (0, 10)) == allow  # its own group
+        assert run_bpf(prog, nrs["kill"], arch, (1, 9)) == eperm  # anyone else
+        assert run_bpf(prog, nrs["kill"], arch, (2**64 - 1, 9)) == eperm  # kill(-1): everyone
+        assert run_bpf(prog, nrs["tgkill"], arch, (4242, 4243, 10)) == allow
+        assert run_bpf(prog, nrs["tgkill"], arch, (77, 77, 9)) == eperm
         assert run_bpf(prog, nrs["socket"], arch, (2, 1, 0)) == eperm
         assert run_bpf(prog, nrs["execve"], arch) == eperm
         assert run_bpf(prog, nrs["io_uring_setup"], arch) == eperm

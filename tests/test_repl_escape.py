@@ -359,3 +359,21 @@ async def test_forged_frames_cost_only_the_worker(
     assert r.restarted and not r.timed_out, r
     assert time.monotonic() - t0 < 4
     assert (await run(repl, "print('fresh')")) == "fresh\n"
+
+
+async def test_cannot_signal_the_daemon(mode: str, repl: ReplSession) -> None:
+    if mode == "none":
+        pytest.skip("without bwrap or seccomp a same-uid worker can signal the daemon")
+    out = await run(
+        repl,
+        "import os, signal\n"
+        "os.kill(os.getpid(), 0)\n"
+        "signal.raise_signal(signal.SIGUSR2) if signal.signal(signal.SIGUSR2, lambda *a: print('own signal')) or True else None\n"
+        f"for target in ({os.getpid()}, -1):\n"
+        "    try:\n"
+        "        os.kill(target, signal.SIGCONT)\n"
+        "        print('SIGNALLED', target)\n"
+        "    except OSError as e:\n"
+        "        print('refused', type(e).__name__)\n",
+    )
+    assert "own signal" in out and "SIGNALLED" not in out and out.count("refused") == 2, out

@@ -12,7 +12,8 @@ Three layers, each optional, each probed once on this machine:
   (fork, vfork, clone without CLONE_THREAD; clone3 gets ENOSYS so that libc falls back to
   clone, which keeps threads working), exec, ptrace and cross-process memory access,
   io_uring (which could create sockets behind seccomp's back), namespace and mount calls,
-  bpf, perf and keyring calls, and setting rlimits (reading them stays allowed).  The filter checks the architecture
+  bpf, perf and keyring calls, setting rlimits (reading them stays allowed), and
+  signals to any process but itself (the daemon is a same-uid process).  The filter checks the architecture
   field and kills the process on a foreign one (and on x32 syscalls).
 * **bubblewrap** (``SandboxConfig.bwrap``): the worker runs in fresh namespaces
   (``--unshare-all``: no network at all, its own pid namespace, ...), sees only read-only
@@ -121,8 +122,10 @@ _DENY_NAMES = (
     "socket socketpair fork vfork execve execveat ptrace process_vm_readv process_vm_writev "
     "pidfd_getfd pidfd_open kcmp io_uring_setup io_uring_enter io_uring_register unshare "
     "setns mount umount2 pivot_root chroot bpf perf_event_open userfaultfd keyctl add_key "
-    "request_key setrlimit personality"
+    "request_key setrlimit personality tkill pidfd_send_signal"
 ).split()
+# Calls that send a signal to the process named by args[0]: allowed only to itself.
+_SIGNAL_NAMES = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 _SYSCALLS = {
     "x86_64": {
         "seccomp": 317,
@@ -158,6 +161,12 @@ _SYSCALLS = {
         "setrlimit": 160,
         "prlimit64": 302,
         "personality": 135,
+        "kill": 62,
+        "tkill": 200,
+        "tgkill": 234,
+        "rt_sigqueueinfo": 129,
+        "rt_tgsigqueueinfo": 297,
+        "pidfd_send_signal": 424,
     },
     "aarch64": {
         "seccomp": 277,
@@ -191,6 +200,12 @@ _SYSCALLS = {
         "setrlimit": 164,
         "prlimit64": 261,
         "personality": 92,
+        "kill": 129,
+        "tkill": 130,
+        "tgkill": 131,
+        "rt_sigqueueinfo": 138,
+        "rt_tgsigqueueinfo": 240,
+        "pidfd_send_signal": 424,
     },
 }
 _AUDIT_ARCH = {"x86_64": _AUDIT_ARCH_X86_64, "aarch64": _AUDIT_ARCH_AARCH64}
@@ -205,58 +220,70 @@ def seccomp_supported() -> str | None:
     return None
 
 
-def build_filter(machine: str) -> bytes:
-    """The BPF program (array of ``struct sock_filter``) for ``machine``."""
+def build_filter(machine: str, own_pid: int | None = None) -> bytes:
+    """The BPF program (array of ``struct sock_filter``) for ``machine``.
+
+    ``own_pid`` (default: the caller's pid) is the only process the filtered process may
+    signal (``kill``/``tgkill``/``rt_(tg)sigqueueinfo`` with another target get EPERM;
+    ``kill(0, ...)``, its own process group, stays allowed).
+    """
     nrs = _SYSCALLS[machine]
-    deny = sorted({nrs[n] for n in _DENY_NAMES if n in nrs})
-    prog: list[tuple[int, int, int, int]] = []
-    # Jumps are forward only: checks jump into a tail of ALLOW, the clone check (3), the
-    # prlimit64 check (5), EPERM, ENOSYS.
-    prog.append((_BPF_LD_W_ABS, 0, 0, 4))  # seccomp_data.arch
-    prog.append((_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[machine]))
-    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS))
-    prog.append((_BPF_LD_W_ABS, 0, 0, 0))  # seccomp_data.nr
-    checks: list[tuple[str, int]] = []
+    pid = os.getpid() if own_pid is None else own_pid
+    # A tiny assembler: jump targets are labels, resolved to forward offsets at the end.
+    prog: list[tuple[int, str | int, str | int, int]] = []
+    labels: dict[str, int] = {}
+
+    def ins(code: int, k: int, jt: str | int = 0, jf: str | int = 0) -> None:
+        prog.append((code, jt, jf, k))
+
+    def label(name: str) -> None:
+        labels[name] = len(prog)
+
+    ins(_BPF_LD_W_ABS, 4)  # seccomp_data.arch
+    ins(_BPF_JEQ_K, _AUDIT_ARCH[machine], jt=1)
+    ins(_BPF_RET_K, _SECCOMP_RET_KILL_PROCESS)
+    ins(_BPF_LD_W_ABS, 0)  # seccomp_data.nr
     if machine == "x86_64":
-        checks.append(("x32", _X32_SYSCALL_BIT))
-    checks.append(("clone", nrs["clone"]))
-    checks.append(("clone3", nrs["clone3"]))
-    checks.append(("prlimit64", nrs["prlimit64"]))
-    checks.extend(("deny", nr) for nr in deny)
-    n_checks = len(checks)
-    # Index (relative to the first check) of each tail instruction.
-    allow1 = n_checks
-    clone_chk = allow1 + 1
-    prlimit_chk = clone_chk + 3
-    eperm = prlimit_chk + 5
-    enosys = eperm + 1
-    for i, (kind, k) in enumerate(checks):
-        if kind == "x32":
-            prog.append((_BPF_JGE_K, eperm - i - 1, 0, k))
-        elif kind == "clone":
-            prog.append((_BPF_JEQ_K, clone_chk - i - 1, 0, k))
-        elif kind == "prlimit64":
-            prog.append((_BPF_JEQ_K, prlimit_chk - i - 1, 0, k))
-        elif kind == "clone3":
-            prog.append((_BPF_JEQ_K, enosys - i - 1, 0, k))
-        else:
-            prog.append((_BPF_JEQ_K, eperm - i - 1, 0, k))
-    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))  # allow1
-    prog.append((_BPF_LD_W_ABS, 0, 0, 16))  # clone flags: low word of args[0] (LE)
-    # A thread: allow; anything else (a new process): EPERM.
-    prog.append((_BPF_JSET_K, 0, eperm - (clone_chk + 1) - 1, _CLONE_THREAD))
-    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+        ins(_BPF_JGE_K, _X32_SYSCALL_BIT, jt="eperm")
+    ins(_BPF_JEQ_K, nrs["clone"], jt="clone")
+    ins(_BPF_JEQ_K, nrs["clone3"], jt="enosys")
+    ins(_BPF_JEQ_K, nrs["prlimit64"], jt="prlimit64")
+    for name in _SIGNAL_NAMES:
+        ins(_BPF_JEQ_K, nrs[name], jt="self_target")
+    for nr in sorted({nrs[n] for n in _DENY_NAMES if n in nrs}):
+        ins(_BPF_JEQ_K, nr, jt="eperm")
+    ins(_BPF_RET_K, _SECCOMP_RET_ALLOW)
+    # clone: a thread (CLONE_THREAD in the flags, low word of args[0]) is fine, a new
+    # process is not.
+    label("clone")
+    ins(_BPF_LD_W_ABS, 16)
+    ins(_BPF_JSET_K, _CLONE_THREAD, jt="allow", jf="eperm")
     # prlimit64 reads limits (getrlimit uses it) but must not set them: args[2] == NULL.
-    prog.append((_BPF_LD_W_ABS, 0, 0, 32))  # low word of args[2]
-    prog.append((_BPF_JEQ_K, 0, 3, 0))
-    prog.append((_BPF_LD_W_ABS, 0, 0, 36))  # high word of args[2]
-    prog.append((_BPF_JEQ_K, 0, 1, 0))
-    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
-    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))  # eperm
-    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS))  # enosys
-    for code, jt, jf, _k in prog:
-        assert 0 <= jt < 256 and 0 <= jf < 256, (code, jt, jf)
-    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    label("prlimit64")
+    ins(_BPF_LD_W_ABS, 32)
+    ins(_BPF_JEQ_K, 0, jf="eperm")
+    ins(_BPF_LD_W_ABS, 36)
+    ins(_BPF_JEQ_K, 0, jt="allow", jf="eperm")
+    # Signals only to itself (args[0] is the target pid / thread group, an int).
+    label("self_target")
+    ins(_BPF_LD_W_ABS, 16)
+    ins(_BPF_JEQ_K, pid, jt="allow")
+    ins(_BPF_JEQ_K, 0, jt="allow", jf="eperm")
+    label("allow")
+    ins(_BPF_RET_K, _SECCOMP_RET_ALLOW)
+    label("eperm")
+    ins(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.EPERM)
+    label("enosys")
+    ins(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.ENOSYS)
+
+    out = []
+    for i, (code, jt, jf, k) in enumerate(prog):
+        jt_off = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf_off = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        if not (0 <= jt_off < 256 and 0 <= jf_off < 256):
+            raise ValueError(f"seccomp program: jump out of range at instruction {i}")
+        out.append(struct.pack("=HBBI", code, jt_off, jf_off, k))
+    return b"".join(out)
 
 
 class _SockFprog(ctypes.Structure):
