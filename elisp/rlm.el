@@ -299,15 +299,46 @@ when it is a directory we own, else TMPDIR/runtime-UID)."
   "Return the socket path in use: `rlm-socket-path' or the default."
   (expand-file-name (or rlm-socket-path (rlm-default-socket-path))))
 
+(defun rlm--replace-nul-escapes (string)
+  "Return STRING, JSON text, with every \\u0000 escape made \\ufffd.
+Both escapes are six bytes long, so Content-Length stays right."
+  (if (not (string-search "u0000" string))
+      string
+    (replace-regexp-in-string
+     "\\\\+u0000"
+     (lambda (match)
+       ;; An odd run of backslashes ends in an escape; an even one is
+       ;; escaped backslashes followed by the letters u0000.
+       (if (cl-oddp (- (length match) 5))
+           (concat (substring match 0 -5) "ufffd")
+         match))
+     string t t)))
+
+(defun rlm--nul-safe-filter (filter)
+  "Return a process filter that calls FILTER without \\u0000 escapes.
+Emacs 28 cannot parse JSON holding \\u0000 (jsonrpc.el then drops the
+whole message, so a reply would never arrive); U+FFFD replaces it.
+An escape split between two reads is held back until the next one."
+  (let ((pending ""))
+    (lambda (proc string)
+      (let* ((text (concat pending string))
+             (cut (if (string-match "\\\\+\\(?:u0?0?0?\\)?\\'" text)
+                      (match-beginning 0)
+                    (length text))))
+        (setq pending (substring text cut))
+        (funcall filter proc (rlm--replace-nul-escapes (substring text 0 cut)))))))
+
 (defun rlm--make-connection (process)
   "Wrap PROCESS, a connected socket, in a jsonrpc connection."
-  (make-instance 'jsonrpc-process-connection
-                 :name "rlm"
-                 :process (lambda () process)
-                 :events-buffer-scrollback-size rlm-events-buffer-size
-                 :notification-dispatcher #'rlm--dispatch-notification
-                 :request-dispatcher #'ignore
-                 :on-shutdown #'rlm--on-shutdown))
+  (let ((conn (make-instance 'jsonrpc-process-connection
+                             :name "rlm"
+                             :process (lambda () process)
+                             :events-buffer-scrollback-size rlm-events-buffer-size
+                             :notification-dispatcher #'rlm--dispatch-notification
+                             :request-dispatcher #'ignore
+                             :on-shutdown #'rlm--on-shutdown)))
+    (set-process-filter process (rlm--nul-safe-filter (process-filter process)))
+    conn))
 
 (defun rlm--try-connect (path)
   "Connect to the daemon on PATH; return a connection or nil."

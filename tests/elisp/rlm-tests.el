@@ -76,6 +76,27 @@
       (should (equal (rlm-default-socket-path)
                      (expand-file-name "rlmd.sock" expected))))))
 
+(ert-deftest rlm-test-nul-escapes-are-replaced-even-when-split ()
+  (let* ((got nil)
+         (filter (rlm--nul-safe-filter (lambda (_proc s) (push s got))))
+         (json "{\"t\":\"a\\u0000b\\\\u0000c\\\\\\u0000\"}"))
+    ;; Every way of cutting the text in two gives the same result.
+    (dotimes (i (1+ (length json)))
+      (setq got nil)
+      (funcall filter nil (substring json 0 i))
+      (funcall filter nil (substring json i))
+      (should (equal (apply #'concat (reverse got))
+                     "{\"t\":\"a\\ufffdb\\\\u0000c\\\\\\ufffd\"}")))))
+
+(ert-deftest rlm-test-nul-from-the-daemon-does-not-lose-replies ()
+  (rlm-test-with-daemon
+    (rlm-put-text "rlm-test:nul" "a\0b")
+    (should (equal (plist-get (rlm-request 'context/peek '(:name "rlm-test:nul" :start 0 :end 3)
+                                           5)
+                              :text)
+                   "a\ufffdb"))
+    (rlm-drop "rlm-test:nul")))
+
 (ert-deftest rlm-test-status ()
   (rlm-test-with-daemon
     (let ((st (rlm-status)))
