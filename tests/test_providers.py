@@ -455,3 +455,11 @@ async def test_connections_are_reused_and_stopped_streams_dropped(kind: str, mak
         assert res.stopped and res.text == "a "
         assert (await p.chat(_req())).text == "a b c d e f"
         assert srv.connections == 2  # the stopped stream's connection was closed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stop_sequences_reach_the_server(kind: str, make) -> None:
+    with ScriptedServer([Rule(reply=Reply(text="print(1)\n```\nmore text"))]) as srv:
+        res = await make(kind, srv).chat(_req(stop=("```", "never")))
+        assert srv.calls[0].stop == ["```", "never"]
+        assert res.text == "print(1)\n"

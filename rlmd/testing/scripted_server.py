@@ -98,6 +98,9 @@ Reply fields (all optional):
 ``hang``               never send the first token; the handler waits until the client goes
                        away (or the server is stopped)
 ``usage_in``/``usage_out``  reported token counts; default: about 4 characters a token
+
+Stop sequences sent by the client (Ollama ``options.stop``, OpenAI ``stop``, Anthropic
+``stop_sequences``) cut the reply text before the first one, as real servers do.
 ``no_stream``          answer with one JSON body even when a stream was asked for (as some
                        servers do)
 ``quirks``             OpenAI streams also carry a ``"choices": null`` chunk and an empty
@@ -199,6 +202,18 @@ class ChatCall(msgspec.Struct, kw_only=True):
     def system(self) -> str:
         """The system prompt (what ``Rule.system_pattern`` is matched against)."""
         return "\n\n".join(m.content for m in self.messages if m.role == "system")
+
+    @property
+    def stop(self) -> list[str]:
+        """The stop sequences the client sent (Ollama ``options.stop``, OpenAI ``stop``,
+        Anthropic ``stop_sequences``)."""
+        opts = self.body.get("options")
+        raw = self.body.get("stop_sequences") or self.body.get("stop")
+        if raw is None and isinstance(opts, dict):
+            raw = opts.get("stop")
+        if isinstance(raw, str):
+            return [raw]
+        return [x for x in raw or () if isinstance(x, str) and x]
 
 
 class EmbedCall(msgspec.Struct, kw_only=True):
@@ -477,6 +492,12 @@ class ScriptedServer:
             return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to (without) its first stop sequence, as real servers answer."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 def _messages_openai(body: dict[str, Any]) -> list[Message]:
     out = []
     for m in body.get("messages") or []:
@@ -751,8 +772,9 @@ class _Handler(BaseHTTPRequestHandler):
         usage_in = reply.usage_in
         if usage_in is None:
             usage_in = sum(estimate(m.content) for m in call.messages)
-        usage_out = reply.usage_out if reply.usage_out is not None else estimate(reply.text)
-        pieces = split_chunks(reply.text, reply.chunks)
+        text = _cut_at_stop(reply.text, call.stop)
+        usage_out = reply.usage_out if reply.usage_out is not None else estimate(text)
+        pieces = split_chunks(text, reply.chunks)
         err_msg = (
             reply.error_mid_stream
             if isinstance(reply.error_mid_stream, str)
@@ -766,7 +788,7 @@ class _Handler(BaseHTTPRequestHandler):
             if reply.error_mid_stream:
                 self._send_json(200, fmt.error(err_msg))
                 return
-            data = json.dumps(fmt.full(reply.text)).encode()
+            data = json.dumps(fmt.full(text)).encode()
             if reply.die_after_chunks is not None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
