@@ -615,6 +615,13 @@ output and sub-calls) is folded below it.
       (when (overlay-buffer ov)
         (move-overlay ov (overlay-start ov) (point-max))))))
 
+(defun rlm--indent (ev text)
+  "Indent TEXT by the nesting depth of event EV (2 spaces a level)."
+  (let ((depth (plist-get ev :depth)))
+    (if (and (numberp depth) (> depth 1))
+        (replace-regexp-in-string "^" (make-string (* 2 (1- depth)) ?\s) text)
+      text)))
+
 (defun rlm--trajectory-fresh-line (job)
   "Start a new line in JOB's trajectory unless at the start of one."
   (let ((buf (rlm-job-buffer job)))
@@ -678,36 +685,48 @@ output and sub-calls) is folded below it.
        (let ((code (or (plist-get ev :code) "")))
          (setf (rlm-job-state job) 'running-code)
          (rlm--trajectory-fresh-line job)
-         (if (rlm-job-code-in-text job)
-             (rlm--trajectory-insert
-              job (propertize (format "▶ running the block (%d lines)\n"
+         (rlm--trajectory-insert
+          job
+          (rlm--indent
+           ev (if (and (rlm-job-code-in-text job) (not (plist-get ev :depth)))
+                  (propertize (format "▶ running the block (%d lines)\n"
                                       (1+ (cl-count ?\n (string-trim code))))
-                              'face 'rlm-code))
-           (rlm--trajectory-insert
-            job (propertize "▶ running:\n" 'face 'rlm-heading)
-            (propertize (string-trim-right code) 'face 'rlm-code) "\n"))))
+                              'face 'rlm-code)
+                (concat (propertize "▶ running:\n" 'face 'rlm-heading)
+                        (propertize (string-trim-right code) 'face 'rlm-code) "\n"))))))
       ("output"
        (let ((text (string-trim-right (or (plist-get ev :text) ""))))
          (setf (rlm-job-state job) 'thinking)
          (rlm--trajectory-fresh-line job)
          (rlm--trajectory-insert
-          job (propertize "⇒ output:" 'face 'rlm-heading)
-          (if (string-empty-p text) " (nothing)\n"
-            (concat "\n" (propertize text 'face 'rlm-output) "\n")))))
+          job (rlm--indent
+               ev (concat (propertize "⇒ output:" 'face 'rlm-heading)
+                          (if (string-empty-p text) " (nothing)\n"
+                            (concat "\n" (propertize text 'face 'rlm-output) "\n")))))))
       ("subcall"
-       (cl-incf (rlm-job-subcall-events job))
-       (let ((status (plist-get ev :status)))
-         (when (member status '(nil "start" "started" "running"))
+       (let* ((status (plist-get ev :status))
+              (starting (member status '(nil "start")))
+              (elapsed (plist-get ev :elapsed_s)))
+         (when starting
+           (cl-incf (rlm-job-subcall-events job))
            (setf (rlm-job-state job) 'sub-calls))
          (rlm--trajectory-fresh-line job)
          (rlm--trajectory-insert
-          job (propertize
-               (format "↳ sub-call%s%s%s\n"
-                       (if-let ((m (plist-get ev :model))) (format " to %s" m) "")
-                       (if-let ((n (plist-get ev :prompt_chars)))
-                           (format " (%s chars)" (rlm--format-count n)) "")
-                       (if status (format ": %s" status) ""))
-               'face 'rlm-subcall))))
+          job (rlm--indent
+               ev (propertize
+                   (concat
+                    (format "↳ %s%s" (or (plist-get ev :fn) "sub-call")
+                            (if-let ((id (plist-get ev :id))) (format " %s" id) ""))
+                    (if starting
+                        (concat
+                         (if-let ((m (plist-get ev :model))) (format " to %s" m) "")
+                         (if-let ((n (plist-get ev :prompt_chars)))
+                             (format " (%s chars)" (rlm--format-count n)) ""))
+                      (concat (format ": %s" status)
+                              (if (numberp elapsed) (format " in %.2f s" elapsed) "")
+                              (if-let ((e (plist-get ev :error))) (format " (%s)" e) "")))
+                    "\n")
+                   'face (if (member status '("error" "failed")) 'rlm-error 'rlm-subcall))))))
       ("progress"
        (let ((iter (plist-get ev :iteration)))
          (when (numberp iter)
@@ -953,13 +972,17 @@ BUFFER-NAME overrides the result buffer's name."
           (run-with-timer 1 1 #'rlm--refresh-header job))
     (when display (display-buffer buf rlm-display-buffer-action))
     (setf (rlm-job-state job) 'thinking)
-    (jsonrpc-async-request
-     conn 'query/run
-     (rlm--plist :query question :context context :job (rlm-job-id job)
-                 :options options)
-     :success-fn (lambda (result) (rlm--job-succeeded job result))
-     :error-fn (lambda (err) (rlm--job-failed job err))
-     :timeout nil)
+    (condition-case err
+        (jsonrpc-async-request
+         conn 'query/run
+         (rlm--plist :query question :context context :job (rlm-job-id job)
+                     :options options)
+         :success-fn (lambda (result) (rlm--job-succeeded job result))
+         :error-fn (lambda (err) (rlm--job-failed job err))
+         :timeout nil)
+      (error
+       (rlm--job-finish job 'error (format "could not send the query: %s"
+                                           (error-message-string err)))))
     job))
 
 (defun rlm--read-question ()

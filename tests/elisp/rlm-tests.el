@@ -221,7 +221,8 @@
                          (string-match "▾ Trajectory" text)))
               (should (string-match-p "Let me look\\." text))
               (should (string-match-p "MARK-STREAM [0-9]+ sub-answer" text))
-              (should (string-match-p "↳ sub-call" text))
+              (should (string-match-p "↳ llm_query [0-9a-f]+ to m (.* chars)" text))
+              (should (string-match-p "↳ llm_query [0-9a-f]+: ok in [0-9.]+ s" text))
               (should (string-match-p "End: done" text)))
             ;; Point stayed on its text (just under the trajectory's
             ;; heading) instead of following the stream.
