@@ -58,8 +58,13 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
     factory = _embedded_factory(app)
     providers: list[Provider] = []
     extra: dict[str, ProviderConfig] = {}
-    for cfg in config.providers:
-        providers.append(build_provider(cfg, os.environ, embedded_factory=factory))
+    try:
+        for cfg in config.providers:
+            providers.append(build_provider(cfg, os.environ, embedded_factory=factory))
+    except Exception:
+        for p in providers:
+            await p.aclose()
+        raise
     if not config.providers:
         cfg = _embedded_config(app)
         if cfg is None:
