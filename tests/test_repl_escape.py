@@ -291,14 +291,15 @@ async def test_writes_outside_scratch_fail(mode: str, repl: ReplSession, short_t
         repl,
         "import os\n"
         "open('inside.txt', 'w').write('ok')\n"
-        f"for p in ({str(outside)!r}, '/usr/evil.txt', '/context/context.txt', '/opt/rlmd-lib/rlmd/evil.py'):\n"
+        f"for p in ({str(outside)!r}, '/usr/evil.txt', '/context/context.txt', '/opt/rlmd-lib/rlmd/evil.py',\n"
+        "          '/evil.txt', '/tmp/evil.txt', '/dev/shm/evil', '/proc/evil'):\n"
         "    try:\n"
         "        open(p, 'a').write('pwned')\n"
         "        print('WROTE', p)\n"
         "    except OSError as e:\n"
         "        print('refused', type(e).__name__)\n",
     )
-    assert "WROTE" not in out and out.count("refused") == 4, out
+    assert "WROTE" not in out and out.count("refused") == 8, out
     assert (short_tmp / "scratch" / "inside.txt").read_text() == "ok"
     assert not any(map(exists, (outside, "/usr/evil.txt")))
     assert (short_tmp / "context.txt").read_text() == "the context\n"

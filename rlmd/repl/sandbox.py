@@ -379,7 +379,9 @@ def bwrap_argv(
         argv += ["--ro-bind", prefix, prefix]
     for name, d in library_dirs().items():
         argv += ["--ro-bind", d, f"{SANDBOX_LIB}/{name}"]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    # No writable tmpfs anywhere (its pages would be memory outside RLIMIT_AS): no /tmp
+    # (TMPDIR is the scratch directory), and / and /dev are remounted read-only below.
+    argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--bind", str(scratch_dir), SANDBOX_SCRATCH, "--chdir", SANDBOX_SCRATCH]
     if context_path is not None:
         argv += ["--ro-bind", str(context_path), f"{SANDBOX_CONTEXT_DIR}/context.txt"]
@@ -387,6 +389,7 @@ def bwrap_argv(
         argv += ["--ro-bind", str(index_path), f"{SANDBOX_CONTEXT_DIR}/context.idx"]
     for k, v in env.items():
         argv += ["--setenv", k, v]
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
     return argv
 
 
