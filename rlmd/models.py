@@ -199,17 +199,17 @@ def ensure_model(
     target = directory / spec.filename
     if _marker_matches(target, spec):
         return target
-    # Find the chunks before taking the lock, so that a missing extra is reported fast.
-    parts = find_parts(spec, search_path)
     with _locked(directory / f".{spec.filename}.lock"):
         if _marker_matches(target, spec):  # another process finished it meanwhile
             return target
         if target.exists():
+            # Changed since it was verified (or verified by an older rlmd): a rehash
+            # keeps an intact file without needing the chunks.
             if target.stat().st_size == spec.size and _sha256_file(target) == spec.sha256:
                 _write_marker(target, spec)
                 return target
             target.unlink()
-        _join(spec, parts, target, progress)
+        _join(spec, find_parts(spec, search_path), target, progress)
         _write_marker(target, spec)
     return target
 
