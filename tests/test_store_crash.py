@@ -174,3 +174,31 @@ def test_put_text_killed(tmp_path: Path) -> None:
     new = blake((("ünïcödé line of text 😀\n" * 40_000) * reps).encode())
     assert run_and_kill(root, "text", str(reps), lambda: tmp_size(key_dir) >= 20 * MB)
     assert check_store(root, {"old": old, "new": new}) == "old"
+
+
+APPENDER = r"""
+import sys
+from pathlib import Path
+from rlmd.store import ContextStore
+
+store = ContextStore(Path(sys.argv[1]))
+tag = sys.argv[2]
+for i in range(25):
+    store.put_text("log", f"{tag} {i}\n", append=True)
+"""
+
+
+def test_appends_from_processes_serialize(tmp_path: Path) -> None:
+    # Each append reads the old version and commits old+new: without the cross-process
+    # lock, concurrent appenders would lose each other's lines.
+    root = tmp_path / "contexts"
+    ContextStore(root).put_text("log", "start\n")
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(root), tag]) for tag in "abc"]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    store = ContextStore(root)
+    lines = store.peek("log", 0, 10**6).splitlines()
+    assert lines[0] == "start"
+    assert sorted(lines[1:]) == sorted(f"{t} {i}" for t in "abc" for i in range(25))
+    for t in "abc":  # each process's lines stay in its order
+        assert [ln for ln in lines if ln.startswith(t)] == [f"{t} {i}" for i in range(25)]

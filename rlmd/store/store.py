@@ -11,9 +11,9 @@ Layout of ``root`` (``<state_dir>/contexts``)::
         .tmp-*                   a write in progress (removed at startup if left over)
 
 ``version`` is the SHA-256 (hex) of the UTF-8 text, computed while writing (what
-``sha256sum <version>.txt`` prints), so re-putting the same text keeps it.  A write streams into temp files, fsyncs them, renames them to their
-content-addressed names, then atomically replaces ``meta.json`` (fsync of file and
-directory on each step).  A process killed at any point leaves ``meta.json`` naming either
+``sha256sum <version>.txt`` prints), so re-putting the same text keeps it.  A write
+streams into temp files, fsyncs them, renames them to their content-addressed names, then
+atomically replaces ``meta.json`` (fsync of file and directory on each step).  A process killed at any point leaves ``meta.json`` naming either
 the old version or the new one, whose files are complete; startup removes the rest.
 Version files are immutable and only unlinked after ``meta.json`` stops naming them, so
 a reader holding a mapping (a REPL worker) keeps a consistent text.
@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import msgspec
 
@@ -252,7 +252,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _stream_file(w: _Writer, f, first: bytes) -> int:
+def _stream_file(w: _Writer, f: BinaryIO, first: bytes) -> int:
     """Copy an open binary file into ``w`` as UTF-8; return invalid sequences replaced."""
     replaced = 0
     carry = b""
