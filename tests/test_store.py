@@ -647,3 +647,20 @@ def test_bytes_search_on_utf8_text_matches_re(tmp_path: Path) -> None:
         )
         for pat in patterns:
             assert got_matches(s, "x", pat) == expected_matches(text, pat), (text, pat)
+
+
+def test_damaged_metadata_is_reported_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    s = ContextStore(root)
+    s.put_text("good", "fine")
+    s.put_text("bad", "will be damaged")
+    meta = s.text_path("bad").parent / "meta.json"
+    meta.write_text("{not json")
+    s2 = ContextStore(root)  # starting up must not fail
+    assert [i.name for i in s2.list()] == ["good"]
+    with pytest.raises(StoreError) as ei:
+        s2.info("bad")
+    assert ei.value.kind == "io" and "drop" in ei.value.message
+    assert s2.drop("bad") is True
+    s2.put_text("bad", "again")
+    assert s2.peek("bad", 0, 10) == "again"

@@ -356,8 +356,12 @@ class ContextStore:
             if d.name.startswith(".") or not d.is_dir():
                 continue
             with self._locked(d.name, blocking=False) as got:
-                if got:  # another process writing it right now: leave it alone
+                if not got:  # another process is writing it right now: leave it alone
+                    continue
+                try:
                     self._clean_dir(d.name)
+                except StoreError:
+                    continue  # damaged metadata: keep the files; info() reports it
 
     def _clean_dir(self, key: str) -> None:
         """Under the key's lock: delete everything but the current, or pinned, version."""
@@ -400,7 +404,11 @@ class ContextStore:
         except FileNotFoundError:
             return None
         except (OSError, msgspec.DecodeError) as e:
-            raise StoreError("io", f"context metadata {path} is unreadable: {e}") from e
+            raise StoreError(
+                "io",
+                f"context metadata {path} is unreadable ({e}); context/drop that name and "
+                "put it again",
+            ) from e
         with self._mutex:
             self._metas[key] = (sig, meta)
         return meta
@@ -672,7 +680,10 @@ class ContextStore:
         for d in self.root.iterdir():
             if d.name.startswith(".") or not d.is_dir():
                 continue
-            meta = self._read_meta(d.name)
+            try:
+                meta = self._read_meta(d.name)
+            except StoreError:
+                continue  # damaged: info/peek on its name say so
             if meta is not None:
                 out.append(meta.info())
         return sorted(out, key=lambda i: i.name)
