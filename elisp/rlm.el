@@ -315,7 +315,7 @@ Both escapes are six bytes long, so Content-Length stays right."
      string t t)))
 
 (defun rlm--nul-safe-filter (filter)
-  "Return a process filter that calls FILTER without \\u0000 escapes.
+  "Return a process filter passing text to FILTER without \\u0000 escapes.
 Emacs 28 cannot parse JSON holding \\u0000 (jsonrpc.el then drops the
 whole message, so a reply would never arrive); U+FFFD replaces it.
 An escape split between two reads is held back until the next one."
