@@ -664,3 +664,12 @@ def test_damaged_metadata_is_reported_not_fatal(tmp_path: Path) -> None:
     assert s2.drop("bad") is True
     s2.put_text("bad", "again")
     assert s2.peek("bad", 0, 10) == "again"
+
+
+def test_search_timeout(tmp_path: Path) -> None:
+    s = ContextStore(tmp_path / "c", search_window_chars=1000, search_overlap_chars=100)
+    s.put_text("t", "abc\n" * 50_000)
+    with pytest.raises(StoreError) as ei:
+        s.search("t", "zzz", timeout_s=0)
+    assert ei.value.kind == "timeout" and "0% of the text" in ei.value.message
+    assert len(s.search("t", "abc", 5, timeout_s=10)) == 5

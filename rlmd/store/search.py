@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import re
+import time
 from re import _constants as sre_c  # private, but stable since 3.11; failures fall back
 from re import _parser as sre_parse
 from typing import Literal
@@ -35,6 +36,14 @@ _MADVISE_ALIGN = 2 * 1024 * 1024
 _CONTINUATION = range(0x80, 0xC0)
 
 Mode = Literal["bytes", "str"]
+
+
+class SearchTimeout(Exception):
+    """The deadline passed; ``position`` of ``total`` units had been scanned."""
+
+    def __init__(self, position: int, total: int) -> None:
+        super().__init__(f"search stopped at {position} of {total}")
+        self.position, self.total = position, total
 
 
 class SearchMatch(msgspec.Struct, kw_only=True):
@@ -161,9 +170,15 @@ class Scanner:
         *,
         window: int,
         overlap: int,
+        deadline: float | None = None,
     ) -> None:
         self.buf, self.index, self.rx, self.mode = buf, index, rx, mode
         self.window, self.overlap = window, overlap
+        self.deadline = deadline  # time.monotonic() after which run() stops
+
+    def _check_deadline(self, a: int, total: int) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise SearchTimeout(a, total)
 
     def _text(self, u0: int, u1: int) -> str | bytes:
         """Units [u0, u1) of the text: bytes in bytes mode, characters in str mode."""
@@ -186,6 +201,7 @@ class Scanner:
         a, overlap = 0, self.overlap
         last_empty_at = -1
         while True:
+            self._check_deadline(a, total)
             c0 = max(0, a - self.CTX)
             end = min(total, a + self.window + overlap)
             s = self._text(c0, end)

@@ -45,7 +45,15 @@ import msgspec
 
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
-from rlmd.store.search import MAX_MATCH_TEXT, MAX_MATCHES, Scanner, SearchMatch, dontneed, plan
+from rlmd.store.search import (
+    MAX_MATCH_TEXT,
+    MAX_MATCHES,
+    Scanner,
+    SearchMatch,
+    SearchTimeout,
+    dontneed,
+    plan,
+)
 
 __all__ = [
     "MAX_MATCHES",
@@ -288,8 +296,8 @@ class ContextStore:
         root: Path,
         *,
         max_peek_chars: int = DEFAULT_MAX_PEEK_CHARS,
-        search_window_chars: int = 8 * 1024 * 1024,
-        search_overlap_chars: int = 1024 * 1024,
+        search_window_chars: int = 4 * 1024 * 1024,
+        search_overlap_chars: int = 512 * 1024,
     ) -> None:
         self.root = Path(root)
         self.max_peek_chars = max_peek_chars
@@ -756,9 +764,20 @@ class ContextStore:
         dontneed(h.buf, lo, lo + 4 * (idx.stride + end - start))
         return text
 
-    def search(self, name: str, pattern: str, max_matches: int = 100) -> list[SearchMatch]:
+    def search(
+        self,
+        name: str,
+        pattern: str,
+        max_matches: int = 100,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[SearchMatch]:
         """Matches of a Python regex, in order, at most ``max_matches`` (capped at
-        ``MAX_MATCHES``).  See ``docs/store.md`` for the limits at window boundaries."""
+        ``MAX_MATCHES``).  See ``docs/store.md`` for the limits at window boundaries.
+
+        ``timeout_s`` bounds the scan (checked between windows of a few MiB): past it the
+        search stops with a ``timeout`` error (a thread running it cannot be cancelled).
+        """
         if not isinstance(max_matches, int) or max_matches < 1:
             raise StoreError("invalid_argument", f"max_matches must be >= 1; got {max_matches!r}")
         if not isinstance(pattern, str):
@@ -777,5 +796,22 @@ class ContextStore:
                 :max_matches
             ]
         rx, mode = plan(pattern, rx, h.index.ascii)
-        scanner = Scanner(h.buf, h.index, rx, mode, window=self._window, overlap=self._overlap)
-        return scanner.run(max_matches)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        scanner = Scanner(
+            h.buf,
+            h.index,
+            rx,
+            mode,
+            window=self._window,
+            overlap=self._overlap,
+            deadline=deadline,
+        )
+        try:
+            return scanner.run(max_matches)
+        except SearchTimeout as e:
+            done = 100 * e.position // max(1, e.total)
+            raise StoreError(
+                "timeout",
+                f"search of {name!r} stopped after {timeout_s} s, {done}% of the text "
+                "scanned; use a more specific pattern or a longer timeout",
+            ) from None
