@@ -11,6 +11,9 @@
 (require 'rlm-tests)
 (require 'ob-rlm)
 
+(defvar org-export-current-backend)
+(defvar org-export-use-babel)
+
 (defconst rlm-test-org
   "* Notes
 The meaning is 42.
@@ -63,6 +66,34 @@ Unrelated.
                (lambda () (string-match-p "#\\+RESULTS: q\n: Babel says 42\\.\n" (buffer-string)))
                60))
       (should-not (string-match-p "waiting for the answer" (buffer-string))))))
+
+(ert-deftest rlm-test-babel-export-waits-for-the-answer ()
+  (rlm-test-with-daemon
+    (require 'ox-ascii)
+    (let* ((org-confirm-babel-evaluate nil)
+           (org-export-use-babel t)
+           (out (org-export-string-as
+                 (concat "* Notes\nThe meaning is 42.\n"
+                         "#+begin_src rlm :context subtree :exports results\n"
+                         "babeltest: what is the meaning?\n#+end_src\n")
+                 'ascii t)))
+      (should (string-match-p "Babel says 42\\." out))
+      (should-not (string-match-p "waiting for the answer" out)))))
+
+(ert-deftest rlm-test-babel-async-choice ()
+  (let ((rlm-babel-async 'interactive))
+    (should-not (rlm-babel--async-p '((:async . "no"))))
+    (should (rlm-babel--async-p '((:async . "yes"))))
+    ;; Interactive Emacs: async unless exporting.
+    (let ((noninteractive nil))
+      (should (rlm-babel--async-p nil))
+      (let ((org-export-current-backend 'ascii))
+        (should-not (rlm-babel--async-p nil))))
+    ;; Batch: never async unless asked.
+    (let ((noninteractive t))
+      (should-not (rlm-babel--async-p nil))))
+  (let ((rlm-babel-async t) (noninteractive t))
+    (should (rlm-babel--async-p nil))))
 
 (ert-deftest rlm-test-babel-bad-context-is-a-clear-error ()
   (rlm-test-with-daemon
