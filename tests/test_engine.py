@@ -29,6 +29,7 @@ from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer
 
 ROOT = "root-model"
 SUB = "sub-model"
+SMALL = "tiny-coder-1.5b"  # a name that selects the small-model prompt
 F = "```"
 
 
@@ -94,7 +95,7 @@ def make_config(url: str, *, price: float = 0.0, **limits) -> Config:
                 name="scripted",
                 kind="ollama",
                 base_url=url,
-                models=[ROOT, SUB],
+                models=[ROOT, SUB, SMALL],
                 capacity=16,
                 price_in_per_mtok=price,
                 price_out_per_mtok=price,
@@ -125,7 +126,7 @@ def limits(**kw):
 async def rig(tmp_path, script, request):
     limits = dict(getattr(request.function, "rig_limits", {}))
     price = limits.pop("price", 0.0)
-    with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
+    with ScriptedServer(responder=script, models=[ROOT, SUB, SMALL]) as srv:
         r = Rig(tmp_path, srv, make_config(srv.url, price=price, **limits))
         try:
             yield r
@@ -317,6 +318,29 @@ async def test_rlm_query_at_depth_one_is_a_plain_call(rig, script):
     res = await rig.run("plain")
     assert res.answer == "hi root"
     assert res.depth == 1
+
+
+async def test_repeated_block_is_not_rerun(rig, script):
+    block = repl("import re\nprint('hits', len(re.findall('a', context)))")
+    script.on_root(r"already ran exactly this code", "FINAL(stopped repeating)")
+    script.on_root(r"", block)
+    res = await rig.run("repeat", text="banana")
+    assert res.answer == "stopped repeating"
+    outs = [e for e in rig.events if e["kind"] == "output"]
+    assert len(outs) == 2 and "hits 3" in outs[0]["text"] and outs[1].get("repeated")
+    assert "hits 3" in outs[1]["text"]  # the first output is quoted back
+
+
+async def test_small_model_prompt_and_question_reminder(rig, script):
+    script.on_root(r"The question is: Which fruit\?", "FINAL(banana)")
+    script.on_root(r"Question: Which fruit", repl("print(context[:6])"))
+    res = await rig.run("Which fruit?", text="banana split", options={"root_model": SMALL})
+    assert res.answer == "banana"
+    first = rig.srv.calls[0]
+    assert first.model == SMALL
+    system = first.messages[0].content
+    assert "FINAL(7781)" in system  # the small prompt's worked example
+    assert "How to work well" not in system  # not the large prompt
 
 
 # --------------------------------------------------------------------------- budgets

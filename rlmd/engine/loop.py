@@ -355,6 +355,7 @@ class Engine:
             system = prompts.system_prompt(
                 model, nested_rlm=depth < b.max_depth, output_chars=b.output_chars
             )
+            small = prompts.variant_for(model) == "small"
             messages = [
                 Message("system", system),
                 Message("user", prompts.first_message(query, desc)),
@@ -397,6 +398,8 @@ class Engine:
                         return prose, "reply"
                     outputs.append(prompts.NO_CODE_NO_FINAL)
                 feedback = "\n\n".join(outputs) if outputs else prompts.NO_CODE_NO_FINAL
+                if small and reply.blocks:
+                    feedback += "\n\n" + prompts.question_reminder(query)
                 messages.append(Message("user", feedback))
                 state.trace.write("message", depth=depth, role="user", content=feedback)
             return await self._last_chance(state, messages, session, depth=depth, emit=emit)
@@ -534,6 +537,13 @@ class Engine:
         for code in blocks:
             emit({"kind": "code", "code": code, **_depth(depth)})
             state.trace.write("code", depth=depth, code=code)
+            key = _normalize(code)
+            if key in session.ran:
+                notice = prompts.repeated_code(session.ran[key])
+                emit({"kind": "output", "text": notice, "repeated": True, **_depth(depth)})
+                state.trace.write("output", depth=depth, text=notice, repeated=True)
+                outputs.append(notice)
+                continue
             res = await session.execute(code, timeout_s=b.cell_timeout_s)
             if state.budget_error is not None:
                 raise state.budget_error
@@ -576,6 +586,8 @@ class Engine:
                     cell_timeout_s=b.cell_timeout_s,
                 )
             )
+            if not (res.error or res.timed_out or res.restarted):
+                session.ran[key] = shown
             if res.final is not None:
                 return outputs, _final_text(res.final)
         return outputs, None
@@ -614,7 +626,13 @@ class Engine:
         messages.append(Message("user", prompts.LAST_CHANCE))
         state.trace.write("message", depth=depth, role="user", content=prompts.LAST_CHANCE)
         reply, _text, _ = await self._root_turn(
-            state, messages, session, depth=depth, turn=0, emit=emit, tools=False
+            state,
+            messages,
+            session,
+            depth=depth,
+            turn=state.budget.max_iterations + 1,
+            emit=emit,
+            tools=False,
         )
         answer: str | None = None
         if reply.final is None:
@@ -861,6 +879,9 @@ class _Repl:
     ) -> None:
         self._t0 = time.monotonic()
         self._background = background
+        # Blocks run without error in this loop (normalized code -> what they printed):
+        # small models re-run the same block instead of answering.
+        self.ran: dict[str, str] = {}
         self._trace = trace
         self._depth = depth
         self._task = asyncio.get_running_loop().create_task(start())
@@ -914,6 +935,11 @@ def _layers(protection: Any) -> str:
     """``bwrap+seccomp+rlimits``: the sandbox layers a worker runs under."""
     names = [n for n in ("bwrap", "seccomp", "rlimits") if getattr(protection, n, False)]
     return "+".join(names) or "none"
+
+
+def _normalize(code: str) -> str:
+    """Code with blank lines and trailing spaces gone, to spot a block run twice."""
+    return "\n".join(line.rstrip() for line in code.strip().splitlines() if line.strip())
 
 
 def _depth(depth: int) -> dict[str, int]:

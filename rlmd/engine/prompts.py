@@ -243,6 +243,25 @@ def output_message(
     return "\n".join(parts)
 
 
+def question_reminder(query: str) -> str:
+    """Appended to outputs for small models, which lose track of the question."""
+    q = query if len(query) <= 500 else query[:500] + " …"
+    return (
+        f"The question is: {q}\n"
+        "If the output above answers it, write FINAL(the answer) now. "
+        "If not, write one new ```repl block."
+    )
+
+
+def repeated_code(first_output: str) -> str:
+    """Sent instead of running a block the model already ran, unchanged."""
+    return (
+        "You already ran exactly this code; it was not run again. Its output was:\n"
+        f"{first_output if first_output.strip() else '(nothing)'}\n"
+        "Use that output: answer with FINAL(the answer), or write different code."
+    )
+
+
 NO_CODE_NO_FINAL = (
     "Your reply had no ```repl block and no FINAL(...) line. Either write a ```repl block "
     "to look at the context, or give the answer on a line of its own: FINAL(your answer)"
