@@ -1,0 +1,155 @@
+"""The semantic tier on real SQLite files; embeddings from the built-in embedder or a real
+pool talking to a scripted server's ``/api/embed``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from rlmd.cache import CacheService, SemanticAnswer, guard_allows, text_version
+from rlmd.cache.embedder import LexicalEmbedder, embed_one
+from rlmd.cache.exact import CacheDB
+from rlmd.cache.semantic import SemanticCache, features
+from rlmd.config import CacheConfig, Config, ModelsConfig, PoolConfig, ProviderConfig
+from rlmd.pool import Pool
+from rlmd.providers.registry import build_provider
+from rlmd.testing.scripted_server import ScriptedServer
+
+V1 = "a" * 64
+V2 = "b" * 64
+ROOT = "root|sub"
+
+
+@pytest.fixture
+def db(tmp_path) -> Iterator[CacheDB]:
+    d = CacheDB(tmp_path / "calls.sqlite")
+    d.call(d.conn)
+    yield d
+    d.close()
+
+
+def answer(text: str) -> SemanticAnswer:
+    return SemanticAnswer(answer=text, job="j1", tokens_in=100, tokens_out=10, cost=0.5)
+
+
+async def test_paraphrase_hits_on_same_version_only(db) -> None:
+    sem = SemanticCache(db, LexicalEmbedder(), embed_model="lex", threshold=0.75)
+    await sem.store("How many TODO items are in src/?", V1, ROOT, answer("12"))
+    hit = await sem.lookup("how many todo items are in src/", V1, ROOT)
+    assert hit is not None and hit.answer.answer == "12" and hit.similarity >= 0.75
+    # A changed text (new version), another model, or no version: never a hit.
+    assert await sem.lookup("How many TODO items are in src/?", V2, ROOT) is None
+    assert await sem.lookup("How many TODO items are in src/?", V1, "other|sub") is None
+    assert await sem.lookup("How many TODO items are in src/?", "", ROOT) is None
+
+
+async def test_guard_refuses_near_misses_the_cosine_accepts(db) -> None:
+    near = [
+        ("How many TODO items are in src/?", "How many TODO items are in tests/?"),
+        ("Count the errors logged in 2023", "Count the errors logged in 2024"),
+        ("List the files that import numpy", "List the files that do not import numpy"),
+        ("Which paragraphs mention Alice?", "Which paragraphs mention Bob?"),
+        (
+            'Count lines containing "connection refused"',
+            'Count lines containing "connection reset"',
+        ),
+        (
+            "What is the largest file in the repository?",
+            "What is the smallest file in the repository?",
+        ),
+    ]
+    for a, b in near:
+        assert not guard_allows(a, b), (a, b)
+    low = SemanticCache(db, LexicalEmbedder(), embed_model="lex", threshold=0.3, guard=False)
+    guarded = SemanticCache(db, LexicalEmbedder(), embed_model="lex", threshold=0.3)
+    for i, (a, _b) in enumerate(near):
+        await guarded.store(a, V1, ROOT, answer(f"answer {i}"))
+    for i, (_a, b) in enumerate(near):
+        # Without the guard the cosine alone would serve the wrong answer ...
+        wrong = await low.lookup(b, V1, ROOT)
+        assert wrong is not None and wrong.answer.answer == f"answer {i}"
+        # ... with it, no hit.
+        assert await guarded.lookup(b, V1, ROOT) is None
+    stats = db.call(lambda: db.flush_sync() or dict(db.conn().execute("SELECT k, v FROM meta")))
+    assert stats["semantic_refused"] == len(near)
+
+
+def test_features_pick_out_the_specifics() -> None:
+    f = features(
+        'Which calls to os.system in src/app.py use "rm -rf" since 2023 and not ALLOWED_CMDS?'
+    )
+    assert "2023" in f.numbers
+    assert {"os.system", "src/app.py"} <= f.paths
+    assert f.quoted == frozenset({"rm -rf"})
+    assert "allowed_cmds" in f.identifiers and f.negations == 1
+    assert guard_allows("Find TODO comments", "find todo comments")
+
+
+async def test_persists_and_reloads_the_matrix(tmp_path) -> None:
+    path = tmp_path / "p.sqlite"
+    d1 = CacheDB(path)
+    sem = SemanticCache(d1, LexicalEmbedder(), embed_model="lex", threshold=0.75)
+    for i in range(40):
+        await sem.store(f"What happened in incident number {i}?", V1, ROOT, answer(f"a{i}"))
+    await d1.aclose()
+    d2 = CacheDB(path)
+    sem2 = SemanticCache(d2, LexicalEmbedder(), embed_model="lex", threshold=0.75)
+    hit = await sem2.lookup("what happened in incident number 17", V1, ROOT)
+    # Another embedding model's vectors are another space: not compared.
+    other = SemanticCache(d2, LexicalEmbedder(), embed_model="other-embedder", threshold=0.75)
+    miss = await other.lookup("What happened in incident number 17?", V1, ROOT)
+    await d2.aclose()
+    assert hit is not None and hit.answer.answer == "a17" and miss is None
+
+
+async def test_threshold_must_be_sane(db) -> None:
+    with pytest.raises(ValueError, match="semantic_threshold"):
+        SemanticCache(db, LexicalEmbedder(), embed_model="lex", threshold=1.5)
+
+
+def test_lexical_embedder_is_normalised_and_deterministic() -> None:
+    a = embed_one("Count the errors in 2023")
+    assert abs(float(a @ a) - 1.0) < 1e-5
+    assert (a == embed_one("count the ERRORS in 2023!")).all()
+    assert float(embed_one("") @ embed_one("")) == pytest.approx(1.0)
+
+
+async def test_service_embeds_through_the_pool(tmp_path) -> None:
+    """``[models] embed`` set: questions are embedded by a real server's /api/embed."""
+    with ScriptedServer([], models=["chat", "emb"]) as srv:
+        pc = ProviderConfig(name="ol", kind="ollama", base_url=srv.url, models=["chat", "emb"])
+        cfg = Config(
+            providers=[pc],
+            models=ModelsConfig(root="chat", sub="chat", embed="emb"),
+            pool=PoolConfig(health_interval_s=30.0),
+            cache=CacheConfig(semantic_threshold=0.9),
+        )
+        svc = CacheService.open(cfg, tmp_path)
+        pool = Pool(cfg, [build_provider(pc, {})], cache=svc.exact)
+        svc.attach_pool(pool)
+        try:
+            version = text_version("the context text")
+            await svc.store_answer("Count the errors", version, "chat", "chat", answer("3"))
+            hit = await svc.lookup_answer("count the errors", version, "chat", "chat")
+            changed = await svc.lookup_answer(
+                "count the errors", text_version("the context text, edited"), "chat", "chat"
+            )
+            stats = await svc.stats()
+        finally:
+            await pool.aclose()
+            await svc.aclose()
+        assert hit is not None and hit.answer.answer == "3"
+        assert changed is None
+        assert len(srv.embed_calls) == 3 and srv.embed_calls[0].model == "emb"
+        assert stats.embed_model == "emb" and stats.exact is not None
+        assert stats.exact.semantic_entries == 1 and stats.exact.semantic_hits == 1
+
+
+async def test_unreachable_embedder_is_a_miss_not_an_error(db) -> None:
+    async def broken(texts: list[str]) -> list[list[float]]:
+        raise ConnectionError("embedding server down")
+
+    sem = SemanticCache(db, broken, embed_model="x", threshold=0.75)
+    await sem.store("q", V1, ROOT, answer("a"))  # logged, not raised
+    assert await sem.lookup("q", V1, ROOT) is None
