@@ -329,6 +329,10 @@ def test_protection_report_and_require() -> None:
     got = resolve(none.probe, bwrap="auto", seccomp="auto")
     assert not got.bwrap and not got.seccomp
     assert not protection(SandboxConfig(bwrap="off", seccomp="off")).bwrap
+    ll = Probe(bwrap=True, seccomp=True, bwrap_detail="", seccomp_detail="", landlock_abi=4)
+    assert not resolve(ll, bwrap="auto", seccomp="auto").landlock  # bwrap isolates already
+    assert resolve(ll, bwrap="off", seccomp="auto").landlock
+    assert not resolve(ll, bwrap="off", seccomp="off").landlock
 
 
 def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:

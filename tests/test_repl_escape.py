@@ -28,6 +28,7 @@ MODES = {
     "none": SandboxConfig(bwrap="off", seccomp="off"),
 }
 SECRET = "s3cr3t-value-that-must-not-leak-4711"
+RLMD_DIR = Path(__file__).resolve().parents[1] / "rlmd"
 
 
 def mode_config(mode: str) -> SandboxConfig:
@@ -188,18 +189,19 @@ async def test_environment_holds_no_secrets(mode: str, repl: ReplSession) -> Non
         "import os\n"
         "print(sorted(os.environ))\n"
         "print(dict(os.environ))\n"
-        "print(open('/proc/self/environ').read())\n"
+        "try:\n    print(open('/proc/self/environ').read())\n"
+        "except OSError as e:\n    print('own environ not readable', type(e).__name__)\n"
         f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
         "except OSError as e:\n    print('daemon environ not visible', type(e).__name__)\n",
     )
     keys = eval(out.splitlines()[0])
     assert set(keys) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PWD", "PYTHONDONTWRITEBYTECODE",
                          "PYTHONNOUSERSITE", "PYTHONIOENCODING", "PYTHONHASHSEED"}  # fmt: skip
-    if "bwrap" in mode:
-        # Its own pid namespace: the daemon's /proc entry does not exist in there.
+    if repl.protection.bwrap or repl.protection.landlock:
+        # Its own pid namespace, or Landlock: the daemon's /proc entry is out of reach.
         assert SECRET not in out and "daemon environ not visible" in out
     else:
-        # Without bwrap a same-uid worker can read /proc/<daemon>/environ (docs/sandbox.md);
+        # Without either a same-uid worker can read /proc/<daemon>/environ (docs/sandbox.md);
         # what the daemon passes itself must still be clean.
         before = out.split(f"/proc/{os.getpid()}")[0]
         assert SECRET not in out.splitlines()[0] + out.splitlines()[1] + before
@@ -283,44 +285,54 @@ async def test_cpu_limit_kills_a_spinning_worker(mode: str, repl: ReplSession) -
     assert r.error is not None and "killed by SIGXCPU" in r.error and "CPU time limit" in r.error
 
 
+def fs_isolated(repl: ReplSession) -> bool:
+    """bubblewrap (mount namespace) or Landlock confines the worker's file system view."""
+    return repl.protection.bwrap or repl.protection.landlock
+
+
 async def test_writes_outside_scratch_fail(mode: str, repl: ReplSession, short_tmp: Path) -> None:
-    if "bwrap" not in mode:
-        pytest.skip("file system isolation needs bubblewrap")
+    if not fs_isolated(repl):
+        pytest.skip("file system isolation needs bubblewrap or Landlock")
     outside = short_tmp / "outside.txt"
     out = await run(
         repl,
         "import os\n"
         "open('inside.txt', 'w').write('ok')\n"
         f"for p in ({str(outside)!r}, '/usr/evil.txt', '/context/context.txt', '/opt/rlmd-lib/rlmd/evil.py',\n"
-        "          '/evil.txt', '/tmp/evil.txt', '/dev/shm/evil', '/proc/evil'):\n"
+        "          '/evil.txt', '/tmp/evil.txt', '/dev/shm/evil', '/proc/evil',\n"
+        f"          {str(short_tmp / 'context.txt')!r}, {str(RLMD_DIR / 'evil.py')!r}):\n"
         "    try:\n"
         "        open(p, 'a').write('pwned')\n"
         "        print('WROTE', p)\n"
         "    except OSError as e:\n"
         "        print('refused', type(e).__name__)\n",
     )
-    assert "WROTE" not in out and out.count("refused") == 8, out
+    assert "WROTE" not in out and out.count("refused") == 10, out
     assert (short_tmp / "scratch" / "inside.txt").read_text() == "ok"
-    assert not any(map(exists, (outside, "/usr/evil.txt")))
+    assert not any(map(exists, (outside, "/usr/evil.txt", RLMD_DIR / "evil.py")))
     assert (short_tmp / "context.txt").read_text() == "the context\n"
 
 
 async def test_daemon_files_are_invisible(mode: str, repl: ReplSession, short_tmp: Path) -> None:
-    if "bwrap" not in mode:
-        pytest.skip("file system isolation needs bubblewrap")
+    if not fs_isolated(repl):
+        pytest.skip("file system isolation needs bubblewrap or Landlock")
     state = short_tmp / "state"
     state.mkdir()
     (state / "credentials.toml").write_text(f"api_key = '{SECRET}'\n")
     out = await run(
         repl,
         "import os\n"
-        f"try:\n    print(open({str(state / 'credentials.toml')!r}).read())\n"
-        "except OSError as e:\n    print('not visible', type(e).__name__)\n"
-        "print(sorted(os.listdir('/')))\n",
+        f"for p in ({str(state / 'credentials.toml')!r}, '/proc/{os.getpid()}/environ'):\n"
+        "    try:\n        print(open(p).read())\n"
+        "    except OSError as e:\n        print('not visible', type(e).__name__)\n"
+        f"try:\n    print(sorted(os.listdir({str(state)!r})))\n"
+        "except OSError as e:\n    print('not listable', type(e).__name__)\n"
+        "print(sorted(os.listdir('/')) if os.access('/', os.R_OK) else [])\n",
     )
-    assert SECRET not in out and "not visible FileNotFoundError" in out
-    top = eval(out.splitlines()[-1])
-    assert "work" not in top and "home" not in top and "scratch" in top
+    assert SECRET not in out and out.count("not visible") == 2 and "not listable" in out, out
+    if repl.protection.bwrap:
+        top = eval(out.splitlines()[-1])
+        assert "work" not in top and "home" not in top and "scratch" in top
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,8 @@ class Init(_Msg, tag="init"):
     seccomp: bool
     output_cap_chars: int
     max_frame_bytes: int
+    #: (path, Landlock rights) the worker allows itself; empty: no Landlock.
+    landlock_rules: list[tuple[str, int]] = []
 
 
 class Exec(_Msg, tag="exec"):
@@ -83,6 +85,7 @@ class Ready(_Msg, tag="ready"):
     pid: int
     seccomp: bool
     rlimits: bool
+    landlock: bool
     context_kind: str  # "none" | "str" | "view"
     setup_error: str | None = None
 

@@ -65,6 +65,9 @@ class Protection(msgspec.Struct, kw_only=True):
     rlimits: bool
     bwrap_detail: str = ""
     seccomp_detail: str = ""
+    #: File system confinement without bubblewrap (see ``apply_landlock``).
+    landlock: bool = False
+    landlock_detail: str = ""
 
 
 class Probe(msgspec.Struct, kw_only=True):
@@ -74,6 +77,7 @@ class Probe(msgspec.Struct, kw_only=True):
     seccomp: bool
     bwrap_detail: str
     seccomp_detail: str
+    landlock_abi: int = 0
 
 
 # --- resource limits (called in the worker) ---------------------------------------------
@@ -316,6 +320,125 @@ def install_seccomp() -> None:
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
 
 
+# --- Landlock (called in the worker when bubblewrap is not used) -------------------------
+
+_SYS_LANDLOCK_CREATE_RULESET = 444  # same numbers on x86_64 and aarch64
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+_LL_TRUNCATE, _LL_IOCTL_DEV = 1 << 14, 1 << 15
+#: Rights that make sense on a regular file (the rest only on directories).
+_LL_FILE_RIGHTS = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE | _LL_IOCTL_DEV
+LL_READ = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+LL_ALL = (1 << 16) - 1
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 when there is none (in-process, restricts nothing)."""
+    if sys.platform != "linux":
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create_ruleset_version = 1
+        abi = libc.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+            ctypes.c_uint(create_ruleset_version),
+        )  # fmt: skip
+    except OSError:
+        return 0
+    return max(int(abi), 0)
+
+
+def apply_landlock(rules: list[tuple[str, int]]) -> None:
+    """Allow the calling thread (and threads and children it creates later) only ``rules``.
+
+    ``rules`` are (path, rights) pairs, rights being ``LL_READ`` or ``LL_ALL``; every other
+    file system access is denied (reading, writing, listing, creating, removing).  Paths
+    that do not exist are skipped.  Raises OSError when the kernel refuses.
+    """
+    abi = landlock_abi()
+    if abi < 1:
+        raise OSError(errno.ENOSYS, "the kernel has no Landlock")
+    handled = (1 << 13) - 1
+    if abi >= 2:
+        handled |= 1 << 13  # REFER
+    if abi >= 3:
+        handled |= _LL_TRUNCATE
+    if abi >= 5:
+        handled |= _LL_IOCTL_DEV
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> int:
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return rc
+
+    attr = ctypes.create_string_buffer(struct.pack("<Q", handled), 8)
+    ruleset = check(
+        libc.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), attr, ctypes.c_size_t(8), ctypes.c_uint(0)
+        ),
+        "landlock_create_ruleset",
+    )
+    try:
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                allowed = rights & handled
+                if not _is_dir_fd(fd):
+                    allowed &= _LL_FILE_RIGHTS
+                beneath = ctypes.create_string_buffer(struct.pack("<Qi", allowed, fd), 12)
+                check(
+                    libc.syscall(
+                        ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(1),
+                        beneath,
+                        ctypes.c_uint(0),
+                    ),
+                    f"landlock_add_rule({path})",
+                )
+            finally:
+                os.close(fd)
+        pr_set_no_new_privs = 38
+        check(libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        check(
+            libc.syscall(
+                ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint(0)
+            ),
+            "landlock_restrict_self",
+        )
+    finally:
+        os.close(ruleset)
+
+
+def _is_dir_fd(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def landlock_rules(
+    *, context_path: Path | None, index_path: Path | None, scratch_dir: Path
+) -> list[tuple[str, int]]:
+    """What a worker outside bubblewrap may touch: the same things bubblewrap would mount."""
+    rules: list[tuple[str, int]] = [
+        (top, LL_READ) for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+    ]
+    rules += [("/etc/ld.so.cache", LL_READ), ("/etc/localtime", LL_READ)]
+    rules.append((os.path.realpath(sys.base_prefix), LL_READ))
+    rules += [(d, LL_READ) for d in library_dirs().values()]
+    for f in (context_path, index_path):
+        if f is not None:
+            rules.append((str(f), LL_READ))
+    rules.append((str(scratch_dir), LL_ALL))
+    return rules
+
+
 def set_parent_death_signal() -> None:
     """Have the kernel SIGKILL this process when the daemon dies (no orphaned workers)."""
     if sys.platform != "linux":
@@ -459,7 +582,13 @@ def interpret_probe(
         sc_detail = (
             f"seccomp probe failed (exit {seccomp_rc}): {(seccomp_out + seccomp_err).strip()[:300]}"
         )
-    return Probe(bwrap=bw_ok, seccomp=sc_ok, bwrap_detail=bw_detail, seccomp_detail=sc_detail)
+    return Probe(
+        bwrap=bw_ok,
+        seccomp=sc_ok,
+        bwrap_detail=bw_detail,
+        seccomp_detail=sc_detail,
+        landlock_abi=landlock_abi(),
+    )
 
 
 class ProbeCache:
@@ -542,7 +671,20 @@ def resolve(probe: Probe, *, bwrap: Mode, seccomp: Mode) -> Protection:
         raise SandboxUnavailable(
             f"sandbox.seccomp = 'require' but {probe.seccomp_detail}; set sandbox.seccomp = 'auto'"
         )
+    # Landlock stands in for bubblewrap's file system isolation; it rides on the seccomp
+    # setting (both are restrictions the worker puts on itself).
+    use_landlock = not use_bwrap and seccomp != "off" and probe.landlock_abi >= 1
+    if use_bwrap:
+        ll_detail = "not needed: bubblewrap isolates the file system"
+    elif seccomp == "off":
+        ll_detail = "disabled with sandbox.seccomp = 'off'"
+    elif probe.landlock_abi >= 1:
+        ll_detail = f"Landlock ABI {probe.landlock_abi}"
+    else:
+        ll_detail = "the kernel has no Landlock"
     return Protection(
+        landlock=use_landlock,
+        landlock_detail=ll_detail,
         bwrap=use_bwrap,
         seccomp=use_seccomp,
         rlimits=sys.platform == "linux",

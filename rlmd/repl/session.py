@@ -39,6 +39,7 @@ from rlmd.repl.sandbox import (
     SandboxUnavailable,
     bwrap_argv,
     host_sys_path,
+    landlock_rules,
     python_executable,
     resolve,
     worker_env,
@@ -324,7 +325,15 @@ class ReplSession:
                 )
             if prot.seccomp and not ready.seccomp:
                 self.protection = msgspec.structs.replace(
-                    prot, seccomp=False, seccomp_detail=f"failed in worker: {ready.setup_error}"
+                    self.protection,
+                    seccomp=False,
+                    seccomp_detail=f"failed in worker: {ready.setup_error}",
+                )
+            if prot.landlock and not ready.landlock:
+                self.protection = msgspec.structs.replace(
+                    self.protection,
+                    landlock=False,
+                    landlock_detail=f"failed in worker: {ready.setup_error}",
                 )
             w.ready = ready
         except TimeoutError:
@@ -339,7 +348,15 @@ class ReplSession:
 
     def _init_msg(self, ctx: str | None, idx: str | None) -> ch.Init:
         lim = self.limits
+        rules: list[tuple[str, int]] = []
+        if self.protection.landlock:
+            rules = landlock_rules(
+                context_path=self.context_path,
+                index_path=self.index_path,
+                scratch_dir=self.scratch_dir,
+            )
         return ch.Init(
+            landlock_rules=rules,
             context_path=ctx,
             index_path=idx,
             str_threshold_bytes=self.str_threshold_bytes,

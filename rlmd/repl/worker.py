@@ -27,7 +27,12 @@ from typing import Any
 
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import ContextView, load_context, make_re_module
-from rlmd.repl.sandbox import apply_rlimits, install_seccomp, set_parent_death_signal
+from rlmd.repl.sandbox import (
+    apply_landlock,
+    apply_rlimits,
+    install_seccomp,
+    set_parent_death_signal,
+)
 
 _ERROR_CAP = 100_000
 _THIS_FILE = __file__
@@ -355,6 +360,14 @@ def main(fd: int) -> None:
     except (OSError, ValueError) as exc:
         rlimits = False
         problems.append(f"rlimits: {exc}")
+    landlock = False
+    if init.landlock_rules:
+        # Before any thread starts: Landlock binds the calling thread and its offspring.
+        try:
+            apply_landlock([(p, r) for p, r in init.landlock_rules])
+            landlock = True
+        except OSError as exc:
+            problems.append(f"landlock: {exc}")
     worker = Worker(chan, init, context)
     threading.Thread(target=worker.reader, name="rlmd-reader", daemon=True).start()
     seccomp = False
@@ -369,6 +382,7 @@ def main(fd: int) -> None:
             pid=os.getpid(),
             seccomp=seccomp,
             rlimits=rlimits,
+            landlock=landlock,
             context_kind=kind,
             setup_error="; ".join(problems) or None,
         )
