@@ -370,14 +370,12 @@ class Prefetcher:
             self.stats.hits += 1
         elif not spec.task.done():
             spec.task.cancel()
+            self.stats.cancelled += 1
 
     async def _run(self, key: bytes, req: ChatRequest) -> None:
         spec = self._specs[key]
         try:
             result = await self._pool.chat(req, priority=PRIORITY)
-        except asyncio.CancelledError:
-            self.stats.cancelled += 1
-            raise
         except Exception as exc:  # speculation failing costs nothing but the attempt
             self.stats.failed += 1
             log.debug("speculative call failed: %r", exc)
@@ -398,6 +396,7 @@ class Prefetcher:
         running = [s.task for s in self._specs.values() if not s.task.done()]
         for t in running:
             t.cancel()
+        self.stats.cancelled += len(running)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         for s in self._specs.values():
