@@ -129,7 +129,7 @@ Per-call options override these."
 
 (defcustom rlm-show-trajectory-while-running t
   "Non-nil means the trajectory is expanded while the query runs.
-It is folded when the answer arrives either way."
+It is folded when the answer arrives, unless you toggled it meanwhile."
   :type 'boolean
   :group 'rlm)
 
@@ -268,7 +268,7 @@ result buffer."
   (state 'connecting) (iteration 0) (sub-calls 0) (subcall-events 0)
   tokens cost start-time end-time answer result error partial
   finished reply callback answer-marker overlay timer change-group
-  (last-kind nil) (turn 0) (turn-text "") (code-in-text nil) (folded nil))
+  (last-kind nil) (turn 0) (turn-text "") (code-in-text nil) (toggled nil))
 
 ;;;; Socket and connection
 
@@ -358,6 +358,18 @@ An escape split between two reads is held back until the next one."
             (car (last (split-string text "\n" t))))))
     "no output"))
 
+(defun rlm--daemon-filter (proc string)
+  "Append STRING, output of the daemon PROC, to its buffer, kept small."
+  (let ((buf (process-buffer proc)))
+    (when (buffer-live-p buf)
+      (with-current-buffer buf
+        (save-excursion
+          (goto-char (point-max))
+          (insert string)
+          ;; A long-lived daemon logs forever; keep the last 64 KiB.
+          (when (> (buffer-size) 131072)
+            (delete-region (point-min) (- (point-max) 65536))))))))
+
 (defun rlm--start-daemon (path)
   "Start the daemon on socket PATH and return a connection to it.
 Waits at most `rlm-daemon-start-timeout' seconds; signals
@@ -374,10 +386,12 @@ Waits at most `rlm-daemon-start-timeout' seconds; signals
          (out (get-buffer-create " *rlmd*"))
          (proc
           (condition-case err
-              (let ((process-environment process-environment))
+              ;; A local directory, even when the current buffer is remote.
+              (let ((default-directory (expand-file-name "~/")))
                 (with-current-buffer out (let ((inhibit-read-only t)) (erase-buffer)))
                 (make-process :name "rlmd" :buffer out :command command
                               :noquery t :connection-type 'pipe
+                              :filter #'rlm--daemon-filter
                               :sentinel #'ignore))
             (error
              (signal 'rlm-error
@@ -511,7 +525,6 @@ output and sub-calls) is folded below it.
   "Return a short description of JOB's state."
   (pcase (rlm-job-state job)
     ('connecting "connecting")
-    ('sending "sending context")
     ('thinking "thinking")
     ('running-code "running code")
     ('sub-calls "waiting for sub-calls")
@@ -651,7 +664,7 @@ output and sub-calls) is folded below it.
   (let ((ov (and rlm--job (rlm-job-overlay rlm--job))))
     (unless ov (user-error "Not in an rlm result buffer"))
     (overlay-put ov 'invisible (not (overlay-get ov 'invisible)))
-    (setf (rlm-job-folded rlm--job) (overlay-get ov 'invisible))))
+    (setf (rlm-job-toggled rlm--job) t)))
 
 (defun rlm-copy-answer ()
   "Copy the answer of this result buffer to the kill ring."
@@ -810,7 +823,10 @@ Does nothing when JOB already finished."
       (when (buffer-live-p buf)
         (with-current-buffer buf
           (let ((ov (rlm-job-overlay job)))
-            (when (and ov (eq status 'done)) (overlay-put ov 'invisible t)))
+            ;; Fold the trajectory under the answer, unless the user
+            ;; chose a state meanwhile.
+            (when (and ov (eq status 'done) (not (rlm-job-toggled job)))
+              (overlay-put ov 'invisible t)))
           (rlm--trajectory-heading
            job (format "End: %s after %.1f s" (rlm--state-text job) (rlm-job-elapsed job)))
           (when-let ((group (rlm-job-change-group job)))
