@@ -1237,7 +1237,8 @@ Return the daemon's status (a plist)."
                           (mapconcat (lambda (m) (format "%s" m))
                                      (plist-get p :models) ","))))
         (when (null providers) (insert "(no providers)\n"))
-        (goto-char (point-min))))
+        (goto-char (point-min))
+        (set-buffer-modified-p nil)))
     (display-buffer buf)
     (message "rlm: daemon %s, pid %s, %d/%d providers healthy, %d in flight"
              (plist-get st :version) (plist-get st :pid)
@@ -1421,7 +1422,8 @@ queries (or any job id) read in the minibuffer."
           (insert (propertize (format "\n[… characters %d-%d shown]\n" start end)
                               'face 'shadow)))
         (goto-char (point-min))
-        (special-mode)))
+        (special-mode)
+        (set-buffer-modified-p nil)))
     (pop-to-buffer buf)
     buf))
 
@@ -1449,7 +1451,8 @@ queries (or any job id) read in the minibuffer."
           (insert (propertize (format "%6d: " (plist-get m :line)) 'face 'rlm-label)
                   (rlm--truncate (or (plist-get m :text) "") 200) "\n"))
         (goto-char (point-min))
-        (special-mode)))
+        (special-mode)
+        (set-buffer-modified-p nil)))
     (pop-to-buffer buf)
     matches))
 
