@@ -64,6 +64,17 @@
                       (should (derived-mode-p 'diff-mode))
                       (should (string-prefix-p "*rlm diff: staged changes" (buffer-name)))
                       (should (looking-at-p "\\+    return sum(x for x in xs)"))))))
+              ;; On the staged file: that file's staged changes.
+              (goto-char (point-min))
+              (should (re-search-forward "^modified +src/app.py" nil t))
+              (beginning-of-line)
+              (should (equal (car (rlm-magit-diff-target)) "staged changes in src/app.py"))
+              ;; In a diff buffer: the diff it shows.
+              (with-current-buffer (magit-diff-setup-buffer nil "--cached" nil nil)
+                (pcase-let ((`(,desc . ,args) (rlm-magit-diff-target)))
+                  (should (equal desc "diff --cached"))
+                  (with-current-buffer (rlm-magit-diff-buffer desc args)
+                    (should (string-match-p "^\\+    return len(xs)$" (buffer-string))))))
               ;; On a commit: that commit's diff.
               (rlm-test-git "commit" "-q" "-m" "second")
               (magit-refresh)
