@@ -1146,15 +1146,30 @@ Quitting or timing out cancels JOB."
 
 ;;;; Cancel
 
+(defun rlm--tell-daemon-cancel (job tries)
+  "Send `query/cancel' for JOB; retry up to TRIES times while it is unknown.
+A cancel can overtake its own `query/run' inside the daemon, which
+then does not know the job yet; asking again shortly after settles it."
+  (let ((conn (rlm-job-connection job)))
+    (when (and conn (jsonrpc-running-p conn) (not (rlm-job-reply job)))
+      (condition-case err
+          (jsonrpc-async-request
+           conn 'query/cancel (list :job (rlm-job-id job))
+           :success-fn
+           (lambda (result)
+             (when (and (not (eq (plist-get result :cancelled) t))
+                        (not (rlm-job-reply job))
+                        (> tries 0))
+               (run-with-timer 0.5 nil #'rlm--tell-daemon-cancel job (1- tries))))
+           :error-fn #'ignore
+           :timeout-fn #'ignore)
+        (error (message "rlm: could not tell the daemon: %s" (error-message-string err)))))))
+
 (defun rlm-cancel-job (job &optional reason)
   "Cancel JOB, telling the daemon; REASON is shown in its buffer.
 The job ends at once on the Emacs side, whatever the daemon does."
   (when (rlm-job-running-p job)
-    (let ((conn (rlm-job-connection job)))
-      (when (and conn (jsonrpc-running-p conn))
-        (condition-case err
-            (jsonrpc-notify conn 'query/cancel (list :job (rlm-job-id job)))
-          (error (message "rlm: could not tell the daemon: %s" (error-message-string err))))))
+    (rlm--tell-daemon-cancel job 10)
     (rlm--job-finish job 'cancelled reason)))
 
 (defun rlm--running-jobs ()

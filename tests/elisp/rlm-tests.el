@@ -357,6 +357,13 @@
         (should (rlm-test-wait-for (lambda () (rlm-job-reply job)) 15))
         (should (eql (plist-get (plist-get (rlm-job-reply job) :error) :code) -32005))
         (should (equal (plist-get (rlm-request 'query/jobs) :jobs) [])))
+      ;; Cancelling at once, before the daemon may even know the job,
+      ;; still stops it there.
+      (let ((job (rlm-query "slowtest: never mind")))
+        (rlm-cancel-job job)
+        (should (eq (rlm-job-state job) 'cancelled))
+        (should (rlm-test-wait-for (lambda () (rlm-job-reply job)) 15))
+        (should (equal (plist-get (rlm-request 'query/jobs) :jobs) [])))
       ;; Killing a result buffer cancels its query too.
       (let ((job (rlm-query "slowtest: again")))
         (should (rlm-test-wait-for
