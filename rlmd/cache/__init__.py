@@ -14,8 +14,10 @@ See docs/cache.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import msgspec
 
 from rlmd.cache.embedder import LexicalEmbedder
 from rlmd.cache.exact import CacheDB, CacheError, CacheStats, ExactCache, call_key
-from rlmd.cache.prefetch import Prefetcher, SpeculationStats
+from rlmd.cache.prefetch import Prefetcher, SpeculationStats, sub_request
 from rlmd.cache.semantic import Hit, SemanticAnswer, SemanticCache, guard_allows
 from rlmd.config import Config
 
@@ -37,10 +39,12 @@ __all__ = [
     "ExactCache",
     "Hit",
     "Prefetcher",
+    "QueryCaching",
     "SemanticAnswer",
     "SemanticCache",
     "SpeculationStats",
     "call_key",
+    "context_version",
     "guard_allows",
     "semantic_model_key",
     "text_version",
@@ -200,3 +204,165 @@ class CacheService:
     async def aclose(self) -> None:
         if self.exact is not None:
             await self.exact.aclose()
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def context_version(text: str | None, context_path: Path | None) -> str:
+    """The version a query's context has: the hash of an inline ``text``, else the stored
+    version (the store names its text files ``<version>.txt``); "" when unknown."""
+    if text is not None:
+        return text_version(text)
+    if context_path is not None and _HEX64.fullmatch(context_path.stem):
+        return context_path.stem
+    return ""
+
+
+class QueryCaching:
+    """One query's use of the caches: what the engine calls (see docs/cache.md).
+
+    ``async with`` it around the loop: inside, exact-cache lookups are bypassed when the
+    query's ``options.cache`` is false, and speculation runs when allowed.  Then:
+    :meth:`cached_answer` before the loop, :meth:`remember` after it,
+    :meth:`before_sub_calls` before sub-calls and :meth:`after_batch` after a batch.
+    """
+
+    def __init__(
+        self,
+        service: CacheService | None,
+        pool: Any,
+        *,
+        question: str,
+        version: str,
+        context_path: Path | None,
+        root_model: str,
+        sub_model: str,
+        use_cache: bool = True,
+        speculation: bool = True,
+        emit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.question = question
+        self.version = version
+        self.root_model = root_model
+        self.sub_model = sub_model
+        self.use_cache = use_cache
+        self._emit = emit
+        self._stack = contextlib.ExitStack()
+        self.prefetch: Prefetcher | None = None
+        if service is not None and service.exact is not None:
+            self.prefetch = service.prefetcher(
+                pool, text_path=context_path, enabled=speculation, on_event=emit
+            )
+
+    @classmethod
+    def for_query(
+        cls,
+        service: CacheService | None,
+        pool: Any,
+        *,
+        params: Any,
+        context_path: Path | None,
+        root_model: str,
+        sub_model: str,
+        emit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> QueryCaching:
+        """Build from ``QueryParams`` (``options.cache`` / ``options.speculation``: None or
+        True use the daemon's settings, False turns them off for this query)."""
+        opts = params.options
+        return cls(
+            service,
+            pool,
+            question=params.query,
+            version=context_version(params.text, context_path),
+            context_path=context_path,
+            root_model=root_model,
+            sub_model=sub_model,
+            use_cache=getattr(opts, "cache", None) is not False,
+            speculation=getattr(opts, "speculation", None) is not False,
+            emit=emit,
+        )
+
+    async def __aenter__(self) -> QueryCaching:
+        if self.service is not None and self.service.exact is not None and not self.use_cache:
+            self._stack.enter_context(self.service.exact.bypass())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.prefetch is not None:
+                await self.prefetch.aclose()
+                if self.service is not None:
+                    self.service.add_speculation(self.prefetch.stats)
+        finally:
+            self._stack.close()
+
+    async def cached_answer(self) -> str | None:
+        """The semantic tier's answer for this question on this text, or None."""
+        if self.service is None or not self.use_cache:
+            return None
+        hit = await self.service.lookup_answer(
+            self.question, self.version, self.root_model, self.sub_model
+        )
+        if hit is None:
+            return None
+        if self._emit is not None:
+            self._emit(
+                {
+                    "kind": "cache",
+                    "tier": "semantic",
+                    "question": hit.question,
+                    "similarity": hit.similarity,
+                    "saved_cost": hit.answer.cost,
+                    "saved_tokens": {
+                        "input": hit.answer.tokens_in,
+                        "output": hit.answer.tokens_out,
+                    },
+                }
+            )
+        return hit.answer.answer
+
+    async def remember(
+        self,
+        answer: str,
+        *,
+        finish: str,
+        job: str,
+        tokens_in: int,
+        tokens_out: int,
+        cost: float,
+        elapsed_s: float,
+    ) -> None:
+        """Store a query's answer for the semantic tier (only answers the model gave as
+        FINAL: a best-effort answer at the iteration limit is not worth repeating)."""
+        if self.service is None or finish != "final":
+            return
+        await self.service.store_answer(
+            self.question,
+            self.version,
+            self.root_model,
+            self.sub_model,
+            SemanticAnswer(
+                answer=answer,
+                job=job,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                cost=cost,
+                elapsed_s=elapsed_s,
+            ),
+        )
+
+    def before_sub_calls(self, prompts: list[str], model: str) -> None:
+        """Real sub-calls are about to run: count prefetch hits, drop duplicates."""
+        if self.prefetch is not None:
+            for p in prompts:
+                self.prefetch.claim(sub_request(p, model))
+
+    async def after_batch(self, prompts: list[str], model: str) -> None:
+        """A batch over the query's own context finished: prefetch what comes next."""
+        if self.prefetch is not None:
+            try:
+                await self.prefetch.observe_batch(prompts, model)
+            except Exception as exc:  # speculation must never fail a query
+                log.warning("prefetch failed: %r", exc)
