@@ -275,9 +275,12 @@ def _stream_file(w: _Writer, f: BinaryIO, first: bytes) -> int:
         if block.isascii():
             w.write_utf8(block)
         elif block:
-            text = block.decode("utf-8", "replace")
-            # Each invalid sequence became one U+FFFD; genuine ones were already there.
-            replaced += text.count("\ufffd") - block.count(b"\xef\xbf\xbd")
+            try:
+                text = block.decode("utf-8")
+            except UnicodeDecodeError:  # rare: pay for counting the replacements
+                text = block.decode("utf-8", "replace")
+                # Each invalid sequence became one U+FFFD; genuine ones were already there.
+                replaced += text.count("\ufffd") - block.count(b"\xef\xbf\xbd")
             w.write_str(text)
         if not more:
             return replaced
