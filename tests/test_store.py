@@ -673,3 +673,12 @@ def test_search_timeout(tmp_path: Path) -> None:
         s.search("t", "zzz", timeout_s=0)
     assert ei.value.kind == "timeout" and "0% of the text" in ei.value.message
     assert len(s.search("t", "abc", 5, timeout_s=10)) == 5
+
+
+def test_open_mappings_are_bounded(store: ContextStore) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for i in range(100):
+        store.put_text(f"c{i}", f"text {i} é")
+        assert store.peek(f"c{i}", 0, 20) == f"text {i} é"
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= 70
+    assert store.peek("c0", 0, 20) == "text 0 é"  # evicted, reopened

@@ -74,6 +74,7 @@ DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PEEK_CHARS = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 _COPY_CHUNK = 4 << 20
+_MAX_OPEN = 64
 _META = "meta.json"
 _TMP = ".tmp-"
 _FORMAT = 1
@@ -665,7 +666,12 @@ class ContextStore:
             if h.meta.name != name:  # pragma: no cover - a hash collision
                 raise StoreError("io", f"context storage {key} holds {h.meta.name!r}")
             with self._mutex:
+                self._handles.pop(key, None)
                 self._handles[key] = h
+                # Each mapping holds a file descriptor: keep the most recent ones only
+                # (readers still using an evicted handle keep it alive).
+                while len(self._handles) > _MAX_OPEN:
+                    del self._handles[next(iter(self._handles))]
             return h
         raise StoreError("io", f"context {name!r} kept changing while being read; retry")
 
