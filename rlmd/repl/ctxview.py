@@ -465,7 +465,11 @@ class ContextView:
         if fn == "findall":
             if args or kwargs:
                 return spat.findall(self._full_str(), *args, **kwargs)
-            return [_dec_group(x) for x in bpat.findall(buf)]
+            found = bpat.findall(buf)
+            if bpat.groups <= 1:  # a list of bytes: decode inline (the hot path)
+                return [x.decode("utf-8", "replace") for x in found]
+            # Tuples of bytes (an unmatched group is b"", never None).
+            return [tuple([y.decode("utf-8", "replace") for y in t]) for t in found]
         if fn == "split":
             maxsplit = kwargs.pop("maxsplit", args[0] if args else 0)
             return [_dec_group(x) for x in bpat.split(buf, maxsplit)]
