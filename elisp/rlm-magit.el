@@ -93,16 +93,23 @@ DESCRIPTION names it.  Signal a `user-error' when the diff is empty."
          (text (let ((default-directory dir)) (magit-git-output args))))
     (when (string-blank-p (or text ""))
       (user-error "No changes to review (%s)" description))
-    (let ((buf (get-buffer-create (format "*rlm diff: %s*" description))))
-      (with-current-buffer buf
-        (let ((inhibit-read-only t))
-          (erase-buffer)
-          (insert text))
-        (diff-mode)
-        (setq default-directory dir)
-        (setq buffer-read-only t)
-        (goto-char (point-min)))
-      buf)))
+    (let* ((name (format "*rlm diff: %s*" description))
+           (old (get-buffer name)))
+      ;; Reuse the buffer of the same diff (its context is cached); a
+      ;; new diff gets a new buffer, so that older reviews keep linking
+      ;; to the diff they reviewed.
+      (if (and old (equal (with-current-buffer old
+                            (buffer-substring-no-properties (point-min) (point-max)))
+                          text))
+          old
+        (with-current-buffer (generate-new-buffer name)
+          (insert text)
+          (diff-mode)
+          (setq default-directory dir)
+          (setq buffer-read-only t)
+          (set-buffer-modified-p nil)
+          (goto-char (point-min))
+          (current-buffer))))))
 
 ;;;###autoload
 (defun rlm-magit-review (&optional question)

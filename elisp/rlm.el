@@ -1146,8 +1146,8 @@ Quitting or timing out cancels JOB."
 
 ;;;; Cancel
 
-(defun rlm--tell-daemon-cancel (job tries)
-  "Send `query/cancel' for JOB; retry up to TRIES times while it is unknown.
+(defun rlm--tell-daemon-cancel (job attempts)
+  "Send `query/cancel' for JOB; ask again up to ATTEMPTS times while unknown.
 A cancel can overtake its own `query/run' inside the daemon, which
 then does not know the job yet; asking again shortly after settles it."
   (let ((conn (rlm-job-connection job)))
@@ -1159,8 +1159,8 @@ then does not know the job yet; asking again shortly after settles it."
            (lambda (result)
              (when (and (not (eq (plist-get result :cancelled) t))
                         (not (rlm-job-reply job))
-                        (> tries 0))
-               (run-with-timer 0.5 nil #'rlm--tell-daemon-cancel job (1- tries))))
+                        (> attempts 0))
+               (run-with-timer 0.5 nil #'rlm--tell-daemon-cancel job (1- attempts))))
            :error-fn #'ignore
            :timeout-fn #'ignore)
         (error (message "rlm: could not tell the daemon: %s" (error-message-string err)))))))
