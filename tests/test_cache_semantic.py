@@ -153,3 +153,57 @@ async def test_unreachable_embedder_is_a_miss_not_an_error(db) -> None:
     sem = SemanticCache(db, broken, embed_model="x", threshold=0.75)
     await sem.store("q", V1, ROOT, answer("a"))  # logged, not raised
     assert await sem.lookup("q", V1, ROOT) is None
+
+
+async def test_query_caching_keys_on_the_stored_version(tmp_path) -> None:
+    """What the engine calls: the version comes from the store's pinned text file."""
+    from rlmd.cache import QueryCaching, context_version
+    from rlmd.engine.types import QueryParams
+    from rlmd.store.store import ContextStore
+
+    store = ContextStore(tmp_path / "contexts")
+    store.put_text("notes", "alpha beta gamma\n" * 100)
+    with store.pin("notes") as pinned:
+        assert context_version(None, pinned.path) == store.version("notes")
+    assert context_version("abc", None) == text_version("abc")
+    assert context_version(None, tmp_path / "context.txt") == ""
+
+    svc = CacheService.open(Config(), tmp_path / "state")
+    events: list[dict] = []
+
+    def caching(question: str, **opts: object) -> QueryCaching:
+        with store.pin("notes") as pinned:
+            path = pinned.path
+        params = QueryParams(query=question, context="notes")
+        for k, v in opts.items():
+            setattr(params.options, k, v)
+        return QueryCaching.for_query(
+            svc,
+            None,
+            params=params,
+            context_path=path,
+            root_model="r",
+            sub_model="s",
+            emit=events.append,
+        )
+
+    try:
+        async with caching("What is the third word?") as qc:
+            assert await qc.cached_answer() is None
+            await qc.remember(
+                "gamma",
+                finish="final",
+                job="j1",
+                tokens_in=9,
+                tokens_out=1,
+                cost=0.2,
+                elapsed_s=1.0,
+            )
+        async with caching("what is the third word") as qc:
+            assert await qc.cached_answer() == "gamma"
+        assert events[-1]["kind"] == "cache" and events[-1]["saved_cost"] == 0.2
+        store.put_text("notes", "delta epsilon zeta\n" * 100)  # a new version
+        async with caching("What is the third word?") as qc:
+            assert await qc.cached_answer() is None
+    finally:
+        await svc.aclose()

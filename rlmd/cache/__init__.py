@@ -27,7 +27,13 @@ import msgspec
 from rlmd.cache.embedder import LexicalEmbedder
 from rlmd.cache.exact import CacheDB, CacheError, CacheStats, ExactCache, call_key
 from rlmd.cache.prefetch import Prefetcher, SpeculationStats, sub_request
-from rlmd.cache.semantic import Hit, SemanticAnswer, SemanticCache, guard_allows
+from rlmd.cache.semantic import (
+    DEFAULT_THRESHOLD,
+    Hit,
+    SemanticAnswer,
+    SemanticCache,
+    guard_allows,
+)
 from rlmd.config import Config
 
 __all__ = [
@@ -52,6 +58,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# For a configured embedding model (not measured here: no neural embedder runs offline).
+NEURAL_THRESHOLD = 0.9
+
 
 class CacheStatsResult(msgspec.Struct, kw_only=True):
     """``cache/stats`` result."""
@@ -59,7 +68,7 @@ class CacheStatsResult(msgspec.Struct, kw_only=True):
     enabled: bool
     exact: CacheStats | None
     semantic: bool
-    semantic_threshold: float
+    semantic_threshold: float | None
     embed_model: str
     speculation: bool
     speculation_totals: SpeculationStats
@@ -105,17 +114,24 @@ class CacheService:
         service = cls(config, exact, None)
         if c.semantic:
             embed_model = config.models.embed
+            # ``semantic_threshold`` unset (None, once the config allows it): the value
+            # measured for the built-in embedder, or a conservative one for a model
+            # this project has not measured.
+            threshold = c.semantic_threshold
             if embed_model:
                 service.semantic = SemanticCache(
                     exact.db,
                     service._pool_embed,
                     embed_model=embed_model,
-                    threshold=c.semantic_threshold,
+                    threshold=threshold if threshold is not None else NEURAL_THRESHOLD,
                 )
             else:
                 lexical = LexicalEmbedder()
                 service.semantic = SemanticCache(
-                    exact.db, lexical, embed_model=lexical.name, threshold=c.semantic_threshold
+                    exact.db,
+                    lexical,
+                    embed_model=lexical.name,
+                    threshold=threshold if threshold is not None else DEFAULT_THRESHOLD,
                 )
         return service
 
@@ -186,7 +202,7 @@ class CacheService:
             enabled=self.exact is not None,
             exact=await self.exact.stats() if self.exact is not None else None,
             semantic=self.semantic is not None,
-            semantic_threshold=c.semantic_threshold,
+            semantic_threshold=self.semantic.threshold if self.semantic is not None else None,
             embed_model=self.semantic.embed_model if self.semantic is not None else "",
             speculation=c.speculation and self.exact is not None,
             speculation_totals=self.speculation_totals,
