@@ -95,6 +95,27 @@ Unrelated.
   (let ((rlm-babel-async t) (noninteractive t))
     (should (rlm-babel--async-p nil))))
 
+(ert-deftest rlm-test-babel-context-by-name-and-by-path ()
+  (rlm-test-with-daemon
+    (let ((dir (make-temp-file (expand-file-name "babel" rlm-test-tmp) t))
+          (org-confirm-babel-evaluate nil))
+      (with-temp-file (expand-file-name "notes.txt" dir) (insert "file for babel\n"))
+      (rlm-put-text "rlm-test:babel" "named text for babel")
+      (dolist (spec (list "rlm-test:babel" "notes.txt"))
+        (with-temp-buffer
+          (setq default-directory (file-name-as-directory dir))
+          (insert (format "#+begin_src rlm :context %s\nbabeltest: ?\n#+end_src\n" spec))
+          (org-mode)
+          (goto-char (point-min))
+          (should (equal (org-babel-execute-src-block) "Babel says 42."))))
+      ;; The file was read by the daemon under a files: name.
+      (should (cl-some (lambda (n)
+                         (and (string-prefix-p "files:" n)
+                              (string-suffix-p "notes.txt" n)
+                              (equal (rlm-test-context-text n) "file for babel\n")))
+                       (rlm-context-names)))
+      (rlm-drop "rlm-test:babel"))))
+
 (ert-deftest rlm-test-babel-bad-context-is-a-clear-error ()
   (rlm-test-with-daemon
     (with-temp-buffer
