@@ -264,35 +264,43 @@ class ReplSession:
 
     # --- worker lifecycle ---------------------------------------------------------------
 
+    def _plan(self, fd: int) -> tuple[list[str], dict[str, str], ch.Init]:
+        """Command line, environment and Init message of a worker (stats files: in a thread)."""
+        prot = self.protection
+        index = self.index_path
+        if prot.bwrap:
+            paths, home = [SANDBOX_LIB], SANDBOX_SCRATCH
+            ctx = f"{SANDBOX_CONTEXT_DIR}/context.txt" if self.context_path else None
+            idx = f"{SANDBOX_CONTEXT_DIR}/context.idx" if index else None
+        else:
+            paths, home = host_sys_path(), str(self.scratch_dir)
+            ctx = str(self.context_path) if self.context_path else None
+            idx = str(index) if index else None
+        boot = (
+            f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; main({fd})"
+        )
+        argv = [python_executable(), "-I", "-S", "-c", boot]
+        env = worker_env(home)
+        if prot.bwrap:
+            argv = [
+                *bwrap_argv(
+                    bwrap=shutil.which("bwrap") or "bwrap",
+                    context_path=self.context_path,
+                    scratch_dir=self.scratch_dir,
+                    env=env,
+                    index_path=index,
+                ),
+                "--",
+                *argv,
+            ]
+        return argv, env, self._init_msg(ctx, idx)
+
     async def _spawn(self) -> _Proc:
         prot = self.protection
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             fd = child.fileno()
-            index = self.index_path
-            if prot.bwrap:
-                paths, home = [SANDBOX_LIB], SANDBOX_SCRATCH
-                ctx = f"{SANDBOX_CONTEXT_DIR}/context.txt" if self.context_path else None
-                idx = f"{SANDBOX_CONTEXT_DIR}/context.idx" if index else None
-            else:
-                paths, home = host_sys_path(), str(self.scratch_dir)
-                ctx = str(self.context_path) if self.context_path else None
-                idx = str(index) if index else None
-            boot = f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; main({fd})"
-            argv = [python_executable(), "-I", "-S", "-c", boot]
-            env = worker_env(home)
-            if prot.bwrap:
-                argv = [
-                    *bwrap_argv(
-                        bwrap=shutil.which("bwrap") or "bwrap",
-                        context_path=self.context_path,
-                        scratch_dir=self.scratch_dir,
-                        env=env,
-                        index_path=index,
-                    ),
-                    "--",
-                    *argv,
-                ]
+            argv, env, init = await asyncio.to_thread(self._plan, fd)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -315,7 +323,7 @@ class ReplSession:
         self.workers_started += 1
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
-                await w.send(self._init_msg(ctx, idx))
+                await w.send(init)
                 ready = await w.recv()
             if not isinstance(ready, ch.Ready):
                 raise WorkerError(f"the REPL worker sent {type(ready).__name__} instead of Ready")
