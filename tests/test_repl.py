@@ -563,3 +563,25 @@ async def test_store_context_and_its_index_are_used(kind: str, dirs: tuple[Path,
         assert r.output == "ContextView True True\n", r
     finally:
         await s.close()
+
+
+async def test_get_var_of_a_hostile_value_times_out(
+    dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rlmd.repl.session as session_mod
+
+    monkeypatch.setattr(session_mod, "GET_VAR_TIMEOUT_S", 0.5)
+    s = await start(dirs)
+    try:
+        await s.execute(
+            "class Evil:\n    def __str__(self):\n        while True:\n            pass\nv = Evil()",
+            timeout_s=10,
+        )
+        pid = s.worker_pid
+        t0 = time.monotonic()
+        assert await s.get_var("v") is None
+        assert time.monotonic() - t0 < 3
+        assert pid is not None and not alive(pid)  # the stuck worker was replaced
+        assert (await s.execute("print('next')", timeout_s=10)).output == "next\n"
+    finally:
+        await s.close()
