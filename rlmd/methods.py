@@ -123,7 +123,9 @@ def build_methods(app: App) -> dict[str, Method]:
         return {"text": await in_thread(app.store.peek, p.name, p.start, end)}
 
     async def context_search(conn: Any, req: Any, p: ContextSearchParams) -> Any:
-        return {"matches": await in_thread(app.store.search, p.name, p.pattern, p.max_matches)}
+        # A runaway pattern is stopped between search windows instead of holding a thread.
+        matches = await in_thread(app.store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0)
+        return {"matches": matches}
 
     async def context_info(conn: Any, req: Any, p: ContextNameParams) -> Any:
         return await in_thread(app.store.info, p.name)
