@@ -330,13 +330,20 @@ An escape split between two reads is held back until the next one."
 
 (defun rlm--make-connection (process)
   "Wrap PROCESS, a connected socket, in a jsonrpc connection."
-  (let ((conn (make-instance 'jsonrpc-process-connection
-                             :name "rlm"
-                             :process (lambda () process)
-                             :events-buffer-scrollback-size rlm-events-buffer-size
-                             :notification-dispatcher #'rlm--dispatch-notification
-                             :request-dispatcher #'ignore
-                             :on-shutdown #'rlm--on-shutdown)))
+  (let* ((args (list :name "rlm"
+                     :process (lambda () process)
+                     :notification-dispatcher #'rlm--dispatch-notification
+                     :request-dispatcher #'ignore
+                     :on-shutdown #'rlm--on-shutdown))
+         (conn
+          ;; jsonrpc 1.0.20 (Emacs 30) renamed the log size initarg and
+          ;; warns about the old one; Emacs 28's jsonrpc knows only that.
+          (condition-case nil
+              (apply #'make-instance 'jsonrpc-process-connection
+                     :events-buffer-config (list :size rlm-events-buffer-size) args)
+            (invalid-slot-name
+             (apply #'make-instance 'jsonrpc-process-connection
+                    :events-buffer-scrollback-size rlm-events-buffer-size args)))))
     (set-process-filter process (rlm--nul-safe-filter (process-filter process)))
     conn))
 
