@@ -736,15 +736,15 @@ output and sub-calls) is folded below it.
                ev (propertize
                    (concat
                     (format "↳ %s%s" (or (plist-get ev :fn) "sub-call")
-                            (if-let ((id (plist-get ev :id))) (format " %s" id) ""))
+                            (if-let* ((id (plist-get ev :id))) (format " %s" id) ""))
                     (if starting
                         (concat
-                         (if-let ((m (plist-get ev :model))) (format " to %s" m) "")
-                         (if-let ((n (plist-get ev :prompt_chars)))
+                         (if-let* ((m (plist-get ev :model))) (format " to %s" m) "")
+                         (if-let* ((n (plist-get ev :prompt_chars)))
                              (format " (%s chars)" (rlm--format-count n)) ""))
                       (concat (format ": %s" status)
                               (if (numberp elapsed) (format " in %.2f s" elapsed) "")
-                              (if-let ((e (plist-get ev :error))) (format " (%s)" e) "")))
+                              (if-let* ((e (plist-get ev :error))) (format " (%s)" e) "")))
                     "\n")
                    'face (if (member status '("error" "failed")) 'rlm-error 'rlm-subcall))))))
       ("progress"
@@ -781,7 +781,7 @@ output and sub-calls) is folded below it.
   (setf (rlm-job-reply job) (list :result result))
   (unless (rlm-job-finished job)
     (setf (rlm-job-result job) result)
-    (when-let ((tokens (plist-get result :tokens))) (setf (rlm-job-tokens job) tokens))
+    (when-let* ((tokens (plist-get result :tokens))) (setf (rlm-job-tokens job) tokens))
     (when (numberp (plist-get result :cost)) (setf (rlm-job-cost job) (plist-get result :cost)))
     (when (numberp (plist-get result :sub_calls))
       (setf (rlm-job-sub-calls job) (plist-get result :sub_calls)))
@@ -836,7 +836,7 @@ Does nothing when JOB already finished."
               (overlay-put ov 'invisible t)))
           (rlm--trajectory-heading
            job (format "End: %s after %.1f s" (rlm--state-text job) (rlm-job-elapsed job)))
-          (when-let ((group (rlm-job-change-group job)))
+          (when-let* ((group (rlm-job-change-group job)))
             ;; One undo step for the whole answer.
             (undo-amalgamate-change-group group)
             (accept-change-group group))
