@@ -460,3 +460,24 @@ semantic_threshold = 0.75
         assert d.call("cache/clear")["deleted"] > 0
         after = d.call("cache/stats")
         assert after["exact"]["entries"] == 0 and after["exact"]["bytes"] == 0
+
+
+async def test_damaged_file_is_moved_aside_and_replaced(tmp_path) -> None:
+    path = tmp_path / "calls.sqlite"
+    path.write_bytes(b"this is not a database, " * 100)
+    cache = ExactCache.open(path, max_bytes=1 << 20)
+    await cache.put(ask("q"), result("a"))
+    got = await cache.get(ask("q"))
+    await cache.aclose()
+    assert got is not None and got.text == "a"
+    aside = list(tmp_path.glob("calls.sqlite.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+
+
+async def test_unusable_location_is_a_clear_error(tmp_path) -> None:
+    from rlmd.cache import CacheError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match="cannot open the cache file"):
+        ExactCache.open(blocker / "cache" / "calls.sqlite", max_bytes=1 << 20)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import contextvars
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -36,6 +37,8 @@ import msgspec
 from rlmd.providers.base import ChatRequest, ChatResult
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 KEY_VERSION = "rlmd-call-v1"
 SCHEMA_VERSION = 1
@@ -158,22 +161,42 @@ class CacheDB:
             self._thread = threading.current_thread()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                c = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000)
-                c.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-                c.execute("PRAGMA journal_mode=WAL")
-                # NORMAL in WAL: a commit survives a process crash; an OS crash may lose
-                # the last commits but never corrupts the file (fine for a cache).
-                c.execute("PRAGMA synchronous=NORMAL")
-                c.executescript(_SCHEMA)
-                c.execute(
-                    "INSERT OR IGNORE INTO meta(k, v) VALUES ('schema', ?), ('total_bytes', 0)",
-                    (SCHEMA_VERSION,),
-                )
-            except sqlite3.Error as exc:
+                self._conn = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if "not a database" not in str(exc) and "malformed" not in str(exc):
+                    raise CacheError(f"cannot open the cache file {self.path}: {exc}") from None
+                # A cache is disposable: keep the damaged file for a post-mortem, start anew.
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+                log.warning("cache file %s is damaged (%s); moved to %s", self.path, exc, aside)
+                for suffix in ("-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
+                self.path.rename(aside)
+                try:
+                    self._conn = self._connect()
+                except sqlite3.Error as exc2:
+                    raise CacheError(f"cannot open the cache file {self.path}: {exc2}") from None
+            except (sqlite3.Error, OSError) as exc:
                 raise CacheError(f"cannot open the cache file {self.path}: {exc}") from None
-            self._conn = c
         assert threading.current_thread() is self._thread, "cache used off its thread"
         return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        c = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000)
+        try:
+            c.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            c.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives a process crash; an OS crash may lose the
+            # last commits but never corrupts the file (fine for a cache).
+            c.execute("PRAGMA synchronous=NORMAL")
+            c.executescript(_SCHEMA)
+            c.execute(
+                "INSERT OR IGNORE INTO meta(k, v) VALUES ('schema', ?), ('total_bytes', 0)",
+                (SCHEMA_VERSION,),
+            )
+        except BaseException:
+            c.close()
+            raise
+        return c
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -301,10 +324,18 @@ class ExactCache:
     # ------------------------------------------------------------------ async API
 
     async def get(self, req: ChatRequest) -> ChatResult | None:
-        """A complete cached answer for ``req``, or None.  Counts the hit or miss."""
+        """A complete cached answer for ``req``, or None.  Counts the hit or miss.
+
+        A failing cache (disk error, a lock held too long) is a miss, never an error:
+        the call then goes to the model as if there were no cache.
+        """
         if self._bypass.get():
             return None
-        return await self.db.run(self.get_sync, call_key(req), False)
+        try:
+            return await self.db.run(self.get_sync, call_key(req), False)
+        except (sqlite3.Error, CacheError) as exc:
+            log.warning("call cache lookup failed (treated as a miss): %r", exc)
+            return None
 
     async def get_partial(self, req: ChatRequest) -> ChatResult | None:
         """A complete answer, else one stopped early (``stopped=True``); or None.
@@ -314,7 +345,11 @@ class ExactCache:
         """
         if self._bypass.get():
             return None
-        return await self.db.run(self.get_sync, call_key(req), True)
+        try:
+            return await self.db.run(self.get_sync, call_key(req), True)
+        except (sqlite3.Error, CacheError) as exc:
+            log.warning("call cache lookup failed (treated as a miss): %r", exc)
+            return None
 
     async def put(self, req: ChatRequest, result: ChatResult) -> None:
         """Store a fresh result (cache hits and empty answers are not stored)."""
