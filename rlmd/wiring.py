@@ -26,7 +26,7 @@ def _embedded_factory(app: Any) -> Any:
     def make(cfg: ProviderConfig) -> Provider:
         from .providers.embedded import EmbeddedProvider
 
-        return EmbeddedProvider(cfg, app.config.embedded)
+        return EmbeddedProvider(app.config.embedded, name=cfg.name, provider_config=cfg)
 
     return make
 

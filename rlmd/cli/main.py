@@ -87,9 +87,13 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
     if pool:
         print(f"{'provider':16} {'kind':9} {'health':7} {'load':7} {'ttft':>7} {'tok/s':>7} {'requests':>8} {'cost':>9}")
         for p in pool:
+            # EWMAs are null until the server has answered something.
+            ttft = p.get("ewma_ttft_s")
+            tps = p.get("ewma_tokens_per_s")
+            load = f"{p['in_flight']}/{p['capacity']}"
             print(f"{p['name'][:16]:16} {p['kind']:9} {'up' if p['healthy'] else 'DOWN':7} "
-                  f"{p['in_flight']}/{p['capacity']:<5} {p.get('ewma_ttft_s', 0):7.2f} "
-                  f"{p.get('ewma_tokens_per_s', 0):7.1f} {p.get('requests', 0):8d} "
+                  f"{load:7} {'-' if ttft is None else f'{ttft:.2f}':>7} "
+                  f"{'-' if tps is None else f'{tps:.1f}':>7} {p.get('requests', 0):8d} "
                   f"${p.get('cost', 0):8.4f}")
     return 0
 
