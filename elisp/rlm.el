@@ -286,14 +286,22 @@ when it is a directory we own, else TMPDIR/runtime-UID)."
       (expand-file-name
        "rlmd/rlmd.sock"
        (cond ((and xdg (not (string-empty-p xdg))) xdg)
+             ;; platformdirs takes /run/user/UID only when it is a real
+             ;; directory of ours with mode 0700.
              ((and (file-directory-p run)
                    (not (file-symlink-p run))
                    (eql (file-attribute-user-id (file-attributes run 'integer))
-                        (user-uid)))
+                        (user-uid))
+                   (eql (logand (or (file-modes run) 0) #o777) #o700))
               run)
              (t (expand-file-name
                  (format "runtime-%d" (user-uid))
-                 (or (getenv "TMPDIR") "/tmp")))))))))
+                 ;; Python's tempfile.gettempdir(), for writable directories.
+                 (or (cl-find-if (lambda (d) (and d (not (string-empty-p d))
+                                                  (file-directory-p d)
+                                                  (file-writable-p d)))
+                                 (list (getenv "TMPDIR") (getenv "TEMP") (getenv "TMP")))
+                     "/tmp")))))))))
 
 (defun rlm-socket ()
   "Return the socket path in use: `rlm-socket-path' or the default."
