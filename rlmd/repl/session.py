@@ -176,7 +176,10 @@ class _Proc:
         if rc is None:
             why = "closed its channel"
         elif rc < 0:
-            sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+            try:
+                sig = signal.Signals(-rc).name
+            except ValueError:
+                sig = f"signal {-rc}"
             hint = {
                 "SIGXCPU": " (its CPU time limit, limits.worker_cpu_s, was reached)",
                 "SIGKILL": " (out of memory, or past its CPU time limit)",
