@@ -38,6 +38,20 @@ class StartupError(Exception):
     """The daemon cannot start; the message tells the user what to do."""
 
 
+def _not_dumpable() -> None:
+    """Hide our /proc files (environ holds API keys) from other processes of the same user.
+
+    A REPL worker runs as the same uid; PR_SET_DUMPABLE=0 makes /proc/<daemon>/environ and
+    /proc/<daemon>/mem unreadable to it in every sandbox mode.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="rlmd", description="Recursive Language Model daemon")
     ap.add_argument("--socket", help="Unix socket path (env RLMD_SOCKET)")
@@ -183,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _not_dumpable()
     config_path = args.config or default_config_path()
     try:
         config = load_config(config_path)
