@@ -183,3 +183,15 @@ async def test_claim_cancels_a_pending_duplicate_and_disabled_does_nothing(
             await cache.aclose()
     assert stats.cancelled == 3  # the claimed one, and two still running at the end
     assert len(srv.calls) <= 1
+
+
+def test_sampled_chunks_and_huge_batches_stay_cheap(text_file) -> None:
+    path, text, _ = text_file
+    chunks = [text[i : i + 500] for i in range(0, len(text), 500)]
+    # Every tenth chunk: a sample, not a walk through the list; nothing is guessed.
+    assert infer_next([f"Q: {c}" for c in chunks[:60:10]], path, 4) == []
+    # A long batch: only its tail is used to find the layout, and the answer is the same.
+    batch = [f"Q: {c}" for c in chunks[:120]]
+    t0 = time.monotonic()
+    assert infer_next(batch, path, 3) == [f"Q: {c}" for c in chunks[120:123]]
+    assert time.monotonic() - t0 < 2.0

@@ -50,6 +50,10 @@ PRIORITY = 10
 MIN_CHUNK_CHARS = 32
 MAX_AHEAD = 16
 SEPARATORS = ("", "\n", "\n\n", " ", "\r\n")
+# Bounds on what model-written code can make inference do: the last prompts of a batch
+# suffice to find the layout, and a longer gap between chunks is not a chunked list.
+MAX_OBSERVE = 64
+MAX_GAP = 256
 
 
 class Layout(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +116,8 @@ def _template(prompts: list[str]) -> tuple[str, str, list[str]] | None:
 
 def _split_gap(gap: str, prefix: str, suffix: str) -> tuple[int, str, int] | None:
     """(chars of suffix given back, separator, chars of prefix given back), fewest first."""
+    if len(gap) > MAX_GAP:
+        return None
     best: tuple[int, str, int] | None = None
     for ks in range(0, min(len(gap), len(suffix)) + 1):
         if gap[:ks] != suffix[:ks]:
@@ -144,6 +150,8 @@ def infer_layout(prompts: list[str], mm: mmap.mmap | bytes) -> Layout | None:
     for e, b in zip(ends, starts[1:], strict=False):
         if b < e:
             gaps.add(None)  # overlapping chunks: handled by the fixed-size rule below
+        elif b - e > MAX_GAP * 4:
+            return None  # chunks far apart (a sample, not a walk through the list)
         else:
             gaps.add(bytes(mm[e:b]))
     if len(gaps) != 1:
@@ -253,7 +261,7 @@ def infer_next(prompts: list[str], text_path: Path, count: int) -> list[str]:
             if os.fstat(f.fileno()).st_size == 0:
                 return []
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                layout = infer_layout(prompts, mm)
+                layout = infer_layout(prompts[-MAX_OBSERVE:], mm)
                 if layout is None:
                     return []
                 chunks = next_chunks(layout, mm, count)
