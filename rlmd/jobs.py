@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any, Protocol
+
+# How long a cancel of a job that has not started yet is remembered.
+EARLY_CANCEL_S = 10.0
 
 
 class Notifier(Protocol):
@@ -39,6 +43,7 @@ class Jobs:
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
+        self._early: dict[str, float] = {}  # cancelled before they started: id -> expiry
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -50,6 +55,13 @@ class Jobs:
             raise JobExists(jid)
         job = Job(jid, asyncio.current_task(), conn)
         self._jobs[jid] = job
+        now = time.monotonic()
+        if self._early.pop(jid, 0.0) > now:
+            job.cancel_requested = True
+            if job.task is not None:
+                job.task.cancel()
+        if len(self._early) > 1000:  # forget stale ids
+            self._early = {k: t for k, t in self._early.items() if t > now}
         return job
 
     def finish(self, job: Job) -> None:
@@ -57,9 +69,15 @@ class Jobs:
             del self._jobs[job.id]
 
     def cancel(self, job_id: str) -> bool:
-        """Ask a running job to stop; False when no such job is running."""
+        """Ask a running job to stop; False when no such job is running.
+
+        A job id that is not running yet is remembered for a short while: a client that
+        sends query/run and query/cancel back to back (the cancel may be read first) still
+        gets its query cancelled when it starts.
+        """
         job = self._jobs.get(job_id)
         if job is None or job.task is None or job.task.done():
+            self._early[job_id] = time.monotonic() + EARLY_CANCEL_S
             return False
         job.cancel_requested = True
         job.task.cancel()

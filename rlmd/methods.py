@@ -153,6 +153,9 @@ def build_methods(app: App) -> dict[str, Method]:
             ) from None
         temp_name = None
         try:
+            # Registered above, before waiting for this connection's earlier puts, so that a
+            # query/cancel sent meanwhile finds the job.
+            await req.turn()
             if p.text is not None:
                 temp_name = f"_query:{job.id}"
                 await in_thread(app.store.put_text, temp_name, p.text)

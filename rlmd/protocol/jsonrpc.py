@@ -48,7 +48,11 @@ class NoParams(msgspec.Struct, forbid_unknown_fields=True):
 # as socat scripts pipeline "put, then search" and expect the search to see the put, yet a
 # running query must not block a later query/cancel on the same connection.
 CHAIN = "chain"  # starts after earlier CHAIN requests finished; later ones wait for it
-AFTER = "after"  # starts after earlier CHAIN requests finished; nothing waits for it
+# Starts at once but is handed the earlier CHAIN requests as ``Request.after``; it awaits
+# ``request.turn()`` before its real work, so it can register itself first (query/run
+# registers its job id so that a query/cancel can find it while it waits).  Nothing
+# waits for it.
+AFTER = "after"
 FREE = "free"  # runs at once (status, cancel)
 
 
@@ -71,6 +75,12 @@ class Request(msgspec.Struct, frozen=True):
     method: str
     id: Any
     is_notification: bool
+    after: Any = None  # AFTER methods: the earlier request to let finish (see turn())
+
+    async def turn(self) -> None:
+        """Wait until the earlier ordered requests of this connection have finished."""
+        if self.after is not None:
+            await asyncio.wait([self.after])
 
 
 def _error(code: int, message: str, id_: Any, data: Any = NODATA) -> dict[str, Any]:
@@ -174,6 +184,9 @@ class Dispatcher:
             prev = None
         if prev is None and not method.is_async:
             return _finish(_call_sync(method, context, req, params), req)
+        if method.ordering == AFTER:
+            req = msgspec.structs.replace(req, after=prev)
+            prev = None
         task = asyncio.ensure_future(self._call_async(method, context, req, params, prev))
         if method.ordering == CHAIN and hasattr(context, "chain"):
             context.chain = task
