@@ -201,6 +201,16 @@ def build_methods(app: App) -> dict[str, Method]:
     def pool_status(conn: Any, req: Any, p: NoParams) -> Any:
         return {"providers": app.pool.status() if app.pool is not None else []}
 
+    async def cache_stats(conn: Any, req: Any, p: NoParams) -> Any:
+        if app.cache is None:
+            return {"enabled": False}
+        return await app.cache.stats()
+
+    async def cache_clear(conn: Any, req: Any, p: NoParams) -> Any:
+        if app.cache is None:
+            return {"deleted": 0}
+        return await app.cache.clear()
+
     def daemon_ping(conn: Any, req: Any, p: NoParams) -> Any:
         return "pong"
 
@@ -218,6 +228,8 @@ def build_methods(app: App) -> dict[str, Method]:
         "query/jobs": Method.of(query_jobs, ordering=FREE),
         "query/trace": Method.of(query_trace, TraceParams),
         "pool/status": Method.of(pool_status, ordering=FREE),
+        "cache/stats": Method.of(cache_stats, ordering=FREE),
+        "cache/clear": Method.of(cache_clear),
     }
     return table
 

@@ -7,6 +7,7 @@ runtime is not installed, the daemon still serves contexts and says how to get a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -52,6 +53,17 @@ def _embedded_config(app: Any) -> ProviderConfig | None:
 async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
     """Create providers, the pool and the engine on ``app``; register their cleanup."""
     config = app.config
+    # The cache first: it outlives the pool on shutdown (the stack closes in reverse).
+    from .cache import CacheError, CacheService
+
+    try:
+        cache = await asyncio.to_thread(CacheService.open, config, app.state_dir)
+    except CacheError as exc:
+        log.warning("running without the call cache: %s", exc)
+        cache = None
+    if cache is not None:
+        stack.push_async_callback(cache.aclose)
+        app.cache = cache
     # Probed once at startup (two short processes), so status never blocks on it.
     prot = await protection_async(config.sandbox)
     app.protection = lambda: prot
@@ -74,7 +86,9 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
         extra[cfg.name] = cfg
         app.embedded_note = app.embedded_note or f"serving {', '.join(cfg.models)} (starts on first use)"
     try:
-        pool = Pool(config, providers, extra_configs=extra)
+        pool = Pool(
+            config, providers, cache=cache.exact if cache else None, extra_configs=extra
+        )
     except ConfigError:
         for p in providers:
             await p.aclose()
@@ -82,4 +96,8 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
     stack.push_async_callback(pool.aclose)
     await pool.start()
     app.pool = pool
-    app.engine = Engine(config=config, pool=pool, store=app.store, state_dir=app.state_dir)
+    if cache is not None:
+        cache.attach_pool(pool)
+    app.engine = Engine(
+        config=config, pool=pool, store=app.store, state_dir=app.state_dir, cache=cache
+    )

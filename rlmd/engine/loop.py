@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlmd.cache import QueryCaching
 from rlmd.config import Config
 from rlmd.engine import prompts
 from rlmd.engine.parse import (
@@ -54,6 +55,8 @@ from rlmd.store.store import StoreError
 
 Emit = Callable[[dict[str, Any]], None]
 
+# Run once in every fresh worker before the model's first block.
+REPL_SETUP = "import re, json, math, collections, itertools"
 PARTIAL_CHARS = 4000  # the longest partial answer an error carries
 HEAD_CHARS = 1200  # how much of the context is peeked for its description
 
@@ -94,6 +97,8 @@ class _State:
     last_output: str = ""
     # Set by a sub-call that ran out of budget; the loop raises it after the block.
     budget_error: EngineError | None = None
+    # The query's caches (semantic answer, exact-cache bypass, speculative prefetch).
+    caching: QueryCaching | None = None
 
     def tokens(self) -> Tokens:
         return Tokens(
@@ -156,9 +161,12 @@ def resolve_budget(config: Config, opts: QueryOptions) -> Budget:
 class Engine:
     """Runs queries.  Holds no per-query state: each ``run`` builds its own."""
 
-    def __init__(self, *, config: Config, pool: Any, store: Any, state_dir: Path) -> None:
+    def __init__(
+        self, *, config: Config, pool: Any, store: Any, state_dir: Path, cache: Any = None
+    ) -> None:
         self._config = config
         self._pool = pool
+        self._cache = cache  # rlmd.cache.CacheService, or None
         self._store = store
         self._state_dir = Path(state_dir)
         # Closers of workers whose query was torn down while they were still starting.
@@ -208,15 +216,42 @@ class Engine:
                         sub_model=sub_model,
                         budget=dataclasses.asdict(budget),
                     )
-                    answer, finish = await self._loop(
-                        state,
-                        query=params.query,
+                    caching = QueryCaching.for_query(
+                        self._cache,
+                        self._pool,
+                        params=params,
                         context_path=ctx_path,
-                        desc=desc,
-                        depth=1,
-                        work=work,
+                        root_model=root_model,
+                        sub_model=sub_model,
                         emit=emit,
                     )
+                    state.caching = caching
+                    async with caching:
+                        cached = await caching.cached_answer()
+                        if cached is not None:
+                            state.cached_calls += 1
+                            writer.write("final", depth=1, answer=cached, how="cached")
+                            answer, finish = cached, "cached"
+                        else:
+                            answer, finish = await self._loop(
+                                state,
+                                query=params.query,
+                                context_path=ctx_path,
+                                desc=desc,
+                                depth=1,
+                                work=work,
+                                emit=emit,
+                            )
+                            t = state.tokens()
+                            await caching.remember(
+                                answer,
+                                finish=finish,
+                                job=job,
+                                tokens_in=t.input,
+                                tokens_out=t.output,
+                                cost=state.cost,
+                                elapsed_s=time.monotonic() - state.t0,
+                            )
                     self._write_end(state)
             except TimeoutError:
                 if not deadline.expired():
@@ -538,8 +573,12 @@ class Engine:
             emit({"kind": "code", "code": code, **_depth(depth)})
             state.trace.write("code", depth=depth, code=code)
             key = _normalize(code)
+            notice = None
             if key in session.ran:
                 notice = prompts.repeated_code(session.ran[key])
+            elif session.last is not None and session.last[0] == key and session.last[1]:
+                notice = prompts.repeated_failure(session.last[1])
+            if notice is not None:
                 emit({"kind": "output", "text": notice, "repeated": True, **_depth(depth)})
                 state.trace.write("output", depth=depth, text=notice, repeated=True)
                 outputs.append(notice)
@@ -588,6 +627,9 @@ class Engine:
             )
             if not (res.error or res.timed_out or res.restarted):
                 session.ran[key] = shown
+                session.last = (key, None)
+            else:
+                session.last = (key, _last_line(error or "it timed out"))
             if res.final is not None:
                 return outputs, _final_text(res.final)
         return outputs, None
@@ -698,6 +740,8 @@ class Engine:
             model = args.get("model") or state.sub_model
             if fn == "llm_query":
                 self._take_sub_calls(state, 1)
+                if state.caching is not None:
+                    state.caching.before_sub_calls([str(args["prompt"])], model)
                 return await self._sub_call(state, fn, str(args["prompt"]), model, depth, emit)
             if fn == "llm_query_batched":
                 prompts_ = [str(p) for p in args["prompts"]]
@@ -709,9 +753,14 @@ class Engine:
                 async def one(i: int, p: str) -> None:
                     results[i] = await self._sub_call(state, fn, p, model, depth, emit)
 
+                if state.caching is not None:
+                    state.caching.before_sub_calls(prompts_, model)
                 async with asyncio.TaskGroup() as tg:
                     for i, p in enumerate(prompts_):
                         tg.create_task(one(i, p))
+                if state.caching is not None and depth == 1:
+                    # Prefetch the same template over the next chunks while the root thinks.
+                    await state.caching.after_batch(prompts_, model)
                 return results
             if fn == "rlm_query":
                 self._take_sub_calls(state, 1)
@@ -882,6 +931,9 @@ class _Repl:
         # Blocks run without error in this loop (normalized code -> what they printed):
         # small models re-run the same block instead of answering.
         self.ran: dict[str, str] = {}
+        # The last block run and the error it ended with (None: it succeeded).
+        self.last: tuple[str, str | None] | None = None
+        self._needs_setup = True
         self._trace = trace
         self._depth = depth
         self._task = asyncio.get_running_loop().create_task(start())
@@ -912,7 +964,15 @@ class _Repl:
             ) from None
 
     async def execute(self, code: str, *, timeout_s: float) -> Any:
-        return await (await self._session()).execute(code, timeout_s=timeout_s)
+        session = await self._session()
+        if self._needs_setup:
+            # Models (small ones above all) use ``re`` and friends without importing them.
+            await session.execute(REPL_SETUP, timeout_s=timeout_s)
+            self._needs_setup = False
+        res = await session.execute(code, timeout_s=timeout_s)
+        if res.restarted:
+            self._needs_setup = True
+        return res
 
     async def get_var(self, name: str) -> str | None:
         return await (await self._session()).get_var(name)
@@ -935,6 +995,11 @@ def _layers(protection: Any) -> str:
     """``bwrap+seccomp+rlimits``: the sandbox layers a worker runs under."""
     names = [n for n in ("bwrap", "seccomp", "rlimits") if getattr(protection, n, False)]
     return "+".join(names) or "none"
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text
 
 
 def _normalize(code: str) -> str:

@@ -36,6 +36,10 @@ class QueryOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omi
     # Start a ```repl block the moment its closing fence streams in and stop the root's
     # generation there (default on; off only to measure what it saves).
     pipeline: bool | None = None
+    # false: no cache lookups for this query (exact or semantic; fresh answers are still
+    # stored).  false: no speculative prefetch.  None/true: the daemon's [cache] settings.
+    cache: bool | None = None
+    speculation: bool | None = None
 
 
 class QueryParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
