@@ -331,6 +331,22 @@ async def test_repeated_block_is_not_rerun(rig, script):
     assert "hits 3" in outs[1]["text"]  # the first output is quoted back
 
 
+async def test_repeated_failing_block_is_not_rerun(rig, script):
+    script.on_root(r"same code that just failed with: NameError", "FINAL(gave up)")
+    script.on_root(r"", repl("print(undefined_thing)"))
+    res = await rig.run("fail twice")
+    assert res.answer == "gave up"
+    outs = [e for e in rig.events if e["kind"] == "output"]
+    assert len(outs) == 2 and "NameError" in outs[0]["text"] and outs[1].get("repeated")
+
+
+async def test_common_modules_need_no_import(rig, script):
+    script.on_root(r"Question: vowels", repl("print('->', re.sub('a', 'o', context))"))
+    script.on_root(r"-> (\w+)", lambda m, c: f"FINAL({m.group(1)})")
+    res = await rig.run("vowels", text="banana")
+    assert res.answer == "bonono"
+
+
 async def test_small_model_prompt_and_question_reminder(rig, script):
     script.on_root(r"The question is: Which fruit\?", "FINAL(banana)")
     script.on_root(r"Question: Which fruit", repl("print(context[:6])"))
@@ -339,7 +355,7 @@ async def test_small_model_prompt_and_question_reminder(rig, script):
     first = rig.srv.calls[0]
     assert first.model == SMALL
     system = first.messages[0].content
-    assert "FINAL(7781)" in system  # the small prompt's worked example
+    assert "FINAL(Lisbon)" in system  # the small prompt's worked example
     assert "How to work well" not in system  # not the large prompt
 
 

@@ -160,21 +160,21 @@ When you know the answer, write it on its own line, outside code, like this:
 FINAL(the answer)
 
 Example.
-Question: What is the secret code?
+Question: In which city is the meeting?
 
 Assistant:
 ```repl
 import re
 print(len(context))
-print(re.findall(r"secret code[^\\n]*", context)[:5])
+print(re.findall(r"[^\\n]*meeting[^\\n]*", context)[:5])
 ```
 
 User: Output:
 2000000
-['secret code is 7781']
+['The meeting will be held in Lisbon on Monday.']
 
 Assistant:
-FINAL(7781)
+FINAL(Lisbon)
 
 Example with a helper model, for a question about meaning:
 ```repl
@@ -259,6 +259,15 @@ def repeated_code(first_output: str) -> str:
         "You already ran exactly this code; it was not run again. Its output was:\n"
         f"{first_output if first_output.strip() else '(nothing)'}\n"
         "Use that output: answer with FINAL(the answer), or write different code."
+    )
+
+
+def repeated_failure(error: str) -> str:
+    """Sent instead of re-running the block that just failed, unchanged."""
+    return (
+        f"This is the same code that just failed with: {error}\n"
+        "It was not run again. Fix the code (e.g. add the missing import or variable), "
+        "or answer with FINAL(the answer) if you already know it."
     )
 
 
