@@ -112,8 +112,17 @@ class CacheConfig(_Section):
     max_bytes: int = 512 * 1024 * 1024
     cache_sampled: bool = False  # also cache calls with temperature > 0
     semantic: bool = True
-    semantic_threshold: float = 0.9
+    # Cosine similarity for a paraphrase hit; None: the default measured for the embedder
+    # in use (see docs/cache.md and docs/benchmarks.md).
+    semantic_threshold: float | None = None
     speculation: bool = True
+
+    def __post_init__(self) -> None:
+        t = self.semantic_threshold
+        if t is not None and not 0.0 < t <= 1.0:
+            raise ValueError("semantic_threshold must be in (0, 1]")
+        if self.max_bytes < 1024 * 1024:
+            raise ValueError("max_bytes must be at least 1 MiB")
 
 
 class EnergyConfig(_Section):
