@@ -403,7 +403,8 @@ class Engine:
                 reply, text, exec_task = await self._root_turn(
                     state, messages, session, depth=depth, turn=turn, emit=emit
                 )
-                messages.append(Message("assistant", text))
+                # Some APIs refuse an empty message; an empty reply still takes its turn.
+                messages.append(Message("assistant", text or "(empty reply)"))
                 final_text: str | None = None
                 outputs: list[str] = []
                 if reply.blocks:
