@@ -359,6 +359,33 @@ async def test_small_model_prompt_and_question_reminder(rig, script):
     assert "How to work well" not in system  # not the large prompt
 
 
+async def test_small_model_outputs_are_shorter_and_history_is_compacted(rig, script):
+    def turn(m, call: ChatCall) -> str:
+        k = sum(1 for msg in call.messages if msg.role == "user")
+        if k >= 8:
+            return "FINAL(enough)"
+        return repl(f"print('turn{k}', 'x' * 10000)")
+
+    script.on_root(r"", turn)
+    res = await rig.run("big outputs", options={"root_model": SMALL})
+    assert res.answer == "enough"
+    last = rig.srv.calls[-1].messages
+    outputs = [m.content for m in last if m.role == "user"][1:]
+    assert len(outputs) == 7
+    # Each output was cut for the small model (4,000 characters and a note) ...
+    assert all(len(o) < 5_000 for o in outputs)
+    assert "characters cut" in outputs[-1]
+    # ... and the old ones shrank further so the conversation fits its window.
+    assert len(outputs[0]) < 2_000 and len(outputs[-1]) > 4_000
+    assert sum(len(m.content) for m in last) < 30_000
+    # A large model keeps the configured 20,000 characters.
+    script.root.clear()
+    script.on_root(r"Question: big", repl("print('y' * 30000)"))
+    script.on_root(r"Output:", "FINAL(ok)")
+    await rig.run("big", job="large")
+    assert 20_000 <= len(rig.srv.calls[-1].messages[-1].content) < 21_000
+
+
 # --------------------------------------------------------------------------- budgets
 
 
@@ -549,3 +576,39 @@ async def test_cancel_while_the_worker_starts_leaves_no_process(rig, script):
             break
         await asyncio.sleep(0.05)
     assert not (child_pids() - before), "a worker outlived its cancelled query"
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.embedded
+async def test_default_embedded_model_finds_a_needle(tmp_path):
+    """The small-model prompt driving the real default model (Qwen2.5-Coder-1.5B on
+    llama.cpp, CPU) through the loop: it must probe with code and FINAL the needle."""
+    from rlmd.config import EmbeddedConfig
+    from rlmd.providers.embedded import EmbeddedProvider, embedded_provider_config
+
+    emb = EmbeddedConfig()  # what a user with no config gets
+    cfg = Config(limits=LimitsConfig(max_iterations=8, cell_timeout_s=30))
+    rnd = random.Random(1)
+    lines = [
+        " ".join("".join(rnd.choices(string.ascii_lowercase, k=6)) for _ in range(10))
+        for _ in range(20_000)
+    ]
+    lines[13_579] = "The secret password is TANGERINE-7."
+    store = ContextStore(tmp_path / "contexts")
+    store.put_text("hay", "\n".join(lines))
+    pool = Pool(
+        cfg, [EmbeddedProvider(emb)], extra_configs={"embedded": embedded_provider_config(emb)}
+    )
+    engine = Engine(config=cfg, pool=pool, store=store, state_dir=tmp_path)
+    events: list[dict] = []
+    try:
+        res = await engine.run(
+            QueryParams(query="What is the secret password?", context="hay"), "real", events.append
+        )
+    finally:
+        await pool.aclose()
+    assert "TANGERINE-7" in res.answer, format_trace(read_trace(tmp_path, "real"))
+    assert res.root_model == emb.root_model
+    assert any(e["kind"] == "code" for e in events)  # it looked with code, not by guessing

@@ -73,6 +73,7 @@ class Budget:
     output_chars: int
     cell_timeout_s: float
     pipeline: bool
+    output_chars_explicit: bool = False  # set by the query: no per-model default applies
 
 
 @dataclass
@@ -155,6 +156,7 @@ def resolve_budget(config: Config, opts: QueryOptions) -> Budget:
         output_chars=output_chars,
         cell_timeout_s=lim.cell_timeout_s,
         pipeline=True if opts.pipeline is None else opts.pipeline,
+        output_chars_explicit=opts.output_chars is not None,
     )
 
 
@@ -387,10 +389,15 @@ class Engine:
             self._background,
         )
         try:
-            system = prompts.system_prompt(
-                model, nested_rlm=depth < b.max_depth, output_chars=b.output_chars
-            )
             small = prompts.variant_for(model) == "small"
+            session.output_chars = b.output_chars
+            if small and not b.output_chars_explicit:
+                # A small model's window holds a few short outputs, not 20,000 characters.
+                session.output_chars = min(b.output_chars, prompts.SMALL_OUTPUT_CHARS)
+            history_chars = prompts.SMALL_HISTORY_CHARS if small else prompts.LARGE_HISTORY_CHARS
+            system = prompts.system_prompt(
+                model, nested_rlm=depth < b.max_depth, output_chars=session.output_chars
+            )
             messages = [
                 Message("system", system),
                 Message("user", prompts.first_message(query, desc)),
@@ -400,6 +407,7 @@ class Engine:
             rejected_final = False
             bare_replies = 0
             for turn in range(1, b.max_iterations + 1):
+                _compact(messages, history_chars)
                 reply, text, exec_task = await self._root_turn(
                     state, messages, session, depth=depth, turn=turn, emit=emit
                 )
@@ -592,8 +600,9 @@ class Engine:
                 # ``FINAL(It is 7 (seven))`` in a fence: valid Python that fails; a text answer.
                 state.trace.write("output", depth=depth, text="", error=res.error, elapsed_s=0)
                 return outputs, meant.value
-            shown = truncate_output(res.output or "", b.output_chars)
-            error = truncate_output(res.error, b.output_chars // 4) if res.error else None
+            limit = session.output_chars or b.output_chars
+            shown = truncate_output(res.output or "", limit)
+            error = truncate_output(res.error, limit // 4) if res.error else None
             seen = shown + (f"\n{error}" if error else "")
             if seen.strip():
                 state.last_output = seen
@@ -935,6 +944,8 @@ class _Repl:
         # The last block run and the error it ended with (None: it succeeded).
         self.last: tuple[str, str | None] | None = None
         self._needs_setup = True
+        # This loop's cut for printed output (None: the query's ``output_chars``).
+        self.output_chars: int | None = None
         self._trace = trace
         self._depth = depth
         self._task = asyncio.get_running_loop().create_task(start())
@@ -996,6 +1007,27 @@ def _layers(protection: Any) -> str:
     """``bwrap+seccomp+rlimits``: the sandbox layers a worker runs under."""
     names = [n for n in ("bwrap", "seccomp", "rlimits") if getattr(protection, n, False)]
     return "+".join(names) or "none"
+
+
+def _compact(messages: list[Message], max_chars: int) -> None:
+    """Shorten old outputs when the conversation outgrows the model's window.
+
+    The system prompt, the question and the last two user messages stay whole; older
+    user messages (outputs, nudges) are cut to their head and tail, oldest first, until
+    the conversation fits.  Assistant turns (the model's code and reasoning) stay whole.
+    """
+    total = sum(len(m.content) for m in messages)
+    if total <= max_chars:
+        return
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    for i in users[1:-2]:
+        m = messages[i]
+        short = truncate_output(m.content, prompts.COMPACT_OUTPUT_CHARS)
+        if len(short) < len(m.content):
+            total -= len(m.content) - len(short)
+            messages[i] = Message("user", short)
+        if total <= max_chars:
+            return
 
 
 def _last_line(text: str) -> str:

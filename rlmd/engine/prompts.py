@@ -19,6 +19,14 @@ Variant = Literal["small", "large"]
 # "qwen2.5-coder:1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m", "llama3.2:3b", "phi3:3.8b".
 _SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
 SMALL_MAX_BILLIONS = 3.0
+# Small models have small windows (the embedded default: 16k tokens shared by 2 slots):
+# their outputs are cut shorter, and the conversation is kept to about 6k tokens.
+SMALL_OUTPUT_CHARS = 4_000
+SMALL_HISTORY_CHARS = 24_000
+# Large models: about 100k tokens of conversation before old outputs are shortened.
+LARGE_HISTORY_CHARS = 400_000
+# What an old output shrinks to when the conversation is compacted.
+COMPACT_OUTPUT_CHARS = 1_200
 
 
 def variant_for(model: str) -> Variant:
