@@ -53,6 +53,7 @@ sub = "{sub}"
 
 [limits]
 cell_timeout_s = 10
+max_depth = 2
 
 [pool]
 retries = 1
@@ -156,6 +157,33 @@ def test_fan_out_with_inline_text(served, script):
     check_stream(events, "fan", "final")
     # The inline text never shows up as a stored context.
     assert all(not c["name"].startswith("_query") for c in d.call("context/list"))
+
+
+def test_recursion_and_final_var_over_the_socket(served, script):
+    d, _srv = served
+    d.call(
+        "context/put", {"name": "pair", "text": "left: the key is AMBER\nright: the key is JADE"}
+    )
+    script.root += [
+        (
+            r"Question: Both keys",
+            repl(
+                "keys = [rlm_query('Which key?', context=ln) for ln in context.splitlines()]\n"
+                "result = ' and '.join(keys)\nprint(len(keys))"
+            ),
+        ),
+        (r"Question: Which key", repl("print('k=' + re.search(r'key is (\\w+)', context)[1])")),
+        (r"k=(\w+)", lambda m, c: f"FINAL({m.group(1)})"),
+        (r"Output:\n2\n", "FINAL_VAR(result)"),
+    ]
+    res, events = run_query(
+        d, {"query": "Both keys?", "context": "pair", "job": "rec", "options": {"max_depth": 2}}
+    )
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "AMBER and JADE"
+    assert res["depth"] == 2 and res["sub_calls"] == 2
+    check_stream(events, "rec", "final")
+    assert any(e.get("depth") == 2 and e["kind"] == "code" for e in events)
 
 
 def test_budget_error_carries_kind_and_partial(served, script):
