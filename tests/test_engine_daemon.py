@@ -241,3 +241,35 @@ def test_cancel_from_another_connection(served, script):
     assert holder["events"][-1]["kind"] == "error"
     time.sleep(0.2)
     assert not (_children(daemon_pid) & workers), "worker still alive after cancel"
+
+
+def test_base_mode_reads_the_text_cut_to_the_window(served, script):
+    d, srv = served
+    text = "".join(f"line {i}: filler words here\n" for i in range(5000))
+    text = text.replace("line 10: filler", "line 10: the password is OTTER")
+    d.call("context/put", {"name": "big", "text": text})
+    script.root.append((r"Question: What is the password", "OTTER"))
+    result, events = run_query(d, {"query": "What is the password?", "context": "big",
+                                   "options": {"mode": "base", "window_tokens": 4096}})
+    assert result["answer"] == "OTTER" and result["finish"] == "base"
+    assert result["iterations"] == 1 and result["sub_calls"] == 0
+    [call] = [c for c in srv.calls if c.model == ROOT]
+    # The text itself is in the prompt, cut to the window, and the cut is said.
+    assert "line 10: the password is OTTER" in call.last_user
+    assert "line 4999" not in call.last_user
+    assert "characters of the text were cut" in call.last_user
+    assert len(call.last_user) < (4096 - 1024) * 3 + 2000
+    assert events[-1]["kind"] == "final"
+
+
+def test_nosub_mode_switches_sub_calls_off(served, script):
+    d, srv = served
+    script.root.append((r"sub-calls are switched off", "FINAL(done without sub-calls)"))
+    script.root.append((r"Question:", repl("print(llm_query('hello?'))")))
+    result, _events = run_query(d, {"query": "Say hello", "text": "some text\n",
+                                   "options": {"mode": "rlm-nosub"}})
+    assert result["answer"] == "done without sub-calls"
+    assert result["sub_calls"] == 0
+    assert not [c for c in srv.calls if c.model == SUB]
+    system = next(c for c in srv.calls if c.model == ROOT).system
+    assert "switched off" in system

@@ -100,6 +100,8 @@ class _State:
     budget_error: EngineError | None = None
     # The query's caches (semantic answer, exact-cache bypass, speculative prefetch).
     caching: QueryCaching | None = None
+    # "rlm-nosub": the REPL's sub-model functions raise instead of calling a model.
+    nosub: bool = False
 
     def tokens(self) -> Tokens:
         return Tokens(
@@ -199,7 +201,9 @@ class Engine:
             sub_model=sub_model,
             trace=writer,
             emit=emit,
+            nosub=params.options.mode == "rlm-nosub",
         )
+        mode = params.options.mode or "rlm"
         scratch = self._state_dir / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="query-", dir=scratch))
@@ -216,6 +220,7 @@ class Engine:
                         context_chars=desc.chars if desc else 0,
                         root_model=root_model,
                         sub_model=sub_model,
+                        mode=mode,
                         budget=dataclasses.asdict(budget),
                     )
                     caching = QueryCaching.for_query(
@@ -223,7 +228,8 @@ class Engine:
                         self._pool,
                         params=params,
                         context_path=ctx_path,
-                        root_model=root_model,
+                        # Answers of the compared methods never stand in for each other.
+                        root_model=root_model if mode == "rlm" else f"{root_model}|{mode}",
                         sub_model=sub_model,
                         emit=emit,
                     )
@@ -234,6 +240,10 @@ class Engine:
                             state.cached_calls += 1
                             writer.write("final", depth=1, answer=cached, how="cached")
                             answer, finish = cached, "cached"
+                        elif mode == "base":
+                            answer, finish = await self._base(
+                                state, params, ctx_path, desc, emit=emit
+                            )
                         else:
                             answer, finish = await self._loop(
                                 state,
@@ -356,6 +366,43 @@ class Engine:
         )
         return pinned.path, desc
 
+    # ------------------------------------------------------------------ "base" method
+
+    async def _base(
+        self,
+        state: _State,
+        params: QueryParams,
+        context_path: Path | None,
+        desc: prompts.ContextDescription | None,
+        *,
+        emit: Emit,
+    ) -> tuple[str, str]:
+        """The baseline the paper compares against: the text in the prompt, cut to fit."""
+        window = params.options.window_tokens or self._window_tokens(state.root_model)
+        # ~3 characters a token keeps the cut text inside the window for code and prose
+        # alike; 1,024 tokens stay free for the instructions, question and answer.
+        budget_chars = max(0, (window - 1024) * 3)
+        text, cut = "", 0
+        if context_path is not None and desc is not None and desc.chars:
+            text = await asyncio.to_thread(_read_head, context_path, budget_chars)
+            cut = max(0, desc.chars - len(text))
+        system, user = prompts.base_messages(params.query, text, cut)
+        messages = [Message("system", system), Message("user", user)]
+        for m in messages:
+            state.trace.write("message", depth=1, role=m.role, content=m.content, cut_chars=cut)
+        reply, text_out, _ = await self._root_turn(
+            state, messages, None, depth=1, turn=1, emit=emit, tools=False  # type: ignore[arg-type]
+        )
+        answer = reply.final.value if reply.final is not None else text_out.strip()
+        state.trace.write("final", depth=1, answer=answer, how="base")
+        return answer, "base"
+
+    def _window_tokens(self, model: str) -> int:
+        emb = self._config.embedded
+        if not self._config.providers and model in (emb.root_model, emb.sub_model):
+            return emb.ctx_size
+        return 32_768
+
     # ------------------------------------------------------------------ the loop
 
     async def _loop(
@@ -396,7 +443,10 @@ class Engine:
                 session.output_chars = min(b.output_chars, prompts.SMALL_OUTPUT_CHARS)
             history_chars = prompts.SMALL_HISTORY_CHARS if small else prompts.LARGE_HISTORY_CHARS
             system = prompts.system_prompt(
-                model, nested_rlm=depth < b.max_depth, output_chars=session.output_chars
+                model,
+                nested_rlm=depth < b.max_depth,
+                output_chars=session.output_chars,
+                sub_calls=not state.nosub,
             )
             messages = [
                 Message("system", system),
@@ -747,6 +797,8 @@ class Engine:
         """The REPL's handler for ``llm_query``, ``llm_query_batched`` and ``rlm_query``."""
 
         async def on_call(fn: str, args: dict[str, Any]) -> Any:
+            if state.nosub:
+                raise RuntimeError(prompts.NO_SUB_CALLS_ERROR)
             model = args.get("model") or state.sub_model
             if fn == "llm_query":
                 self._take_sub_calls(state, 1)
@@ -1028,6 +1080,12 @@ def _compact(messages: list[Message], max_chars: int) -> None:
             messages[i] = Message("user", short)
         if total <= max_chars:
             return
+
+
+def _read_head(path: Path, max_chars: int) -> str:
+    """The first ``max_chars`` characters of a UTF-8 file, without reading the rest."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(max_chars)
 
 
 def _last_line(text: str) -> str:

@@ -199,15 +199,47 @@ Rules:
 """
 
 
-def system_prompt(model: str, *, nested_rlm: bool, output_chars: int) -> str:
-    """The system prompt for ``model``; ``nested_rlm``: ``rlm_query`` runs a nested loop."""
+def system_prompt(
+    model: str, *, nested_rlm: bool, output_chars: int, sub_calls: bool = True
+) -> str:
+    """The system prompt for ``model``; ``nested_rlm``: ``rlm_query`` runs a nested loop.
+
+    ``sub_calls=False`` (the "rlm-nosub" method) says that the sub-model functions are
+    switched off, so the model must work with code alone.
+    """
     variant = variant_for(model)
     tools = _TOOLS.format(
         output_chars=output_chars, rlm_query=_RLM_NESTED if nested_rlm else _RLM_PLAIN
     )
     if variant == "small":
-        return _SMALL.format(tools=tools, chunk_chars=4000)
-    return _LARGE.format(tools=tools, chunk_chars=50_000)
+        text = _SMALL.format(tools=tools, chunk_chars=4000)
+    else:
+        text = _LARGE.format(tools=tools, chunk_chars=50_000)
+    return text if sub_calls else text + NO_SUB_CALLS
+
+
+NO_SUB_CALLS = (
+    "\n\nIn this session llm_query, llm_query_batched and rlm_query are switched off "
+    "(calling them raises an error). Answer with Python code over `context` alone, then "
+    "FINAL(...)."
+)
+
+NO_SUB_CALLS_ERROR = "sub-calls are switched off for this query (mode rlm-nosub)"
+
+
+def base_messages(query: str, text: str, cut: int) -> tuple[str, str]:
+    """System and user message of the "base" method: the text itself, then the question.
+
+    ``cut`` is how many characters of the context were left out to fit the window.
+    """
+    note = (
+        f"\n\n[... the last {cut:,} characters of the text were cut to fit the model's window ...]"
+        if cut
+        else ""
+    )
+    system = "Answer the question about the text below. Be brief and exact."
+    user = f"Text:\n---\n{text}{note}\n---\n\nQuestion: {query}\nAnswer:"
+    return system, user
 
 
 # --- user turns -------------------------------------------------------------------------

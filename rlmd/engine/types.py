@@ -8,6 +8,8 @@ names; the extra options are additions), ``QueryResult`` is what ``query/run`` a
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from rlmd.protocol.errors import (
@@ -40,6 +42,13 @@ class QueryOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omi
     # stored).  false: no speculative prefetch.  None/true: the daemon's [cache] settings.
     cache: bool | None = None
     speculation: bool | None = None
+    # How to answer, for comparing methods as the paper's Table 1 does: "rlm" (default),
+    # "rlm-nosub" (the REPL loop without llm_query / rlm_query), "base" (the root model
+    # reads the context directly, cut to its window as a user would have to).
+    mode: Literal["rlm", "rlm-nosub", "base"] | None = None
+    # "base" mode: the root model's window in tokens (default: the embedded model's
+    # ctx_size when it serves the root model, else 32,768).
+    window_tokens: int | None = None
 
 
 class QueryParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
