@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO, health checks included: keep the journal readable.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     _not_dumpable()
     config_path = args.config or default_config_path()
     try:
