@@ -287,7 +287,7 @@ def test_end_to_end_through_the_daemon_with_resume(scripted_daemon, tmp_path: Pa
     daemon, srv = scripted_daemon
     out = tmp_path / "out"
     argv = ["--socket", str(daemon.socket), "--out", str(out), "--suite", "sniah,oolong",
-            "--lengths", "8k,16k", "--n", "2", "--methods", "rlm"]  # fmt: skip
+            "--lengths", "8k,16k", "--n", "2", "--methods", "rlm", "--no-cache"]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "[8/8] oolong 16k rlm" in err and f"report:  {out / 'report.md'}" in err
@@ -343,19 +343,32 @@ def test_parallel_run_overlaps_queries_and_shares_windows(scripted_daemon, tmp_p
     assert not [c for c in daemon.call("context/list") if c["name"].startswith("bench-")]
 
 
-@pytest.mark.xfail(strict=True, reason="the engine does not handle options.mode yet")
 def test_methods_compared_on_the_same_tasks(scripted_daemon, tmp_path: Path):
     daemon, srv = scripted_daemon
     out = tmp_path / "out"
     argv = ["--socket", str(daemon.socket), "--out", str(out), "--suite", "sniah",
-            "--lengths", "8k", "--n", "3", "--methods", "base,rlm,rlm-nosub"]  # fmt: skip
+            "--lengths", "8k,64k", "--n", "3", "--methods", "base,rlm,rlm-nosub",
+            "--base-window", "32768", "--no-cache"]  # fmt: skip
     assert main(argv) == 0
     results = load_results(out / "results.jsonl")
-    assert len(results) == 9 and not [r for r in results if r.error]
-    by_method = {m: [r for r in results if r.method == m] for m in ("base", "rlm", "rlm-nosub")}
-    assert all(r.score == 1.0 for r in by_method["rlm"] + by_method["rlm-nosub"])
-    assert all(r.sub_calls == 0 for r in by_method["rlm-nosub"])
-    # base sees the text itself: one call, no REPL iterations of code.
+    assert len(results) == 18 and not [r for r in results if r.error]
+    by = {(r.task_id, r.method): r for r in results}
+    tasks = list(make_tasks("sniah", [8192, 65536], 3))
+    for t in tasks:
+        # The scripted REPL code finds every needle, with or without sub-calls.
+        assert by[(t.id, "rlm")].score == by[(t.id, "rlm-nosub")].score == 1.0
+        assert by[(t.id, "rlm-nosub")].sub_calls == 0
+        base = by[(t.id, "base")]
+        assert base.iterations <= 1 and base.sub_calls == 0
+        if t.length_tokens == 8192 or t.meta["depth"] == 0.0:
+            assert base.score == 1.0, t.id  # the needle is inside the window
+        elif t.meta["depth"] >= 0.7:
+            assert base.score == 0.0, t.id  # cut off with the rest of the text
+    # base puts the text itself in the prompt: one call per task, no REPL.
     base_calls = [c for c in srv.calls if "repl" not in c.system.lower()]
-    assert len(base_calls) == 3
-    assert all("One of the special magic" in c.last_user for c in base_calls)
+    assert len(base_calls) == 6
+    assert all("special magic" in c.last_user for c in base_calls)
+    assert max(len(c.last_user) for c in base_calls) < 32768 * 4
+    report = (out / "report.md").read_text()
+    assert re.search(r"^\| rlm-nosub \| 1\.000 \(3\) \| 1\.000 \(3\) \|$", report, re.M)
+    assert re.search(r"^\| base \| 1\.000 \(3\) \| 0\.\d+ \(3\) \|$", report, re.M)

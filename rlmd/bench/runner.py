@@ -88,6 +88,7 @@ class BenchOptions(msgspec.Struct, kw_only=True):
     root_model: str | None = None
     sub_model: str | None = None
     cache: bool | None = None  # None: the daemon's default
+    base_window: int | None = None  # "base": the root model's window (tokens)
     retry_errors: bool = False
     perf_dir: Path = REPO_ROOT / "bench"
     quick: bool = False
@@ -131,7 +132,14 @@ def append_result(path: Path, result: Result) -> None:
 
 
 # Settings that change answers: a resumed run must use the same ones.
-_ANSWER_SETTINGS = ("timeout_s", "max_iterations", "root_model", "sub_model", "cache")
+_ANSWER_SETTINGS = (
+    "timeout_s",
+    "max_iterations",
+    "root_model",
+    "sub_model",
+    "cache",
+    "base_window",
+)
 
 
 def check_settings(opts: BenchOptions) -> None:
@@ -253,6 +261,8 @@ def query_options(opts: BenchOptions, method: str) -> dict[str, Any]:
         v = getattr(opts, key)
         if v is not None:
             o[key] = v
+    if method == "base" and opts.base_window is not None:
+        o["window_tokens"] = opts.base_window
     return o
 
 
@@ -708,6 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ap.add_argument(
+        "--base-window",
+        type=int,
+        metavar="TOKENS",
+        help=(
+            "base: the root model's window, which the context is cut to (default: the "
+            "daemon's idea of it: the embedded model's ctx_size, else 32768)"
+        ),
+    )
+    ap.add_argument(
         "--retry-errors", action="store_true", help="on resume, rerun tasks that ended in error"
     )
     ap.add_argument("--perf-dir", help="where --suite perf finds bench_*.py (default: ./bench)")
@@ -746,6 +765,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
         raise BenchError("--n must be at least 1")
     if args.parallel < 1:
         raise BenchError("--parallel must be at least 1")
+    if args.base_window is not None and args.base_window < 2048:
+        raise BenchError("--base-window must be at least 2048 tokens")
     from rlmd.paths import default_socket_path
 
     seed = args.seed
@@ -769,6 +790,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
         quick=args.quick,
         export=Path(args.export) if args.export else None,
         parallel=args.parallel,
+        base_window=args.base_window,
         command="rlm bench " + shlex.join(argv),
     )
 
