@@ -5,6 +5,7 @@
     rlm context ls | peek NAME | search NAME PATTERN | rm NAME
     rlm query -q "Find all TODO items" -c ./your_project/
     rlm trace [JOB]
+    rlm cache [stats|clear]
     rlm bench --suite sniah --lengths 8k,64k --n 10
 
 If no daemon is listening, ``rlm`` starts one in the background and says so.
@@ -298,9 +299,36 @@ def cmd_query(c: Client, args: argparse.Namespace) -> int:
     print(result["answer"])
     tok = result.get("tokens", {})
     if not args.quiet:
-        print(f"rlm: {result['iterations']} iterations, {result['sub_calls']} sub-calls, "
+        cached = result.get("cached_calls") or 0
+        print(f"rlm: {result['iterations']} iterations, {result['sub_calls']} sub-calls"
+              f"{f' ({cached} from cache)' if cached else ''}, "
               f"{tok.get('input', 0)}+{tok.get('output', 0)} tokens, ${result['cost']:.4f}, "
               f"{result['elapsed_s']:.1f}s; trace: rlm trace {result['job']}", file=sys.stderr)
+    return 0
+
+
+def cmd_cache(c: Client, args: argparse.Namespace) -> int:
+    if args.op == "clear":
+        r = c.call("cache/clear")
+        print(json.dumps(r) if args.json else f"deleted {r.get('deleted', 0)} cached entries")
+        return 0
+    st = c.call("cache/stats")
+    if args.json or not st.get("enabled"):
+        print(json.dumps(st, indent=2) if args.json else "cache disabled ([cache] enabled = false)")
+        return 0
+    ex = st.get("exact") or {}
+    looked = ex.get("hits", 0) + ex.get("misses", 0)
+    rate = f"{100 * ex.get('hits', 0) / looked:.0f}%" if looked else "-"
+    print(f"exact:    {ex.get('entries', 0)} entries, {_fmt_size(ex.get('bytes', 0))} of "
+          f"{_fmt_size(ex.get('max_bytes', 0))}; {ex.get('hits', 0)} hits / {looked} lookups ({rate}); "
+          f"saved {ex.get('tokens_saved_in', 0)}+{ex.get('tokens_saved_out', 0)} tokens, "
+          f"${ex.get('cost_saved', 0):.4f}")
+    thr = st.get("semantic_threshold")
+    print(f"semantic: {'on' if st.get('semantic') else 'off'}"
+          + (f", threshold {thr:g}, embeddings from {st.get('embed_model') or 'built-in'}" if st.get("semantic") else ""))
+    sp = st.get("speculation_totals") or {}
+    print(f"speculation: {'on' if st.get('speculation') else 'off'}; "
+          + ", ".join(f"{k} {v}" for k, v in sp.items()))
     return 0
 
 
@@ -362,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-v", "--verbose", action="store_true", help="show code and output on stderr")
     q.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
+    ca = sub.add_parser("cache", help="cache statistics, or clear it")
+    ca.add_argument("op", choices=["stats", "clear"], nargs="?", default="stats")
+
     tr = sub.add_parser("trace", help="print a query's trajectory (default: the latest)")
     tr.add_argument("job", nargs="?")
 
@@ -379,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with connect(args) as c:
             handler = {"status": cmd_status, "context": cmd_context, "query": cmd_query,
-                       "trace": cmd_trace}[args.cmd]
+                       "trace": cmd_trace, "cache": cmd_cache}[args.cmd]
             return handler(c, args)
     except RpcError as exc:
         return _die(exc.message)
