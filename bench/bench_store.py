@@ -150,7 +150,7 @@ def bench_one(workdir: Path, size: int, kind: str) -> list[list[str]]:
     return rows
 
 
-def run(sizes: list[str] | list[int], kinds: list[str] | None = None,
+def run(sizes: list[str] | list[int] = ("100M", "1G"), kinds: list[str] | None = None,
         workdir: str | None = None) -> str:  # fmt: skip
     """Benchmark each size (and kind); return a Markdown table."""
     kinds = kinds or ["ascii", "utf8"]

@@ -249,6 +249,11 @@ async def test_final_final_var_and_get_var(repl: ReplSession) -> None:
     assert r.final == "42"
     r = await repl.execute("FINAL_VAR('nope')", timeout_s=10)
     assert r.final is None and r.error is not None and "no variable named 'nope'" in r.error
+    # Lower-case spellings (small models write them) work the same.
+    r = await repl.execute("final('lower')", timeout_s=10)
+    assert r.final == "lower"
+    r = await repl.execute("final_var('pair')", timeout_s=10)
+    assert json.loads(r.final or "") == ["x", 2]
     assert await repl.get_var("res") == json.dumps(["a", "b", {"k": 1}], indent=2)
     assert await repl.get_var("nope") is None
     assert await repl.get_var("not an identifier") is None

@@ -236,6 +236,9 @@ class Worker:
             "FINAL": FINAL,
             "FINAL_VAR": FINAL_VAR,
             "SHOW_VARS": SHOW_VARS,
+            # Small models write these in lower case; a NameError would only loop them.
+            "final": FINAL,
+            "final_var": FINAL_VAR,
             "context": context,
         }
         bi = dict(builtins.__dict__)
