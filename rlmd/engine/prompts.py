@@ -194,6 +194,9 @@ print([a for a in answers if "yes" in a.lower()][:5])
 Rules:
 - One ```repl block per reply, then stop.
 - Use code (re.findall, str.find, slicing) to search the text. Print short results.
+- Print the whole line around a match, not only the word you searched: the answer is
+  usually next to it.
+- If a block found nothing, try other words from the question; do not repeat it.
 - Do not invent output. Wait for it.
 - FINAL(...) holds the real answer, not a plan.
 """
