@@ -95,6 +95,8 @@ class BenchOptions(msgspec.Struct, kw_only=True):
     export: Path | None = None
     parallel: int = 1
     command: str = ""
+    doc: Path | None = None  # write the report into this document (docs/benchmarks.md)
+    doc_section: str = ""
 
 
 # ---------------------------------------------------------------- results file
@@ -731,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--perf-dir", help="where --suite perf finds bench_*.py (default: ./bench)")
     ap.add_argument("--quick", action="store_true", help="perf: pass quick=True to scripts")
+    ap.add_argument("--doc", help="also write the report into this Markdown file (e.g. docs/benchmarks.md)")
+    ap.add_argument("--doc-section", help="name of the section --doc replaces (default: the suites)")
     ap.add_argument(
         "--parallel",
         type=int,
@@ -792,6 +796,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
         parallel=args.parallel,
         base_window=args.base_window,
         command="rlm bench " + shlex.join(argv),
+        doc=Path(args.doc) if args.doc else None,
+        doc_section=args.doc_section or "+".join(suites),
     )
 
 
@@ -882,6 +888,11 @@ def run(
     progress.finish()
     out_json, report, plots, note = write_outputs(opts, results_path, meta, perf_md)
     print(f"results: {out_json}\nreport:  {report}", file=err)
+    if opts.doc is not None and status == 0:
+        from .doc import update_doc
+
+        update_doc(opts.doc, opts.doc_section, report.read_text(encoding="utf-8"), opts.command, plots)
+        print(f"doc:     {opts.doc} (section {opts.doc_section})", file=err)
     for p in plots:
         print(f"plot:    {p}", file=err)
     if note:
