@@ -55,6 +55,7 @@ class App:
     cache: Any = None
     protection: Callable[[], Any] | None = None
     embedded_note: str = ""
+    embedded: Any = None  # the embedded provider, when it serves (its describe() is live)
     jobs: Jobs = field(default_factory=Jobs)
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
@@ -94,7 +95,7 @@ def build_methods(app: App) -> dict[str, Method]:
             state_dir=str(app.state_dir),
             jobs=len(app.jobs),
             sandbox=msgspec.to_builtins(prot),
-            embedded=app.embedded_note,
+            embedded=app.embedded.describe() if app.embedded is not None else app.embedded_note,
         )
 
     async def context_put(conn: Any, req: Any, p: ContextPutParams) -> Any:

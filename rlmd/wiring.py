@@ -82,7 +82,8 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
         if cfg is None:
             log.warning("no model available: %s", app.embedded_note)
             return
-        providers.append(factory(cfg))
+        app.embedded = factory(cfg)
+        providers.append(app.embedded)
         extra[cfg.name] = cfg
         app.embedded_note = app.embedded_note or f"serving {', '.join(cfg.models)} (starts on first use)"
     try:
