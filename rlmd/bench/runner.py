@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -95,6 +95,8 @@ class BenchOptions(msgspec.Struct, kw_only=True):
     export: Path | None = None
     parallel: int = 1
     command: str = ""
+    perf_only: list[str] = []  # perf: run only these scripts (names without bench_)
+    perf_skip: list[str] = []  # perf: leave these out
     doc: Path | None = None  # write the report into this document (docs/benchmarks.md)
     doc_section: str = ""
 
@@ -588,9 +590,23 @@ def export_tasks(opts: BenchOptions, stream: TextIO) -> int:
 # ---------------------------------------------------------------- perf suite
 
 
-def run_perf(perf_dir: Path, quick: bool, progress: Progress) -> str:
-    """Run ``bench_*.py`` under ``perf_dir`` (each exposes ``run(...) -> str``)."""
-    scripts = sorted(perf_dir.glob("bench_*.py"))
+def run_perf(
+    perf_dir: Path,
+    quick: bool,
+    progress: Progress,
+    only: Sequence[str] = (),
+    skip: Sequence[str] = (),
+) -> str:
+    """Run ``bench_*.py`` under ``perf_dir`` (each exposes ``run(...) -> str``).
+
+    ``only``/``skip`` name scripts without the ``bench_`` prefix (``embedded``, ``store``).
+    """
+    scripts = [
+        p
+        for p in sorted(perf_dir.glob("bench_*.py"))
+        if (not only or p.stem.removeprefix("bench_") in only)
+        and p.stem.removeprefix("bench_") not in skip
+    ]
     if not scripts:
         return f"No perf benchmarks found under {perf_dir} (bench_*.py).\n"
     parts = ["# perf benchmarks", ""]
@@ -733,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--perf-dir", help="where --suite perf finds bench_*.py (default: ./bench)")
     ap.add_argument("--quick", action="store_true", help="perf: pass quick=True to scripts")
+    ap.add_argument("--perf-only", help="perf: only these scripts, e.g. embedded,store")
+    ap.add_argument("--perf-skip", help="perf: leave out these scripts, e.g. embedded")
     ap.add_argument("--doc", help="also write the report into this Markdown file (e.g. docs/benchmarks.md)")
     ap.add_argument("--doc-section", help="name of the section --doc replaces (default: the suites)")
     ap.add_argument(
@@ -796,6 +814,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
         parallel=args.parallel,
         base_window=args.base_window,
         command="rlm bench " + shlex.join(argv),
+        perf_only=[x for x in (args.perf_only or "").split(",") if x],
+        perf_skip=[x for x in (args.perf_skip or "").split(",") if x],
         doc=Path(args.doc) if args.doc else None,
         doc_section=args.doc_section or "+".join(suites),
     )
@@ -883,7 +903,7 @@ def run(
             client.close()
     perf_md = None
     if "perf" in opts.suites and status == 0:
-        perf_md = run_perf(opts.perf_dir, opts.quick, progress)
+        perf_md = run_perf(opts.perf_dir, opts.quick, progress, opts.perf_only, opts.perf_skip)
         (opts.out / "perf.md").write_text(perf_md, encoding="utf-8")
     progress.finish()
     out_json, report, plots, note = write_outputs(opts, results_path, meta, perf_md)
