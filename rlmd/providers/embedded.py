@@ -132,6 +132,9 @@ def embedded_provider_config(config: EmbeddedConfig, name: str = "embedded") -> 
         models=_served_models(config, None),
         capacity=max(1, config.parallel),
         priority=0,
+        # The server is on loopback but shares the CPU with its own inference: under load
+        # its HTTP thread answers health probes slowly, which is not a failure.
+        connect_timeout_s=30.0,
         first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
         total_timeout_s=TOTAL_TIMEOUT_S,
     )
