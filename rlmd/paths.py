@@ -7,6 +7,7 @@ flag, then environment, then the platform default.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -19,7 +20,11 @@ def default_socket_path() -> Path:
     env = os.environ.get("RLMD_SOCKET")
     if env:
         return Path(env)
-    return Path(platformdirs.user_runtime_dir(APP)) / "rlmd.sock"
+    with warnings.catch_warnings():
+        # Without XDG_RUNTIME_DIR platformdirs warns and falls back to /tmp/runtime-UID,
+        # which is what we want (and what rlm.el computes too): no need to alarm the user.
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir(APP)) / "rlmd.sock"
 
 
 def default_state_dir() -> Path:
