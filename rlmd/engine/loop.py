@@ -842,43 +842,27 @@ class Engine:
         """One sub-model call; a failure becomes an error string in the answer's place."""
         call_id = uuid.uuid4().hex[:8]
         base = {"kind": "subcall", "id": call_id, "fn": fn, "model": model, **_depth(depth)}
-        emit({**base, "prompt_chars": len(prompt), "status": "start"})
-        state.trace.write(
-            "subcall",
-            depth=depth,
-            id=call_id,
-            fn=fn,
-            model=model,
-            prompt=prompt,
-            prompt_chars=len(prompt),
-            status="start",
-        )
-        t0 = time.monotonic()
-        req = ChatRequest(model=model, messages=(Message("user", prompt),))
-        try:
-            r = await self._pool.chat(req)
-        except ProviderError as exc:
-            elapsed = round(time.monotonic() - t0, 4)
-            emit(
-                {
-                    **base,
-                    "prompt_chars": len(prompt),
-                    "status": "error",
-                    "elapsed_s": elapsed,
-                    "error": str(exc),
-                }
-            )
+
+        def report(status: str, event: dict[str, Any], trace: dict[str, Any]) -> None:
+            # The client gets the event; the trace gets the same facts plus the texts.
+            emit({**base, "prompt_chars": len(prompt), "status": status, **event})
             state.trace.write(
                 "subcall",
                 depth=depth,
                 id=call_id,
                 fn=fn,
-                model=model,
                 prompt_chars=len(prompt),
-                status="error",
-                elapsed_s=elapsed,
-                error=str(exc),
+                status=status,
+                **{"model": model, **event, **trace},
             )
+
+        report("start", {}, {"prompt": prompt})
+        t0 = time.monotonic()
+        req = ChatRequest(model=model, messages=(Message("user", prompt),))
+        try:
+            r = await self._pool.chat(req)
+        except ProviderError as exc:
+            report("error", {"elapsed_s": round(time.monotonic() - t0, 4), "error": str(exc)}, {})
             return f"[{fn} error: {exc}]"
         elapsed = round(time.monotonic() - t0, 4)
         state.sub_tokens.input += r.usage.input
@@ -886,33 +870,22 @@ class Engine:
         state.cost += r.cost
         if r.cached:
             state.cached_calls += 1
-        status = "cached" if r.cached else "ok"
-        emit(
+        report(
+            "cached" if r.cached else "ok",
             {
-                **base,
-                "prompt_chars": len(prompt),
-                "status": status,
                 "elapsed_s": elapsed,
                 "tokens": {"input": r.usage.input, "output": r.usage.output},
                 "cost": r.cost,
                 "answer_chars": len(r.text),
-            }
-        )
-        state.trace.write(
-            "subcall",
-            depth=depth,
-            id=call_id,
-            fn=fn,
-            model=r.model,
-            provider=r.provider,
-            prompt_chars=len(prompt),
-            status=status,
-            elapsed_s=elapsed,
-            ttft_s=round(r.ttft_s, 4),
-            answer=r.text,
-            tokens_in=r.usage.input,
-            tokens_out=r.usage.output,
-            cost=r.cost,
+            },
+            {
+                "model": r.model,
+                "provider": r.provider,
+                "ttft_s": round(r.ttft_s, 4),
+                "answer": r.text,
+                "tokens_in": r.usage.input,
+                "tokens_out": r.usage.output,
+            },
         )
         mc = state.budget.max_cost
         if mc is not None and state.cost > mc and state.budget_error is None:
