@@ -576,39 +576,3 @@ async def test_cancel_while_the_worker_starts_leaves_no_process(rig, script):
             break
         await asyncio.sleep(0.05)
     assert not (child_pids() - before), "a worker outlived its cancelled query"
-
-
-# --------------------------------------------------------------------------- real model
-
-
-@pytest.mark.embedded
-async def test_default_embedded_model_finds_a_needle(tmp_path):
-    """The small-model prompt driving the real default model (Qwen2.5-Coder-1.5B on
-    llama.cpp, CPU) through the loop: it must probe with code and FINAL the needle."""
-    from rlmd.config import EmbeddedConfig
-    from rlmd.providers.embedded import EmbeddedProvider, embedded_provider_config
-
-    emb = EmbeddedConfig()  # what a user with no config gets
-    cfg = Config(limits=LimitsConfig(max_iterations=8, cell_timeout_s=30))
-    rnd = random.Random(1)
-    lines = [
-        " ".join("".join(rnd.choices(string.ascii_lowercase, k=6)) for _ in range(10))
-        for _ in range(20_000)
-    ]
-    lines[13_579] = "The secret password is TANGERINE-7."
-    store = ContextStore(tmp_path / "contexts")
-    store.put_text("hay", "\n".join(lines))
-    pool = Pool(
-        cfg, [EmbeddedProvider(emb)], extra_configs={"embedded": embedded_provider_config(emb)}
-    )
-    engine = Engine(config=cfg, pool=pool, store=store, state_dir=tmp_path)
-    events: list[dict] = []
-    try:
-        res = await engine.run(
-            QueryParams(query="What is the secret password?", context="hay"), "real", events.append
-        )
-    finally:
-        await pool.aclose()
-    assert "TANGERINE-7" in res.answer, format_trace(read_trace(tmp_path, "real"))
-    assert res.root_model == emb.root_model
-    assert any(e["kind"] == "code" for e in events)  # it looked with code, not by guessing
