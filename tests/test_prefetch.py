@@ -121,8 +121,8 @@ async def test_next_turn_hits_the_prefetched_answers(text_file, tmp_path) -> Non
                 results = await asyncio.gather(*(pool.chat(sub_request(p, MODEL)) for p in turn2))
                 assert all(r.cached and r.text == "a summary" for r in results)
                 assert len(srv.calls) == calls_before  # no real call reached the server
-                # The speculation went out at priority 10, over exactly the next chunks.
-                assert [c.last_user for c in srv.calls[4:8]] == turn2
+                # The speculation went out over exactly the next chunks (two slots: any order).
+                assert sorted(c.last_user for c in srv.calls[4:8]) == sorted(turn2)
             stats = pf.stats
         finally:
             await pool.aclose()

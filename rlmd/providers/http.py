@@ -182,6 +182,8 @@ class HttpProvider:
     kind: ClassVar[str] = "http"
     _chat_path: ClassVar[str] = ""
     _sse: ClassVar[bool] = True  # the stream is server-sent events (else NDJSON)
+    # Reuse idle connections; a server that drops them unpredictably turns this off.
+    _keepalive: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -217,7 +219,8 @@ class HttpProvider:
             # The pool limits calls per provider by capacity; keep enough warm connections
             # for that and never make a call queue for a socket here.
             limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=max(8, cfg.capacity * 2)
+                max_connections=None,
+                max_keepalive_connections=max(8, cfg.capacity * 2) if self._keepalive else 0,
             ),
         )
         self._owns_client = client is None
