@@ -75,8 +75,10 @@ def _latency(path: str, framing: str, n: int) -> list[float]:
 def measure(path: str, framing: str, seconds: float, clients: int, window: int = 64) -> dict:
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_throughput_client, args=(path, framing, seconds, window, q))
-             for _ in range(clients)]
+    procs = [
+        ctx.Process(target=_throughput_client, args=(path, framing, seconds, window, q))
+        for _ in range(clients)
+    ]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -94,9 +96,20 @@ def measure(path: str, framing: str, seconds: float, clients: int, window: int =
 
 def _start_daemon(root: Path) -> subprocess.Popen:
     sock = root / "d.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "rlmd", "--socket", str(sock), "--state-dir",
-                             str(root / "state"), "--log-level", "warning"],
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlmd",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(root / "state"),
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(400):
         try:
             c = socket.socket(socket.AF_UNIX)
@@ -168,10 +181,14 @@ def run(seconds: float = 3.0, clients: int = 2) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, framing, r in rows:
-        lines.append(f"| {name} | {framing} | {r['rps']:,.0f} | {r['p50_us']:.0f} µs | "
-                     f"{r['p99_us']:.0f} µs | {r['rps'] / rows[-1][2]['rps']:.1f}× |")
+        lines.append(
+            f"| {name} | {framing} | {r['rps']:,.0f} | {r['p50_us']:.0f} µs | "
+            f"{r['p99_us']:.0f} µs | {r['rps'] / rows[-1][2]['rps']:.1f}× |"
+        )
     lines.append("")
-    lines.append(f"Target ≥ 20,000 requests/s: {'met' if ours >= 20000 else 'NOT met'} ({ours:,.0f}/s).")
+    lines.append(
+        f"Target ≥ 20,000 requests/s: {'met' if ours >= 20000 else 'NOT met'} ({ours:,.0f}/s)."
+    )
     return "\n".join(lines)
 
 

@@ -38,8 +38,19 @@ def _kib(pid: int, field: str) -> int:
 
 def _start(root: Path) -> subprocess.Popen:
     sock = root / "d.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "rlmd", "--socket", str(sock), "--state-dir",
-                             str(root / "state"), "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlmd",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(root / "state"),
+            "--log-level",
+            "warning",
+        ]
+    )
     for _ in range(400):
         try:
             Client(sock, timeout=5).close()
@@ -78,11 +89,24 @@ def run(sizes: list[str] | None = None) -> str:
                     c.call("context/search", {"name": label, "pattern": "zzqx-not-there"})
                     lit_s = time.perf_counter() - t
                     t = time.perf_counter()
-                    c.call("context/search", {"name": label, "pattern": r"ERROR 99\d: code\d+",
-                                              "max_matches": 1000})
+                    c.call(
+                        "context/search",
+                        {"name": label, "pattern": r"ERROR 99\d: code\d+", "max_matches": 1000},
+                    )
                     re_s = time.perf_counter() - t
-                    rows.append((label, info["bytes"], put_s, peek_ms, lit_s, re_s, rss_put,
-                                 _kib(pid, "VmRSS"), _kib(pid, "VmHWM")))
+                    rows.append(
+                        (
+                            label,
+                            info["bytes"],
+                            put_s,
+                            peek_ms,
+                            lit_s,
+                            re_s,
+                            rss_put,
+                            _kib(pid, "VmRSS"),
+                            _kib(pid, "VmHWM"),
+                        )
+                    )
                     c.call("context/drop", {"name": label})
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -95,9 +119,11 @@ def run(sizes: list[str] | None = None) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, nbytes, put_s, peek_ms, lit_s, re_s, r1, r2, hwm in rows:
-        out.append(f"| {label} ({nbytes / 2**20:,.0f} MiB) | {put_s:.2f} s | {peek_ms:.2f} ms | "
-                   f"{lit_s:.2f} s | {re_s:.2f} s | {r1 / 1024:.0f} MiB | {r2 / 1024:.0f} MiB | "
-                   f"{hwm / 1024:.0f} MiB |")
+        out.append(
+            f"| {label} ({nbytes / 2**20:,.0f} MiB) | {put_s:.2f} s | {peek_ms:.2f} ms | "
+            f"{lit_s:.2f} s | {re_s:.2f} s | {r1 / 1024:.0f} MiB | {r2 / 1024:.0f} MiB | "
+            f"{hwm / 1024:.0f} MiB |"
+        )
     return "\n".join(out)
 
 

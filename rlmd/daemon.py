@@ -55,12 +55,21 @@ def _not_dumpable() -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="rlmd", description="Recursive Language Model daemon")
     ap.add_argument("--socket", help="Unix socket path (env RLMD_SOCKET)")
-    ap.add_argument("--state-dir", help="where contexts, caches and traces persist (env RLMD_STATE_DIR)")
+    ap.add_argument(
+        "--state-dir", help="where contexts, caches and traces persist (env RLMD_STATE_DIR)"
+    )
     ap.add_argument("--config", help="TOML config file (env RLMD_CONFIG)")
-    ap.add_argument("--log-level", default=os.environ.get("RLMD_LOG_LEVEL", "info"),
-                    choices=["debug", "info", "warning", "error"])
-    ap.add_argument("--drain-timeout", type=float, default=30.0,
-                    help="seconds to let in-flight work finish on SIGTERM (default 30)")
+    ap.add_argument(
+        "--log-level",
+        default=os.environ.get("RLMD_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    ap.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight work finish on SIGTERM (default 30)",
+    )
     ap.add_argument("--version", action="version", version=f"rlmd {__version__}")
     return ap.parse_args(argv)
 

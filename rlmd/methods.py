@@ -108,7 +108,9 @@ def build_methods(app: App) -> dict[str, Method]:
             )
         if p.text is not None:
             if p.include or p.exclude:
-                raise AppError("bad_params", "include/exclude apply only with `path`", code=BAD_INPUT)
+                raise AppError(
+                    "bad_params", "include/exclude apply only with `path`", code=BAD_INPUT
+                )
             return await in_thread(app.store.put_text, p.name, p.text, append=p.append)
         kw: dict[str, Any] = {"include": p.include, "exclude": p.exclude, "append": p.append}
         if p.max_file_bytes is not None:
@@ -125,7 +127,9 @@ def build_methods(app: App) -> dict[str, Method]:
 
     async def context_search(conn: Any, req: Any, p: ContextSearchParams) -> Any:
         # A runaway pattern is stopped between search windows instead of holding a thread.
-        matches = await in_thread(app.store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0)
+        matches = await in_thread(
+            app.store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0
+        )
         return {"matches": matches}
 
     async def context_info(conn: Any, req: Any, p: ContextNameParams) -> Any:
@@ -136,7 +140,9 @@ def build_methods(app: App) -> dict[str, Method]:
 
     async def query_run(conn: Any, req: Any, p: QueryParams) -> Any:
         if app.draining:
-            raise AppError("shutting_down", "the daemon is shutting down; retry shortly", code=SHUTTING_DOWN)
+            raise AppError(
+                "shutting_down", "the daemon is shutting down; retry shortly", code=SHUTTING_DOWN
+            )
         if app.engine is None:
             raise AppError(
                 "unavailable",
@@ -144,12 +150,15 @@ def build_methods(app: App) -> dict[str, Method]:
                 code=UNAVAILABLE,
             )
         if p.context is not None and p.text is not None:
-            raise AppError("bad_params", "give `context` (a name) or `text`, not both", code=BAD_INPUT)
+            raise AppError(
+                "bad_params", "give `context` (a name) or `text`, not both", code=BAD_INPUT
+            )
         try:
             job = app.jobs.start(p.job, conn)
         except JobExists:
             raise AppError(
-                "job_exists", f"a job named {p.job!r} is already running; choose another id",
+                "job_exists",
+                f"a job named {p.job!r} is already running; choose another id",
                 code=BAD_INPUT,
             ) from None
         temp_name = None
@@ -194,7 +203,8 @@ def build_methods(app: App) -> dict[str, Method]:
             records = await asyncio.to_thread(read_trace, app.state_dir, p.job)
         except FileNotFoundError:
             raise AppError(
-                "not_found", f"no trace for job {p.job!r}" if p.job else "no traces yet",
+                "not_found",
+                f"no trace for job {p.job!r}" if p.job else "no traces yet",
                 code=NOT_FOUND,
             ) from None
         return {"records": records}

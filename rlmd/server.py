@@ -52,7 +52,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         uid = peer_uid(transport.get_extra_info("socket"))
         if uid != self.server.uid:
-            log.warning("refused a connection from uid %s (daemon runs as uid %s)", uid, self.server.uid)
+            log.warning(
+                "refused a connection from uid %s (daemon runs as uid %s)", uid, self.server.uid
+            )
             err = {
                 "jsonrpc": "2.0",
                 "error": {

@@ -85,11 +85,11 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
         app.embedded = factory(cfg)
         providers.append(app.embedded)
         extra[cfg.name] = cfg
-        app.embedded_note = app.embedded_note or f"serving {', '.join(cfg.models)} (starts on first use)"
-    try:
-        pool = Pool(
-            config, providers, cache=cache.exact if cache else None, extra_configs=extra
+        app.embedded_note = (
+            app.embedded_note or f"serving {', '.join(cfg.models)} (starts on first use)"
         )
+    try:
+        pool = Pool(config, providers, cache=cache.exact if cache else None, extra_configs=extra)
     except ConfigError:
         for p in providers:
             await p.aclose()

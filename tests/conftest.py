@@ -38,21 +38,33 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def args(self) -> list[str]:
-        a = [sys.executable, "-m", "rlmd", "--socket", str(self.socket),
-             "--state-dir", str(self.state_dir), "--log-level", "debug"]
+        a = [
+            sys.executable,
+            "-m",
+            "rlmd",
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.state_dir),
+            "--log-level",
+            "debug",
+        ]
         if self.config is not None:
             a += ["--config", str(self.config)]
         return a
 
     def start(self, timeout: float = 20.0) -> Daemon:
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.args(), stdout=logf, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            self.args(), stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
+        )
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(
+                    f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}"
+                )
             try:
                 with Client(self.socket, timeout=5) as c:
                     c.call("daemon/status")

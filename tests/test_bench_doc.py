@@ -13,7 +13,9 @@ def test_sections_are_replaced_and_others_kept(tmp_path):
     doc.write_text("# Benchmarks\n\nIntro written by hand.\n")
     plot = tmp_path / "sniah.png"
     plot.write_bytes(b"\x89PNG fake")
-    update_doc(doc, "quality", "# rlm bench results\n\n## sniah\n\n| a |\n", "rlm bench --n 1", [plot])
+    update_doc(
+        doc, "quality", "# rlm bench results\n\n## sniah\n\n| a |\n", "rlm bench --n 1", [plot]
+    )
     update_doc(doc, "perf", "# perf\n\nfast\n", "rlm bench --suite perf")
     update_doc(doc, "quality", "# rlm bench results\n\n## sniah\n\nsecond run\n", "rlm bench --n 2")
     text = doc.read_text()

@@ -11,8 +11,14 @@ import time
 
 
 def rlm(*args: str, env: dict | None = None, input: str | None = None, check: bool = True):
-    r = subprocess.run([sys.executable, "-m", "rlmd.cli.main", *args], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, **(env or {})}, input=input)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlmd.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        input=input,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"rlm {' '.join(args)} exited {r.returncode}: {r.stderr}")
     return r

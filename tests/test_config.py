@@ -31,8 +31,11 @@ def test_example_config_is_valid_and_complete():
         ("[limits]\ncell_timeout_s = 'soon'\n", "limits.cell_timeout_s"),
         ("[pool]\nstrategy = 'fastest'\n", "pool.strategy"),
         ("[[providers]]\nname='a'\nkind='ollama'\nmodels=['m']\n", "base_url"),
-        ("[[providers]]\nname='a'\nkind='ollama'\nbase_url='http://x'\nmodels=['m']\n"
-         "[[providers]]\nname='a'\nkind='ollama'\nbase_url='http://y'\nmodels=['m']\n", "unique"),
+        (
+            "[[providers]]\nname='a'\nkind='ollama'\nbase_url='http://x'\nmodels=['m']\n"
+            "[[providers]]\nname='a'\nkind='ollama'\nbase_url='http://y'\nmodels=['m']\n",
+            "unique",
+        ),
         ("[cache]\nsemantic_threshold = 1.5\n", "semantic_threshold"),
         ("this is not toml", "not valid TOML"),
     ],

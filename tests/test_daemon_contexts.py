@@ -19,9 +19,12 @@ def test_context_lifecycle_over_socket(daemon, tmp_path):
     assert r["tokens_est"] > 0
     [info] = daemon.call("context/list")
     assert info["name"] == "notes" and info["created"] and info["updated"]
-    assert daemon.call("context/peek", {"name": "notes", "start": 11, "end": 30})["text"] == text[11:30]
+    assert (
+        daemon.call("context/peek", {"name": "notes", "start": 11, "end": 30})["text"]
+        == text[11:30]
+    )
     [m] = daemon.call("context/search", {"name": "notes", "pattern": r"TODO: (\w+)"})["matches"]
-    assert m["line"] == 3 and text[m["start"]:m["end"]] == m["text"] == "TODO: fix"
+    assert m["line"] == 3 and text[m["start"] : m["end"]] == m["text"] == "TODO: fix"
     # append
     r = daemon.call("context/put", {"name": "notes", "text": "delta\n", "append": True})
     assert r["chars"] == len(text) + 6
@@ -37,7 +40,10 @@ def test_context_lifecycle_over_socket(daemon, tmp_path):
     assert any("blob.bin" in s["path"] for s in r["skipped"])
     hits = daemon.call("context/search", {"name": "proj", "pattern": "TODO"})["matches"]
     assert len(hits) == 1
-    assert "noise" not in daemon.call("context/peek", {"name": "proj", "start": 0, "end": 10_000})["text"]
+    assert (
+        "noise"
+        not in daemon.call("context/peek", {"name": "proj", "start": 0, "end": 10_000})["text"]
+    )
     assert daemon.call("context/drop", {"name": "proj"}) == {"dropped": True}
     assert daemon.call("context/drop", {"name": "proj"}) == {"dropped": False}
 
@@ -65,7 +71,9 @@ def test_contexts_survive_restart(daemon):
     daemon.restart()
     after = daemon.call("context/list")
     assert before == after
-    assert daemon.call("context/peek", {"name": "keep", "start": 0, "end": 10})["text"] == "persist me"
+    assert (
+        daemon.call("context/peek", {"name": "keep", "start": 0, "end": 10})["text"] == "persist me"
+    )
 
 
 def test_daemon_killed_during_put_leaves_old_or_new(daemon, tmp_path):

@@ -58,8 +58,18 @@ def test_cli_query_then_cache_hit(make_daemon, tmp_path):
         d = make_daemon(CONFIG.format(url=srv.url))
         f = tmp_path / "doc.txt"
         f.write_text("hello\n" * 100)
-        cmd = [sys.executable, "-m", "rlmd.cli.main", "--socket", str(d.socket), "query",
-               "-q", "Does the file have content?", "-c", str(f)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlmd.cli.main",
+            "--socket",
+            str(d.socket),
+            "query",
+            "-q",
+            "Does the file have content?",
+            "-c",
+            str(f),
+        ]
         r1 = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ)
         assert r1.returncode == 0, r1.stderr
         assert r1.stdout.strip() == "the file has content"
@@ -68,12 +78,30 @@ def test_cli_query_then_cache_hit(make_daemon, tmp_path):
         r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ)
         assert r2.stdout.strip() == "the file has content"
         assert len(srv.calls) == calls  # answered from the cache: no model call
-        st = subprocess.run([sys.executable, "-m", "rlmd.cli.main", "--socket", str(d.socket),
-                             "--json", "cache", "stats"], capture_output=True, text=True, timeout=60)
+        st = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlmd.cli.main",
+                "--socket",
+                str(d.socket),
+                "--json",
+                "cache",
+                "stats",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert json.loads(st.stdout)["enabled"] is True
+
         def trace(*job: str) -> str:
-            r = subprocess.run([sys.executable, "-m", "rlmd.cli.main", "--socket", str(d.socket),
-                                "trace", *job], capture_output=True, text=True, timeout=60)
+            r = subprocess.run(
+                [sys.executable, "-m", "rlmd.cli.main", "--socket", str(d.socket), "trace", *job],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert r.returncode == 0, r.stderr
             return r.stdout
 

@@ -26,8 +26,11 @@ def test_fresh_daemon_answers_with_the_embedded_model(make_daemon):
     assert info["chars"] > 1_000_000
     events: list[dict] = []
     with d.client(timeout=900) as c:
-        res = c.call("query/run", {"query": "What is the secret password?", "context": "hay",
-                                   "job": "real"}, on_event=events.append)
+        res = c.call(
+            "query/run",
+            {"query": "What is the secret password?", "context": "hay", "job": "real"},
+            on_event=events.append,
+        )
     trace = d.call("query/trace", {"job": "real"})["records"]
     assert "TANGERINE-7" in res["answer"], trace
     assert res["root_model"] == "qwen2.5-coder-1.5b"

@@ -249,8 +249,14 @@ def test_base_mode_reads_the_text_cut_to_the_window(served, script):
     text = text.replace("line 10: filler", "line 10: the password is OTTER")
     d.call("context/put", {"name": "big", "text": text})
     script.root.append((r"Question: What is the password", "OTTER"))
-    result, events = run_query(d, {"query": "What is the password?", "context": "big",
-                                   "options": {"mode": "base", "window_tokens": 4096}})
+    result, events = run_query(
+        d,
+        {
+            "query": "What is the password?",
+            "context": "big",
+            "options": {"mode": "base", "window_tokens": 4096},
+        },
+    )
     assert result["answer"] == "OTTER" and result["finish"] == "base"
     assert result["iterations"] == 1 and result["sub_calls"] == 0
     [call] = [c for c in srv.calls if c.model == ROOT]
@@ -266,8 +272,9 @@ def test_nosub_mode_switches_sub_calls_off(served, script):
     d, srv = served
     script.root.append((r"sub-calls are switched off", "FINAL(done without sub-calls)"))
     script.root.append((r"Question:", repl("print(llm_query('hello?'))")))
-    result, _events = run_query(d, {"query": "Say hello", "text": "some text\n",
-                                   "options": {"mode": "rlm-nosub"}})
+    result, _events = run_query(
+        d, {"query": "Say hello", "text": "some text\n", "options": {"mode": "rlm-nosub"}}
+    )
     assert result["answer"] == "done without sub-calls"
     assert result["sub_calls"] == 0
     assert not [c for c in srv.calls if c.model == SUB]

@@ -60,14 +60,20 @@ def test_spec_examples(daemon):
     [r] = raw_exchange(p, b'{"jsonrpc": "2.0", "method": "foobar", "id": "1"}\n', expect=1)
     assert r["error"]["code"] == -32601 and r["id"] == "1"
     # invalid JSON
-    [r] = raw_exchange(p, b'{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]\n', expect=1)
+    [r] = raw_exchange(
+        p, b'{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]\n', expect=1
+    )
     assert r["error"]["code"] == -32700 and r["id"] is None
     # invalid Request object
     [r] = raw_exchange(p, b'{"jsonrpc": "2.0", "method": 1, "params": "bar"}\n', expect=1)
     assert r["error"]["code"] == -32600 and r["id"] is None
     # batch, invalid JSON
-    [r] = raw_exchange(p, b'[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},'
-                          b'{"jsonrpc": "2.0", "method"]\n', expect=1)
+    [r] = raw_exchange(
+        p,
+        b'[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},'
+        b'{"jsonrpc": "2.0", "method"]\n',
+        expect=1,
+    )
     assert r["error"]["code"] == -32700
     # empty array
     [r] = raw_exchange(p, b"[]\n", expect=1)
@@ -96,8 +102,12 @@ def test_spec_examples(daemon):
     assert by_id["5"]["error"]["code"] == -32601
     assert by_id["9"]["result"] == []
     # all notifications: no answer at all
-    raw_exchange(p, b'[{"jsonrpc": "2.0", "method": "context/list"},'
-                    b'{"jsonrpc": "2.0", "method": "daemon/status"}]\n', expect=0)
+    raw_exchange(
+        p,
+        b'[{"jsonrpc": "2.0", "method": "context/list"},'
+        b'{"jsonrpc": "2.0", "method": "daemon/status"}]\n',
+        expect=0,
+    )
 
 
 def test_invalid_params_named(daemon):
@@ -125,7 +135,11 @@ def test_application_error_has_kind(daemon):
 
 
 def test_garbage_bytes_then_daemon_still_serves(daemon):
-    for junk in (b"\x00\xff\xfe garbage\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(4096)):
+    for junk in (
+        b"\x00\xff\xfe garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        os.urandom(4096),
+    ):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(10)
         s.connect(str(daemon.socket))
@@ -156,7 +170,9 @@ def test_oversize_frame_refused_before_body(make_daemon):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)
     s.connect(str(d.socket))
-    piece = b'{"jsonrpc":"2.0","method":"context/put","params":{"name":"x","text":"' + b"a" * (1 << 20)
+    piece = b'{"jsonrpc":"2.0","method":"context/put","params":{"name":"x","text":"' + b"a" * (
+        1 << 20
+    )
     sent = 0
     try:
         while sent < 70 * (1 << 20):
@@ -186,8 +202,15 @@ def test_client_disconnects_mid_request(daemon):
 
 def test_half_close_answers_everything(daemon):
     lines = b"".join(
-        json.dumps({"jsonrpc": "2.0", "method": "context/put", "id": i,
-                    "params": {"name": f"c{i}", "text": "x" * i}}).encode() + b"\n"
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "context/put",
+                "id": i,
+                "params": {"name": f"c{i}", "text": "x" * i},
+            }
+        ).encode()
+        + b"\n"
         for i in range(1, 21)
     )
     out = raw_exchange(daemon.socket, lines, expect=20)
@@ -197,10 +220,17 @@ def test_half_close_answers_everything(daemon):
 
 @pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed")
 def test_socat_script(daemon):
-    req = b'{"jsonrpc":"2.0","method":"context/put","id":1,"params":{"name":"s","text":"hello\\nworld"}}\n' \
-          b'{"jsonrpc":"2.0","method":"context/search","id":2,"params":{"name":"s","pattern":"w.r"}}\n'
-    out = subprocess.run(["socat", "-t", "30", "-", f"UNIX-CONNECT:{daemon.socket}"],
-                         input=req, capture_output=True, timeout=60, check=True).stdout
+    req = (
+        b'{"jsonrpc":"2.0","method":"context/put","id":1,"params":{"name":"s","text":"hello\\nworld"}}\n'
+        b'{"jsonrpc":"2.0","method":"context/search","id":2,"params":{"name":"s","pattern":"w.r"}}\n'
+    )
+    out = subprocess.run(
+        ["socat", "-t", "30", "-", f"UNIX-CONNECT:{daemon.socket}"],
+        input=req,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
     replies = {r["id"]: r for r in map(json.loads, out.splitlines())}
     assert replies[1]["result"]["lines"] == 2
     [m] = replies[2]["result"]["matches"]
@@ -243,8 +273,9 @@ def test_peer_with_other_uid_refused(daemon):
         "    data += c\n"
         "sys.stdout.write(data.decode())\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(daemon.socket)], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(daemon.socket)], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 0, r.stderr
     assert "peer_refused" in r.stdout and '"pid"' not in r.stdout
 
@@ -267,8 +298,11 @@ def test_systemd_socket_activation(short_tmp):
         "from rlmd.daemon import main\n"
         "sys.exit(main(['--state-dir', sys.argv[2]]))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(lsock.fileno()), str(short_tmp / "st")],
-                            pass_fds=(lsock.fileno(),), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lsock.fileno()), str(short_tmp / "st")],
+        pass_fds=(lsock.fileno(),),
+        stderr=subprocess.PIPE,
+    )
     lsock.close()
     try:
         deadline = time.monotonic() + 20

@@ -15,8 +15,9 @@ import pytest
 from rlmd.store import ContextStore, StoreError
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import GitIgnore, Globs, file_header
-from rlmd.store.search import matches_only_ascii, plan
+from rlmd.store.search import plan
 from rlmd.store.store import MAX_MATCH_TEXT, MAX_MATCHES
+from rlmd.utf8_regex import runs_on_utf8_bytes
 
 UNICODE = "Zoë's café ☕ — naïve 😀 façade 日本語 🇫🇷\nsecond line: ümlaut ß € 𝄞\n"
 
@@ -622,12 +623,20 @@ def test_ascii_only_patterns() -> None:
         r"[\x00-\xff]", r"(?s).", r"\S+",
     ]  # fmt: skip
     for p in only_ascii:
-        assert matches_only_ascii(p), p
+        assert runs_on_utf8_bytes(p), p
         assert plan(p, re.compile(p), text_ascii=False)[1] == "bytes", p
     for p in not_only_ascii:
-        assert not matches_only_ascii(p), p
+        assert not runs_on_utf8_bytes(p), p
         assert plan(p, re.compile(p), text_ascii=False)[1] == "str", p
     assert plan(r"\w+", re.compile(r"\w+"), text_ascii=True)[1] == "bytes"
+    # Flags passed apart from the pattern count too; case folding only under ASCII.
+    assert not runs_on_utf8_bytes("k", re.IGNORECASE)
+    assert runs_on_utf8_bytes("k", re.IGNORECASE | re.ASCII)
+    assert not runs_on_utf8_bytes(r"\w", 0) and runs_on_utf8_bytes(r"\w", re.ASCII)
+    # A caller that cannot drop empty matches inside a character refuses them.
+    assert runs_on_utf8_bytes("x*") and not runs_on_utf8_bytes("x*", allow_empty=False)
+    assert runs_on_utf8_bytes("x+", allow_empty=False)
+    assert not runs_on_utf8_bytes("(unclosed")
 
 
 def test_bytes_search_on_utf8_text_matches_re(tmp_path: Path) -> None:

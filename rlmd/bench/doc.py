@@ -56,9 +56,7 @@ def _demote(md: str, levels: int) -> str:
     return "\n".join(out)
 
 
-def section_text(
-    name: str, report_md: str, command: str, plots: Sequence[Path], doc: Path
-) -> str:
+def section_text(name: str, report_md: str, command: str, plots: Sequence[Path], doc: Path) -> str:
     """The Markdown of one section, markers included."""
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -87,7 +85,9 @@ def update_doc(
 ) -> None:
     """Replace (or append) section ``name`` of ``doc`` with this run's report."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"--doc-section must be a simple name (letters, digits, -_.), got {name!r}")
+        raise ValueError(
+            f"--doc-section must be a simple name (letters, digits, -_.), got {name!r}"
+        )
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     new = section_text(name, report_md, command, plots, doc)
     pattern = re.compile(

@@ -751,8 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="perf: pass quick=True to scripts")
     ap.add_argument("--perf-only", help="perf: only these scripts, e.g. embedded,store")
     ap.add_argument("--perf-skip", help="perf: leave out these scripts, e.g. embedded")
-    ap.add_argument("--doc", help="also write the report into this Markdown file (e.g. docs/benchmarks.md)")
-    ap.add_argument("--doc-section", help="name of the section --doc replaces (default: the suites)")
+    ap.add_argument(
+        "--doc", help="also write the report into this Markdown file (e.g. docs/benchmarks.md)"
+    )
+    ap.add_argument(
+        "--doc-section", help="name of the section --doc replaces (default: the suites)"
+    )
     ap.add_argument(
         "--parallel",
         type=int,
@@ -911,7 +915,9 @@ def run(
     if opts.doc is not None and status == 0:
         from .doc import update_doc
 
-        update_doc(opts.doc, opts.doc_section, report.read_text(encoding="utf-8"), opts.command, plots)
+        update_doc(
+            opts.doc, opts.doc_section, report.read_text(encoding="utf-8"), opts.command, plots
+        )
         print(f"doc:     {opts.doc} (section {opts.doc_section})", file=err)
     for p in plots:
         print(f"plot:    {p}", file=err)

@@ -42,10 +42,15 @@ def start_daemon(socket_path: Path, wait_s: float = 30.0) -> int:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rlmd", "--socket", str(socket_path)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
-    print(f"rlm: no daemon on {socket_path}; started rlmd (pid {proc.pid}, log {log_path})",
-          file=sys.stderr)
+    print(
+        f"rlm: no daemon on {socket_path}; started rlmd (pid {proc.pid}, log {log_path})",
+        file=sys.stderr,
+    )
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -77,8 +82,10 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"rlmd {st['version']}  pid {st['pid']}  up {st['uptime_s']:.0f}s  "
-          f"contexts {st['contexts']}  jobs {st.get('jobs', 0)}")
+    print(
+        f"rlmd {st['version']}  pid {st['pid']}  up {st['uptime_s']:.0f}s  "
+        f"contexts {st['contexts']}  jobs {st.get('jobs', 0)}"
+    )
     print(f"socket {st['socket']}  state {st['state_dir']}")
     if st.get("sandbox"):
         print("sandbox " + ", ".join(f"{k}={v}" for k, v in st["sandbox"].items()))
@@ -86,16 +93,20 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
         print(f"embedded: {st['embedded']}")
     pool = c.call("pool/status")["providers"]
     if pool:
-        print(f"{'provider':16} {'kind':9} {'health':7} {'load':7} {'ttft':>7} {'tok/s':>7} {'requests':>8} {'cost':>9}")
+        print(
+            f"{'provider':16} {'kind':9} {'health':7} {'load':7} {'ttft':>7} {'tok/s':>7} {'requests':>8} {'cost':>9}"
+        )
         for p in pool:
             # EWMAs are null until the server has answered something.
             ttft = p.get("ewma_ttft_s")
             tps = p.get("ewma_tokens_per_s")
             load = f"{p['in_flight']}/{p['capacity']}"
-            print(f"{p['name'][:16]:16} {p['kind']:9} {'up' if p['healthy'] else 'DOWN':7} "
-                  f"{load:7} {'-' if ttft is None else f'{ttft:.2f}':>7} "
-                  f"{'-' if tps is None else f'{tps:.1f}':>7} {p.get('requests', 0):8d} "
-                  f"${p.get('cost', 0):8.4f}")
+            print(
+                f"{p['name'][:16]:16} {p['kind']:9} {'up' if p['healthy'] else 'DOWN':7} "
+                f"{load:7} {'-' if ttft is None else f'{ttft:.2f}':>7} "
+                f"{'-' if tps is None else f'{tps:.1f}':>7} {p.get('requests', 0):8d} "
+                f"${p.get('cost', 0):8.4f}"
+            )
     return 0
 
 
@@ -129,7 +140,9 @@ def cmd_context(c: Client, args: argparse.Namespace) -> int:
         else:
             n = r.get("files") or 0
             extra = f", {n} file{'s' if n != 1 else ''}" if n else ""
-            print(f"{r['name']}: {r['chars']} chars, {r['lines']} lines, ~{r['tokens_est']} tokens{extra}")
+            print(
+                f"{r['name']}: {r['chars']} chars, {r['lines']} lines, ~{r['tokens_est']} tokens{extra}"
+            )
             for s in r.get("skipped") or []:
                 print(f"  skipped {s['path']}: {s['reason']}", file=sys.stderr)
         return 0
@@ -140,7 +153,9 @@ def cmd_context(c: Client, args: argparse.Namespace) -> int:
             return 0
         print(f"{'name':40} {'size':>8} {'lines':>9} {'tokens':>10}  updated")
         for r in rows:
-            print(f"{r['name'][:40]:40} {_fmt_size(r['bytes']):>8} {r['lines']:9d} {r['tokens_est']:10d}  {r['updated']}")
+            print(
+                f"{r['name'][:40]:40} {_fmt_size(r['bytes']):>8} {r['lines']:9d} {r['tokens_est']:10d}  {r['updated']}"
+            )
         return 0
     if op == "peek":
         end = args.end if args.end is not None else args.start + 2000
@@ -150,7 +165,9 @@ def cmd_context(c: Client, args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         return 0
     if op == "search":
-        r = c.call("context/search", {"name": args.name, "pattern": args.pattern, "max_matches": args.max})
+        r = c.call(
+            "context/search", {"name": args.name, "pattern": args.pattern, "max_matches": args.max}
+        )
         if args.json:
             print(json.dumps(r, indent=2))
             return 0
@@ -193,8 +210,10 @@ class Progress:
         with self._lock:
             el = time.monotonic() - self.started
             cached = f" · {self.cached} cached" if self.cached else ""
-            line = (f"⟳ iter {self.iteration} · {self.sub_calls} sub-calls{cached} · "
-                    f"{self.tokens / 1000:.1f}k tok · ${self.cost:.4f} · {el:.1f}s · {self.state}")
+            line = (
+                f"⟳ iter {self.iteration} · {self.sub_calls} sub-calls{cached} · "
+                f"{self.tokens / 1000:.1f}k tok · ${self.cost:.4f} · {el:.1f}s · {self.state}"
+            )
             sys.stderr.write("\r\x1b[2K" + line[:200])
             sys.stderr.flush()
 
@@ -233,8 +252,11 @@ def _context_param(c: Client, source: str) -> dict[str, Any]:
     if p.exists():
         name = f"cli:{p.resolve()}"
         r = c.call("context/put", {"name": name, "path": str(p.resolve())})
-        print(f"rlm: context {name}: {r['chars']} chars, ~{r['tokens_est']} tokens"
-              + (f", {r['files']} files" if r.get("files") else ""), file=sys.stderr)
+        print(
+            f"rlm: context {name}: {r['chars']} chars, ~{r['tokens_est']} tokens"
+            + (f", {r['files']} files" if r.get("files") else ""),
+            file=sys.stderr,
+        )
         return {"context": name}
     names = {x["name"] for x in c.call("context/list")}
     if source in names:
@@ -243,17 +265,27 @@ def _context_param(c: Client, source: str) -> dict[str, Any]:
 
 
 def cmd_query(c: Client, args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"query": args.query, "job": args.job or f"cli-{uuid.uuid4().hex[:10]}"}
+    params: dict[str, Any] = {
+        "query": args.query,
+        "job": args.job or f"cli-{uuid.uuid4().hex[:10]}",
+    }
     if args.context:
         try:
             params.update(_context_param(c, args.context))
         except FileNotFoundError as exc:
             return _die(str(exc), 2)
-    opts = {k: v for k, v in {
-        "max_iterations": args.max_iterations, "max_depth": args.max_depth,
-        "root_model": args.root_model, "sub_model": args.sub_model,
-        "timeout_s": args.timeout, "max_cost": args.max_cost,
-    }.items() if v is not None}
+    opts = {
+        k: v
+        for k, v in {
+            "max_iterations": args.max_iterations,
+            "max_depth": args.max_depth,
+            "root_model": args.root_model,
+            "sub_model": args.sub_model,
+            "timeout_s": args.timeout,
+            "max_cost": args.max_cost,
+        }.items()
+        if v is not None
+    }
     if args.no_cache:
         opts["cache"] = False
     if opts:
@@ -286,7 +318,9 @@ def cmd_query(c: Client, args: argparse.Namespace) -> int:
         progress.close()
         partial = exc.data.get("partial") if isinstance(exc.data, dict) else None
         if args.json:
-            print(json.dumps({"error": {"code": exc.code, "message": exc.message, "data": exc.data}}))
+            print(
+                json.dumps({"error": {"code": exc.code, "message": exc.message, "data": exc.data}})
+            )
         elif partial:
             print(f"(partial answer)\n{partial}")
         return _die(exc.message)
@@ -300,10 +334,13 @@ def cmd_query(c: Client, args: argparse.Namespace) -> int:
     tok = result.get("tokens", {})
     if not args.quiet:
         cached = result.get("cached_calls") or 0
-        print(f"rlm: {result['iterations']} iterations, {result['sub_calls']} sub-calls"
-              f"{f' ({cached} from cache)' if cached else ''}, "
-              f"{tok.get('input', 0)}+{tok.get('output', 0)} tokens, ${result['cost']:.4f}, "
-              f"{result['elapsed_s']:.1f}s; trace: rlm trace {result['job']}", file=sys.stderr)
+        print(
+            f"rlm: {result['iterations']} iterations, {result['sub_calls']} sub-calls"
+            f"{f' ({cached} from cache)' if cached else ''}, "
+            f"{tok.get('input', 0)}+{tok.get('output', 0)} tokens, ${result['cost']:.4f}, "
+            f"{result['elapsed_s']:.1f}s; trace: rlm trace {result['job']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -319,16 +356,26 @@ def cmd_cache(c: Client, args: argparse.Namespace) -> int:
     ex = st.get("exact") or {}
     looked = ex.get("hits", 0) + ex.get("misses", 0)
     rate = f"{100 * ex.get('hits', 0) / looked:.0f}%" if looked else "-"
-    print(f"exact:    {ex.get('entries', 0)} entries, {_fmt_size(ex.get('bytes', 0))} of "
-          f"{_fmt_size(ex.get('max_bytes', 0))}; {ex.get('hits', 0)} hits / {looked} lookups ({rate}); "
-          f"saved {ex.get('tokens_saved_in', 0)}+{ex.get('tokens_saved_out', 0)} tokens, "
-          f"${ex.get('cost_saved', 0):.4f}")
+    print(
+        f"exact:    {ex.get('entries', 0)} entries, {_fmt_size(ex.get('bytes', 0))} of "
+        f"{_fmt_size(ex.get('max_bytes', 0))}; {ex.get('hits', 0)} hits / {looked} lookups ({rate}); "
+        f"saved {ex.get('tokens_saved_in', 0)}+{ex.get('tokens_saved_out', 0)} tokens, "
+        f"${ex.get('cost_saved', 0):.4f}"
+    )
     thr = st.get("semantic_threshold")
-    print(f"semantic: {'on' if st.get('semantic') else 'off'}"
-          + (f", threshold {thr:g}, embeddings from {st.get('embed_model') or 'built-in'}" if st.get("semantic") else ""))
+    print(
+        f"semantic: {'on' if st.get('semantic') else 'off'}"
+        + (
+            f", threshold {thr:g}, embeddings from {st.get('embed_model') or 'built-in'}"
+            if st.get("semantic")
+            else ""
+        )
+    )
     sp = st.get("speculation_totals") or {}
-    print(f"speculation: {'on' if st.get('speculation') else 'off'}; "
-          + ", ".join(f"{k} {v}" for k, v in sp.items()))
+    print(
+        f"speculation: {'on' if st.get('speculation') else 'off'}; "
+        + ", ".join(f"{k} {v}" for k, v in sp.items())
+    )
     return 0
 
 
@@ -409,8 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with connect(args) as c:
-            handler = {"status": cmd_status, "context": cmd_context, "query": cmd_query,
-                       "trace": cmd_trace, "cache": cmd_cache}[args.cmd]
+            handler = {
+                "status": cmd_status,
+                "context": cmd_context,
+                "query": cmd_query,
+                "trace": cmd_trace,
+                "cache": cmd_cache,
+            }[args.cmd]
             return handler(c, args)
     except RpcError as exc:
         return _die(exc.message)

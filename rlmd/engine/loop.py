@@ -391,7 +391,13 @@ class Engine:
         for m in messages:
             state.trace.write("message", depth=1, role=m.role, content=m.content, cut_chars=cut)
         reply, text_out, _ = await self._root_turn(
-            state, messages, None, depth=1, turn=1, emit=emit, tools=False  # type: ignore[arg-type]
+            state,
+            messages,
+            None,
+            depth=1,
+            turn=1,
+            emit=emit,
+            tools=False,  # type: ignore[arg-type]
         )
         answer = reply.final.value if reply.final is not None else text_out.strip()
         state.trace.write("final", depth=1, answer=answer, how="base")

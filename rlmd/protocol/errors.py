@@ -36,4 +36,8 @@ class AppError(Exception):
         self.data = data
 
     def to_error(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "data": {"kind": self.kind, **self.data}}
+        return {
+            "code": self.code,
+            "message": self.message,
+            "data": {"kind": self.kind, **self.data},
+        }

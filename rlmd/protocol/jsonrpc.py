@@ -151,10 +151,16 @@ class Dispatcher:
         has_id = "id" in msg
         id_ = msg.get("id")
         if has_id and not _valid_id(id_):
-            return _error(INVALID_REQUEST, "Invalid Request: id must be a string, number or null", None)
+            return _error(
+                INVALID_REQUEST, "Invalid Request: id must be a string, number or null", None
+            )
         name = msg.get("method")
         if msg.get("jsonrpc") != "2.0" or not isinstance(name, str):
-            why = "jsonrpc must be \"2.0\"" if msg.get("jsonrpc") != "2.0" else "method must be a string"
+            why = (
+                'jsonrpc must be "2.0"'
+                if msg.get("jsonrpc") != "2.0"
+                else "method must be a string"
+            )
             return _error(INVALID_REQUEST, f"Invalid Request: {why}", id_)
         method = self.methods.get(name)
         if method is None:

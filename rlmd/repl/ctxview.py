@@ -36,12 +36,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
 
-try:  # Python 3.11+
-    import re._constants as _c
-    import re._parser as _parser
-except ImportError:  # pragma: no cover - older layouts
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _parser  # type: ignore[no-redef]
+from rlmd.utf8_regex import runs_on_utf8_bytes
 
 #: Context files smaller than this are handed over as a real str.
 STR_THRESHOLD_BYTES = 32 * 1024 * 1024
@@ -427,7 +422,9 @@ class ContextView:
         if hit is None:
             spat = _re.compile(pstr, flags)
             bpat = None
-            if pstr.isascii() and (self._plain_bytes_re or _bytes_safe(pstr, flags)):
+            if pstr.isascii() and (
+                self._plain_bytes_re or runs_on_utf8_bytes(pstr, flags, allow_empty=False)
+            ):
                 try:
                     bpat = _re.compile(pstr.encode("ascii"), flags & ~_re.UNICODE)
                 except (_re.error, ValueError):
@@ -489,62 +486,6 @@ def _dec_group(x: Any) -> Any:
     if isinstance(x, tuple):
         return tuple(_dec_group(y) for y in x)
     return x
-
-
-_SAFE_AT = {_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING}
-
-
-def _bytes_safe(pattern: str, flags: int) -> bool:
-    """True when the pattern means the same on UTF-8 bytes as on the decoded text."""
-    if flags & _re.IGNORECASE:
-        return False
-    try:
-        parsed = _parser.parse(pattern, flags)
-    except _re.error:
-        return False
-    if parsed.state.flags & _re.IGNORECASE:
-        return False
-    # A match that may be empty could start between the bytes of one character.
-    if parsed.getwidth()[0] == 0:
-        return False
-    return _safe_items(list(parsed))
-
-
-def _safe_items(items: list) -> bool:
-    for op, av in items:
-        if op is _c.LITERAL:
-            if av >= 128:
-                return False
-        elif op is _c.IN:
-            for iop, iav in av:
-                if iop is _c.LITERAL and iav < 128:
-                    continue
-                if iop is _c.RANGE and iav[1] < 128:
-                    continue
-                return False
-        elif op is _c.AT:
-            if av not in _SAFE_AT:
-                return False
-        elif op is _c.BRANCH:
-            if not all(_safe_items(list(p)) for p in av[1]):
-                return False
-        elif op is _c.SUBPATTERN:
-            if av[1] & _re.IGNORECASE or not _safe_items(list(av[3])):
-                return False
-        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)):
-            if not _safe_items(list(av[2])):
-                return False
-        elif op is getattr(_c, "ATOMIC_GROUP", None):
-            if not _safe_items(list(av)):
-                return False
-        elif op in (_c.ASSERT, _c.ASSERT_NOT):
-            if not _safe_items(list(av[1])):
-                return False
-        elif op is _c.GROUPREF:
-            continue
-        else:
-            return False
-    return True
 
 
 class ViewMatch:

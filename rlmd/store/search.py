@@ -22,13 +22,12 @@ import contextlib
 import mmap
 import re
 import time
-from re import _constants as sre_c  # private, but stable since 3.11; failures fall back
-from re import _parser as sre_parse
 from typing import Literal
 
 import msgspec
 
 from rlmd.store.charindex import CharIndex, count_chars
+from rlmd.utf8_regex import runs_on_utf8_bytes
 
 MAX_MATCHES = 10_000
 MAX_MATCH_TEXT = 2_000
@@ -73,80 +72,10 @@ def dontneed(buf: mmap.mmap | bytes, b0: int, b1: int) -> None:
 
 # -- choosing the mode ----------------------------------------------------------------------
 
-_SAFE_AT = {
-    sre_c.AT_BEGINNING,
-    sre_c.AT_BEGINNING_LINE,
-    sre_c.AT_BEGINNING_STRING,
-    sre_c.AT_END,
-    sre_c.AT_END_LINE,
-    sre_c.AT_END_STRING,
-}
-_POSITIVE_CATEGORIES = {sre_c.CATEGORY_DIGIT, sre_c.CATEGORY_WORD, sre_c.CATEGORY_SPACE}
-
-
-def matches_only_ascii(pattern: str) -> bool:
-    """True if every character ``pattern`` can match is ASCII, with the same meaning for
-    a bytes pattern (so it can run on raw UTF-8).  Conservative: False when unsure."""
-    if not pattern.isascii():
-        return False
-    try:
-        parsed = sre_parse.parse(pattern)
-        flags = parsed.state.flags
-        ascii_flag = bool(flags & re.ASCII)
-        if flags & re.IGNORECASE and not ascii_flag:
-            return False  # Unicode case folding: 'k' matches KELVIN SIGN, 's' LONG S
-        return _safe(parsed, ascii_flag)
-    except Exception:  # any surprise in the private parser: take the str path
-        return False
-
-
-def _safe(sub, ascii_flag: bool) -> bool:
-    for op, av in sub:
-        if op is sre_c.LITERAL:
-            if av >= 0x80:
-                return False
-        elif op is sre_c.IN:
-            for iop, iav in av:
-                if iop is sre_c.LITERAL and iav < 0x80:
-                    continue
-                if iop is sre_c.RANGE and iav[1] < 0x80:
-                    continue
-                if iop is sre_c.CATEGORY and ascii_flag and iav in _POSITIVE_CATEGORIES:
-                    continue
-                return False  # NEGATE, non-ASCII members, Unicode classes
-        elif op is sre_c.AT:
-            if av not in _SAFE_AT and not ascii_flag:
-                return False  # \b, \B depend on Unicode word characters
-        elif op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT):
-            if not _safe(av[2], ascii_flag):
-                return False
-        elif op is sre_c.SUBPATTERN:
-            _group, add_flags, del_flags, p = av
-            if add_flags or del_flags or not _safe(p, ascii_flag):
-                return False
-        elif op is sre_c.BRANCH:
-            if not all(_safe(p, ascii_flag) for p in av[1]):
-                return False
-        elif op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
-            if not _safe(av[1], ascii_flag):
-                return False
-        elif op is sre_c.ATOMIC_GROUP:
-            if not _safe(av, ascii_flag):
-                return False
-        elif op is sre_c.GROUPREF_EXISTS:
-            _group, yes, no = av
-            if not _safe(yes, ascii_flag) or (no is not None and not _safe(no, ascii_flag)):
-                return False
-        elif op is sre_c.GROUPREF:
-            continue  # repeats a group that itself matched only ASCII
-        else:
-            return False  # ANY, NOT_LITERAL, anything unknown
-    return True
-
 
 def plan(pattern: str, rx: re.Pattern[str], text_ascii: bool) -> tuple[re.Pattern, Mode]:
     """The compiled pattern and mode to scan a text with (``rx`` is ``pattern`` as str)."""
-    if pattern.isascii() and (text_ascii or matches_only_ascii(pattern)):
+    if pattern.isascii() and (text_ascii or runs_on_utf8_bytes(pattern)):
         with contextlib.suppress(re.error):
             return re.compile(pattern.encode("ascii")), "bytes"
     return rx, "str"
