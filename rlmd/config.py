@@ -125,6 +125,19 @@ class CacheConfig(_Section):
             raise ValueError("max_bytes must be at least 1 MiB")
 
 
+class TracesConfig(_Section):
+    """How many query traces ``<state_dir>/traces`` keeps (oldest go first)."""
+
+    keep: int = 1000
+    max_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError("keep must be at least 1 (the newest trace is always kept)")
+        if self.max_mb < 1:
+            raise ValueError("max_mb must be at least 1")
+
+
 class EnergyConfig(_Section):
     """Electricity price for the energy estimate of local GPUs."""
 
@@ -158,6 +171,7 @@ class Config(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
     energy: EnergyConfig = msgspec.field(default_factory=EnergyConfig)
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)

@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from rlmd.config import Config, LimitsConfig, ModelsConfig, PoolConfig, ProviderConfig
+from rlmd.config import (
+    Config,
+    LimitsConfig,
+    ModelsConfig,
+    PoolConfig,
+    ProviderConfig,
+    TracesConfig,
+)
 from rlmd.engine.loop import Engine
-from rlmd.engine.trace import format_trace, read_trace
+from rlmd.engine.trace import format_trace, prune_traces, read_trace
 from rlmd.engine.types import EngineError, QueryOptions, QueryParams
 from rlmd.pool.pool import Pool
 from rlmd.providers.registry import build_provider
@@ -559,6 +566,43 @@ async def test_odd_job_ids_stay_inside_the_traces_dir(rig, script):
     p = Path(res.trace)
     assert p.parent == rig.tmp / "traces"
     assert read_trace(rig.tmp, "../../etc/passwd")[0]["type"] == "start"
+
+
+async def test_old_traces_are_pruned_after_each_query(tmp_path, script):
+    """[traces] keep: a daemon running for months keeps the newest traces only."""
+    with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
+        cfg = make_config(srv.url)
+        cfg.traces = TracesConfig(keep=2)
+        r = Rig(tmp_path, srv, cfg)
+        script.on_root(r"", "FINAL(ok)")
+        try:
+            for i in range(4):
+                await r.run("q", job=f"keep-{i}")
+                os.utime(tmp_path / "traces" / f"keep-{i}.jsonl", (1000 + i, 1000 + i))
+        finally:
+            await r.pool.aclose()
+    names = sorted(p.name for p in (tmp_path / "traces").iterdir())
+    assert names == ["keep-2.jsonl", "keep-3.jsonl"]
+    assert read_trace(tmp_path, "keep-3")[-1]["type"] == "end"
+
+
+def test_prune_traces_by_count_and_size_keeps_newest_and_running(tmp_path):
+    d = tmp_path / "traces"
+    d.mkdir()
+    for i in range(6):  # t0 oldest ... t5 newest, 1000 bytes each
+        f = d / f"t{i}.jsonl"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (100 + i, 100 + i))
+    (d / "notes.txt").write_text("not a trace")
+    left = lambda: sorted(p.name for p in d.iterdir())  # noqa: E731
+    assert prune_traces(tmp_path, keep=10, max_bytes=10**6) == 0
+    # A running query's trace (t0, the oldest) survives; the others go oldest first.
+    assert prune_traces(tmp_path, keep=3, max_bytes=10**6, protect=frozenset({d / "t0.jsonl"})) == 2
+    assert left() == ["notes.txt", "t0.jsonl", "t3.jsonl", "t4.jsonl", "t5.jsonl"]
+    assert prune_traces(tmp_path, keep=10, max_bytes=1500) == 3  # by size: t4, t3, t0 go
+    assert left() == ["notes.txt", "t5.jsonl"]
+    assert prune_traces(tmp_path, keep=1, max_bytes=1) == 0  # the newest always stays
+    assert prune_traces(tmp_path / "nowhere", keep=1, max_bytes=1) == 0
 
 
 async def test_cancel_while_the_worker_starts_leaves_no_process(rig, script):

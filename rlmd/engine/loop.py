@@ -45,7 +45,7 @@ from rlmd.engine.parse import (
     sole_final,
     truncate_output,
 )
-from rlmd.engine.trace import TraceWriter, trace_path
+from rlmd.engine.trace import TraceWriter, prune_traces, trace_path
 from rlmd.engine.types import EngineError, QueryOptions, QueryParams, QueryResult, Tokens
 from rlmd.protocol.errors import AppError
 from rlmd.providers.base import ChatRequest, ChatResult, Message, ProviderError
@@ -175,6 +175,7 @@ class Engine:
         self._state_dir = Path(state_dir)
         # Closers of workers whose query was torn down while they were still starting.
         self._background: set[asyncio.Future[None]] = set()
+        self._running_traces: set[Path] = set()  # never pruned while their query runs
 
     # ------------------------------------------------------------------ one query
 
@@ -194,6 +195,7 @@ class Engine:
             raise EngineError("model_error", str(exc)) from None
         path = trace_path(self._state_dir, job)
         writer = TraceWriter(path, secrets=self._secrets())
+        self._running_traces.add(path)
         state = _State(
             job=job,
             budget=budget,
@@ -290,8 +292,16 @@ class Engine:
             raise
         finally:
             writer.close()
+            self._running_traces.discard(path)
             await asyncio.to_thread(pins.close)
             await asyncio.to_thread(shutil.rmtree, work, True)
+            await asyncio.to_thread(
+                prune_traces,
+                self._state_dir,
+                keep=self._config.traces.keep,
+                max_bytes=self._config.traces.max_mb * 1024 * 1024,
+                protect=frozenset(self._running_traces),
+            )
         elapsed = time.monotonic() - state.t0
         result = QueryResult(
             answer=answer,

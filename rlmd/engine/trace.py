@@ -81,6 +81,46 @@ class TraceWriter:
             self._fd = None
 
 
+def prune_traces(
+    state_dir: Path, *, keep: int, max_bytes: int, protect: frozenset[Path] = frozenset()
+) -> int:
+    """Delete the oldest traces beyond ``keep`` files or ``max_bytes`` in all; return how many.
+
+    The newest trace always stays, and so do the ``protect``ed ones (queries still
+    running: their files may be older than a finished query's).  A file that vanished
+    meanwhile (another prune, a user's ``rm``) is skipped.
+    """
+    d = traces_dir(state_dir)
+    entries: list[tuple[float, int, Path]] = []
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.endswith(".jsonl"):
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    entries.append((st.st_mtime, st.st_size, Path(e.path)))
+    except FileNotFoundError:
+        return 0
+    entries.sort(reverse=True)  # newest first
+    count = total = removed = 0
+    for i, (_mtime, size, path) in enumerate(entries):
+        count += 1
+        total += size
+        if i == 0 or path in protect or (count <= keep and total <= max_bytes):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            removed += 1
+        count -= 1
+        total -= size
+    return removed
+
+
 def read_trace(state_dir: Path, job: str | None = None) -> list[dict[str, Any]]:
     """The records of ``job``'s trace, or of the most recent trace when ``job`` is None.
 
