@@ -18,10 +18,11 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
 
 REQ = b'{"jsonrpc":"2.0","method":"daemon/ping","id":%d}'
 
@@ -96,29 +97,10 @@ def measure(path: str, framing: str, seconds: float, clients: int, window: int =
 
 def _start_daemon(root: Path) -> subprocess.Popen:
     sock = root / "d.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rlmd",
-            "--socket",
-            str(sock),
-            "--state-dir",
-            str(root / "state"),
-            "--log-level",
-            "warning",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(400):
-        try:
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(sock))
-            c.close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("daemon did not start")
+    argv = daemon_command(sock, state_dir=root / "state", log_level="warning")
+    proc = spawn_daemon(argv)
+    wait_until_answering(proc, sock, timeout_s=20)
+    return proc
 
 
 def _baseline_server(path: str, ready: mp.Event) -> None:

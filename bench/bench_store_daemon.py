@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import generate, parse_size
 
 from rlmd.client import Client
+from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
 
 
 def _kib(pid: int, field: str) -> int:
@@ -38,26 +39,10 @@ def _kib(pid: int, field: str) -> int:
 
 def _start(root: Path) -> subprocess.Popen:
     sock = root / "d.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rlmd",
-            "--socket",
-            str(sock),
-            "--state-dir",
-            str(root / "state"),
-            "--log-level",
-            "warning",
-        ]
-    )
-    for _ in range(400):
-        try:
-            Client(sock, timeout=5).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("daemon did not start")
+    argv = daemon_command(sock, state_dir=root / "state", log_level="warning")
+    proc = spawn_daemon(argv, stderr=None)
+    wait_until_answering(proc, sock, timeout_s=20)
+    return proc
 
 
 def run(sizes: list[str] | None = None) -> str:

@@ -6,15 +6,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rlmd.client import Client
+from rlmd.launch import DaemonStartError, daemon_command, spawn_daemon, wait_until_answering
 from rlmd.protocol.framing import Framing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,40 +37,20 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def args(self) -> list[str]:
-        a = [
-            sys.executable,
-            "-m",
-            "rlmd",
-            "--socket",
-            str(self.socket),
-            "--state-dir",
-            str(self.state_dir),
-            "--log-level",
-            "debug",
-        ]
-        if self.config is not None:
-            a += ["--config", str(self.config)]
-        return a
+        return daemon_command(
+            self.socket, state_dir=self.state_dir, config=self.config, log_level="debug"
+        )
 
     def start(self, timeout: float = 20.0) -> Daemon:
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            self.args(), stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
-        )
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}"
-                )
-            try:
-                with Client(self.socket, timeout=5) as c:
-                    c.call("daemon/status")
-                return self
-            except (OSError, ConnectionError):
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.log.read_text()}")
+        with open(self.log, "ab") as logf:
+            self.proc = spawn_daemon(
+                self.args(), stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
+            )
+        try:
+            wait_until_answering(self.proc, self.socket, timeout_s=timeout)
+        except DaemonStartError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log.read_text()}") from None
+        return self
 
     def client(self, framing: Framing = Framing.NDJSON, timeout: float | None = 60) -> Client:
         return Client(self.socket, framing=framing, timeout=timeout)

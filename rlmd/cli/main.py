@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import Client, RpcError
+from ..launch import daemon_command, spawn_daemon, wait_until_answering
 from ..paths import default_socket_path, default_state_dir
 
 
@@ -40,27 +40,13 @@ def start_daemon(socket_path: Path, wait_s: float = 30.0) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "rlmd.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rlmd", "--socket", str(socket_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+        proc = spawn_daemon(daemon_command(socket_path), stdout=log, stderr=log, detach=True)
     print(
         f"rlm: no daemon on {socket_path}; started rlmd (pid {proc.pid}, log {log_path})",
         file=sys.stderr,
     )
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rlmd exited with status {proc.returncode}; see {log_path}")
-        try:
-            Client(socket_path, timeout=2).close()
-            return proc.pid
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"rlmd did not answer within {wait_s:.0f}s; see {log_path}")
+    wait_until_answering(proc, socket_path, timeout_s=wait_s, log_hint=f"see {log_path}")
+    return proc.pid
 
 
 def connect(args: argparse.Namespace) -> Client:
