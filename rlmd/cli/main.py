@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from ..bench.runner import main as bench_main
+        from ..blas import single_threaded_blas
+
+        single_threaded_blas()  # the perf scripts run engines and caches in this process
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
