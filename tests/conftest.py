@@ -82,6 +82,29 @@ class Daemon:
         return self.start()
 
 
+def _scripted_config(url: str, extra: str = "", *, root: str = "root", sub: str = "sub") -> str:
+    return f"""
+[[providers]]
+name = "scripted"
+kind = "ollama"
+base_url = "{url}"
+models = ["{root}", "{sub}"]
+capacity = 4
+
+[models]
+root = "{root}"
+sub = "{sub}"
+{extra}"""
+
+
+@pytest.fixture
+def scripted_config():
+    """``scripted_config(url, extra="", root="root", sub="sub")``: a daemon config whose
+    one provider is a scripted loopback server speaking Ollama's wire format, serving
+    ``root`` and ``sub``; ``extra`` is appended (more sections)."""
+    return _scripted_config
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path (Unix socket paths are limited to ~107 bytes)."""

@@ -409,35 +409,11 @@ def _daemon_model(call):  # type: ignore[no-untyped-def]
     return Reply(text="FINAL(all fine)")
 
 
-def test_daemon_cache_survives_restart_and_obeys_controls(make_daemon) -> None:
+def test_daemon_cache_survives_restart_and_obeys_controls(make_daemon, scripted_config) -> None:
     """Through the real daemon: cache/stats, the semantic tier after a restart,
-    options.cache = false, cache/clear.  Skips until the daemon wires the cache in."""
-    from rlmd.client import RpcError
-
+    options.cache = false, cache/clear."""
     with ScriptedServer(responder=_daemon_model, models=["root", "sub"]) as srv:
-        d = make_daemon(
-            f"""
-[[providers]]
-name = "scripted"
-kind = "ollama"
-base_url = "{srv.url}"
-models = ["root", "sub"]
-capacity = 4
-
-[models]
-root = "root"
-sub = "sub"
-
-[cache]
-semantic_threshold = 0.75
-"""
-        )
-        try:
-            d.call("cache/stats")
-        except RpcError as exc:
-            if exc.code == -32601:  # method not found
-                pytest.skip("cache/stats is not wired into the daemon yet")
-            raise
+        d = make_daemon(scripted_config(srv.url, "[cache]\nsemantic_threshold = 0.75\n"))
         d.call("context/put", {"name": "t", "text": "hello world line\n" * 500})
         first = d.call("query/run", {"query": "Is everything fine?", "context": "t"})
         assert first["answer"] == "all fine"

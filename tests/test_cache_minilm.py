@@ -92,32 +92,17 @@ async def test_damaged_or_missing_files_are_clear_errors(tmp_path, monkeypatch) 
         CacheService.open(Config(cache=CacheConfig(embedder="minilm")), tmp_path / "b")
 
 
-CONFIG = """
-[[providers]]
-name = "scripted"
-kind = "ollama"
-base_url = "{url}"
-models = ["root", "sub"]
-capacity = 4
-
-[models]
-root = "root"
-sub = "sub"
-
-[cache]
-embedder = "{embedder}"
-"""
-
-
 @pytest.mark.parametrize("embedder", ["auto", "lexical"])
-def test_daemon_serves_a_reworded_question_from_the_semantic_tier(make_daemon, embedder) -> None:
+def test_daemon_serves_a_reworded_question_from_the_semantic_tier(
+    make_daemon, scripted_config, embedder
+) -> None:
     """Through the real daemon: with MiniLM (the default when installed) a reworded
     question is answered from the cache; the lexical embedder alone misses it."""
     replies = iter(["FINAL(load and main)", "FINAL(second run)", "FINAL(third run)"])
     with ScriptedServer(
         responder=lambda call: Reply(text=next(replies)), models=["root", "sub"]
     ) as srv:
-        d = make_daemon(CONFIG.format(url=srv.url, embedder=embedder))
+        d = make_daemon(scripted_config(srv.url, f'[cache]\nembedder = "{embedder}"\n'))
         stats = d.call("cache/stats")
         assert stats["embed_model"] == (
             f"all-MiniLM-L6-v2+{LEXICAL_NAME}" if embedder == "auto" else LEXICAL_NAME
