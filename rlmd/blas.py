@@ -13,8 +13,9 @@ def single_threaded_blas() -> None:
     OpenBLAS's fork handler waits for its worker threads; with two threads in BLAS calls
     (MiniLM embeddings, semantic lookups) while the event loop forks a REPL worker, the
     fork never returns (reproduced: with 4 threads multiplying small matrices, 1,500 forks
-    hung; with one BLAS thread they finish).  The daemon's matrices are small, so one BLAS thread costs nothing.  Must run
-    before numpy is imported; REPL workers and their numpy inherit it.
+    hung; with one BLAS thread they finish).  The daemon's matrices are small, so one BLAS
+    thread costs nothing.  Must run before numpy is imported; REPL workers and their numpy
+    inherit it.
     """
     if "numpy" in sys.modules:
         logging.getLogger("rlmd").warning(
