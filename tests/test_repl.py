@@ -22,7 +22,7 @@ import pytest
 from rlmd.config import LimitsConfig, SandboxConfig
 from rlmd.repl.ctxview import ContextView, make_re_module
 from rlmd.repl.sandbox import Probe, ProbeCache, SandboxUnavailable, build_filter, resolve
-from rlmd.repl.session import ExecResult, ReplSession, WorkerError, protection, run_batched
+from rlmd.repl.session import ExecResult, ReplSession, WorkerError, protection
 
 
 class Handler:
@@ -45,7 +45,9 @@ class Handler:
                     await asyncio.sleep(0.5)
                 return f"answer({params['prompt']},{params['model']})"
             if method == "llm_query_batched":
-                return await run_batched(params["prompts"], self.one)
+                # As the engine does: in parallel, answers in prompt order, a failure in
+                # its answer's place.
+                return list(await asyncio.gather(*(self.one(p) for p in params["prompts"])))
             if method == "rlm_query":
                 return f"rlm({params['prompt']},{len(params['context'] or '')})"
             raise AssertionError(method)
@@ -56,7 +58,7 @@ class Handler:
         # Random delays so that completion order differs from prompt order.
         await asyncio.sleep(random.random() * 0.02)
         if prompt.startswith("bad"):
-            raise ValueError(f"cannot answer {prompt}")
+            return f"[llm_query_batched error: cannot answer {prompt}]"
         return prompt.upper()
 
 

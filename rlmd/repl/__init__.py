@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CallHandler", "ExecResult", "Protection", "ReplSession", "protection", "run_batched"]
+__all__ = ["CallHandler", "ExecResult", "Protection", "ReplSession", "protection"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("CallHandler", "ExecResult", "ReplSession", "protection", "run_batched"):
+    if name in ("CallHandler", "ExecResult", "ReplSession", "protection"):
         from rlmd.repl import session
 
         return getattr(session, name)

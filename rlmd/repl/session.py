@@ -558,30 +558,3 @@ def _check_call(method: str, params: Any) -> dict[str, Any]:
     if ctx is not None and not isinstance(ctx, str):
         raise ValueError("rlm_query: context must be a str or None")
     return {"prompt": prompt, "context": ctx}
-
-
-async def run_batched(
-    prompts: list[str],
-    one: Callable[[str], Awaitable[str]],
-    *,
-    max_parallel: int = 16,
-) -> list[str]:
-    """Helper for ``on_call("llm_query_batched")``: run ``one`` over the prompts in parallel.
-
-    Answers come back in prompt order; a prompt whose call fails gets the text
-    ``"[llm_query_batched error: <message>]"`` in its place instead of failing the batch.
-    """
-    sem = asyncio.Semaphore(max_parallel)
-    out: list[str] = [""] * len(prompts)
-
-    async def run(i: int, p: str) -> None:
-        async with sem:
-            try:
-                out[i] = await one(p)
-            except Exception as exc:  # reported in place of the answer
-                out[i] = f"[llm_query_batched error: {exc or type(exc).__name__}]"
-
-    async with asyncio.TaskGroup() as tg:
-        for i, p in enumerate(prompts):
-            tg.create_task(run(i, p))
-    return out
