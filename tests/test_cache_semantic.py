@@ -10,7 +10,7 @@ import pytest
 from rlmd.cache import CacheService, SemanticAnswer, guard_allows, text_version
 from rlmd.cache.embedder import LexicalEmbedder, embed_one
 from rlmd.cache.exact import CacheDB
-from rlmd.cache.semantic import SemanticCache, features
+from rlmd.cache.semantic import MAX_QUESTION_CHARS, SemanticCache, features
 from rlmd.config import CacheConfig, Config, ModelsConfig, PoolConfig, ProviderConfig
 from rlmd.pool import Pool
 from rlmd.providers.registry import build_provider
@@ -42,6 +42,19 @@ async def test_paraphrase_hits_on_same_version_only(db) -> None:
     assert await sem.lookup("How many TODO items are in src/?", V2, ROOT) is None
     assert await sem.lookup("How many TODO items are in src/?", V1, "other|sub") is None
     assert await sem.lookup("How many TODO items are in src/?", "", ROOT) is None
+
+
+async def test_long_pasted_questions_are_never_paraphrase_matched(db) -> None:
+    """Two pasted documents that differ in one sentence embed almost alike."""
+    sem = SemanticCache(db, LexicalEmbedder(), embed_model="lex", threshold=0.75)
+    doc = "The service restarts nightly and logs to syslog. " * 100
+    assert len(doc) > MAX_QUESTION_CHARS
+    await sem.store(doc + "Does it log errors?", V1, ROOT, answer("yes"))
+    assert await sem.lookup(doc + "Does it log warnings?", V1, ROOT) is None
+    assert await sem.lookup(doc + "Does it log errors?", V1, ROOT) is None  # never stored
+    short = "Does the service log errors?"
+    await sem.store(short, V1, ROOT, answer("yes"))
+    assert (await sem.lookup(short, V1, ROOT)) is not None
 
 
 async def test_guard_refuses_near_misses_the_cosine_accepts(db) -> None:

@@ -34,6 +34,11 @@ EmbedFn = Callable[[list[str]], Awaitable[list[list[float]]]]
 DEFAULT_THRESHOLD = 0.75
 # Candidates above the threshold checked against the guard, best first.
 MAX_CANDIDATES = 8
+# Longer "questions" (a document pasted into the query) are not paraphrase-matched: two
+# long texts that differ in one sentence embed almost alike, and embedding a megabyte
+# would hold a thread (the lexical embedder: the event loop) for seconds.  The exact
+# tier still serves their repeated calls.
+MAX_QUESTION_CHARS = 4000
 
 
 class SemanticAnswer(msgspec.Struct, kw_only=True):
@@ -230,8 +235,8 @@ class SemanticCache:
 
     async def lookup(self, question: str, context_version: str, model: str) -> Hit | None:
         """The answer of an earlier, equivalent question on this exact text, or None."""
-        if not context_version:
-            return None  # no text, or an unknown version: nothing is safe to reuse
+        if not context_version or len(question) > MAX_QUESTION_CHARS:
+            return None  # no text or an unknown version (nothing is safe to reuse), or too long
         try:
             vec = _unit((await self._embed([question]))[0])
         except Exception as exc:  # an unreachable embedding model only costs the hit
@@ -243,7 +248,7 @@ class SemanticCache:
         self, question: str, context_version: str, model: str, result: SemanticAnswer
     ) -> None:
         """Remember ``result`` as the answer to ``question`` on this context version."""
-        if not context_version or not result.answer:
+        if not context_version or not result.answer or len(question) > MAX_QUESTION_CHARS:
             return
         try:
             vec = _unit((await self._embed([question]))[0])
