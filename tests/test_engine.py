@@ -26,7 +26,9 @@ from rlmd.config import (
     ProviderConfig,
     TracesConfig,
 )
+from rlmd.engine import prompts
 from rlmd.engine.loop import Engine
+from rlmd.engine.parse import unsupported_words
 from rlmd.engine.trace import format_trace, prune_traces, read_trace
 from rlmd.engine.types import EngineError, QueryOptions, QueryParams
 from rlmd.pool.pool import Pool
@@ -366,16 +368,75 @@ async def test_small_model_prompt_and_question_reminder(rig, script):
     assert "How to work well" not in system  # not the large prompt
 
 
+async def test_small_model_guess_is_sent_back_to_check_once(rig, script):
+    """A small model's short answer that no output showed is questioned once; an answer
+    the code computed, or the second FINAL, is taken."""
+    text = "filler line\n" * 50 + "the code for keen-walrus is: ZEBRA\n" + "filler line\n" * 50
+    script.on_root(
+        r"no output so far shows 'knightrider'",
+        repl("import re\nprint(re.findall(r'[^\\n]*keen-walrus[^\\n]*', context)[:5])"),
+    )
+    script.on_root(r"code for keen-walrus is: (\w+)", lambda m, c: f"FINAL({m.group(1)})")
+    script.on_root(r"Question: What is the code", repl("print(context[:100])"))
+    script.on_root(r"The question is", "FINAL(knightrider)")
+    res = await rig.run(
+        "What is the code for keen-walrus?", text=text, options={"root_model": SMALL}
+    )
+    assert res.answer == "ZEBRA" and res.iterations == 4
+    asked = [m.content for m in rig.srv.calls[2].messages if m.role == "user"][-1]
+    assert "FINAL(knightrider) was not accepted yet" in asked and "keen\\-walrus" in asked
+    # The same guess twice is taken (the check is asked once), and computed answers never.
+    script.root.clear()
+    script.on_root(r"", "FINAL(knightrider)")
+    res = await rig.run("What is the code?", text=text, job="j2", options={"root_model": SMALL})
+    assert res.answer == "knightrider" and res.iterations == 2
+    script.root.clear()
+    script.on_root(r"", repl("FINAL('zz' + 'top')"))
+    res = await rig.run("Code?", text=text, job="j3", options={"root_model": SMALL})
+    assert res.answer == "zztop" and res.iterations == 1
+    # Repeating the question's own words is no evidence either.
+    script.root.clear()
+    script.on_root(r"not accepted yet", "FINAL(ZEBRA)")
+    script.on_root(r"The question is", "FINAL(keen-walrus)")
+    script.on_root(r"Question: Code for", repl("print(context[:100])"))
+    res = await rig.run("Code for keen-walrus?", text=text, job="j5", options={"root_model": SMALL})
+    assert res.answer == "ZEBRA" and res.iterations == 3
+    # Large models are not second-guessed.
+    script.root.clear()
+    script.on_root(r"", "FINAL(knightrider)")
+    res = await rig.run("What is the code?", text=text, job="j4")
+    assert res.answer == "knightrider" and res.iterations == 1
+
+
+def test_a_repeated_empty_search_is_not_an_invitation_to_answer() -> None:
+    for empty in ("", "[]", "1048533\n[]", "-1"):
+        assert "Search differently" in prompts.repeated_code(empty)
+    hint = prompts.repeated_code("[]", "What is the code for hollow-wombat?")
+    assert 're.findall(r"[^\\n]*hollow\\-wombat[^\\n]*", context)' in hint
+    assert "Use that output" in prompts.repeated_code("['the code is 7']", "q")
+
+
+def test_unsupported_words() -> None:
+    seen = ["Output:\nthe meeting is in Lisbon on 2024-05-01", "Question: Where is it?"]
+    assert unsupported_words("Lisbon", seen) == []
+    assert unsupported_words("lisbon, 2024", seen) == []
+    assert unsupported_words("Porto", seen) == ["porto"]
+    assert unsupported_words("in Porto or Faro", seen) == ["porto", "or", "faro"]
+    long = "a summary that the model composed from many outputs it read carefully"
+    assert unsupported_words(long, seen) == []  # longer answers are not checked
+    assert unsupported_words("", seen) == []
+
+
 async def test_small_model_outputs_are_shorter_and_history_is_compacted(rig, script):
     def turn(m, call: ChatCall) -> str:
         k = sum(1 for msg in call.messages if msg.role == "user")
         if k >= 8:
-            return "FINAL(enough)"
+            return "FINAL(turn7)"  # shown by the last output, so taken at once
         return repl(f"print('turn{k}', 'x' * 10000)")
 
     script.on_root(r"", turn)
     res = await rig.run("big outputs", options={"root_model": SMALL})
-    assert res.answer == "enough"
+    assert res.answer == "turn7"
     last = rig.srv.calls[-1].messages
     outputs = [m.content for m in last if m.role == "user"][1:]
     assert len(outputs) == 7

@@ -44,6 +44,7 @@ from rlmd.engine.parse import (
     parse_reply,
     sole_final,
     truncate_output,
+    unsupported_words,
 )
 from rlmd.engine.trace import TraceWriter, prune_traces, trace_path
 from rlmd.engine.types import EngineError, QueryOptions, QueryParams, QueryResult, Tokens
@@ -454,6 +455,7 @@ class Engine:
         try:
             small = prompts.variant_for(model) == "small"
             session.output_chars = b.output_chars
+            session.question = query
             if small and not b.output_chars_explicit:
                 # A small model's window holds a few short outputs, not 20,000 characters.
                 session.output_chars = min(b.output_chars, prompts.SMALL_OUTPUT_CHARS)
@@ -471,6 +473,8 @@ class Engine:
             for m in messages:
                 state.trace.write("message", depth=depth, role=m.role, content=m.content)
             rejected_final = False
+            evidence_checked = False  # small models: one check that a short answer was seen
+            shown: list[str] = [desc.head] if desc is not None else []
             bare_replies = 0
             for turn in range(1, b.max_iterations + 1):
                 _compact(messages, history_chars)
@@ -488,18 +492,29 @@ class Engine:
                     )
                     if depth == 1:
                         emit(state.progress())
+                written = False  # the answer was written by the model, not computed
                 if final_text is None and reply.final is not None:
+                    written = reply.final.kind == "answer"
                     final_text, problem = await self._resolve_final(state, session, reply.final)
                     if problem is not None:
                         outputs.append(prompts.missing_variable(reply.final.value, problem))
                 if final_text is not None:
                     reason = non_answer_reason(final_text)
-                    if reason is None or rejected_final:
+                    missing: list[str] = []
+                    if reason is None and small and written and not evidence_checked:
+                        # What the model was shown of the text; not the question, whose
+                        # words (the needle's key) a guess likes to repeat.
+                        missing = unsupported_words(final_text, [*shown, *outputs])
+                    if (reason is None or rejected_final) and not missing:
                         state.trace.write("final", depth=depth, answer=final_text, how="final")
                         return final_text, "final"
-                    rejected_final = True
                     state.partial = final_text
-                    outputs.append(prompts.not_an_answer(reason))
+                    if missing:
+                        evidence_checked = True
+                        outputs.append(prompts.unverified_answer(final_text, missing, query))
+                    else:
+                        rejected_final = True
+                        outputs.append(prompts.not_an_answer(reason or ""))
                 elif not reply.blocks and reply.final is None:
                     bare_replies += 1
                     prose = reply.prose.strip()
@@ -507,6 +522,7 @@ class Engine:
                         state.trace.write("final", depth=depth, answer=prose, how="reply")
                         return prose, "reply"
                     outputs.append(prompts.NO_CODE_NO_FINAL)
+                shown.extend(outputs)
                 feedback = "\n\n".join(outputs) if outputs else prompts.NO_CODE_NO_FINAL
                 if small and reply.blocks:
                     feedback += "\n\n" + prompts.question_reminder(query)
@@ -650,7 +666,7 @@ class Engine:
             key = _normalize(code)
             notice = None
             if key in session.ran:
-                notice = prompts.repeated_code(session.ran[key])
+                notice = prompts.repeated_code(session.ran[key], session.question)
             elif session.last is not None and session.last[0] == key and session.last[1]:
                 notice = prompts.repeated_failure(session.last[1])
             if notice is not None:
@@ -987,6 +1003,8 @@ class _Repl:
         self._needs_setup = True
         # This loop's cut for printed output (None: the query's ``output_chars``).
         self.output_chars: int | None = None
+        # This loop's question, for the search hint sent when a block is repeated.
+        self.question = ""
         self._trace = trace
         self._depth = depth
         self._task = asyncio.get_running_loop().create_task(start())

@@ -253,6 +253,29 @@ def non_answer_reason(answer: str) -> str | None:
     return None
 
 
+_WORD = re.compile(r"\w+")
+# Longer answers are composed (summaries, explanations): their words need not have been
+# printed anywhere, so only short, fact-like answers are checked.
+EVIDENCE_MAX_WORDS = 8
+
+
+def unsupported_words(answer: str, seen: list[str]) -> list[str]:
+    """The words of a short ``answer`` that appear in none of the ``seen`` texts.
+
+    Small models sometimes end with an invented fact right after output that did not
+    show it.  An answer of at most :data:`EVIDENCE_MAX_WORDS` words whose words all
+    occur in what the model was shown (outputs, the question, the context's head) is
+    supported; a longer one is not checked (empty list).
+    """
+    words = [w.lower() for w in _WORD.findall(answer)]
+    if not words or len(words) > EVIDENCE_MAX_WORDS:
+        return []
+    known: set[str] = set()
+    for text in seen:
+        known.update(w.lower() for w in _WORD.findall(text))
+    return list(dict.fromkeys(w for w in words if w not in known))
+
+
 # --- output going back to the model -----------------------------------------------------
 
 

@@ -296,11 +296,27 @@ def question_reminder(query: str) -> str:
     )
 
 
-def repeated_code(first_output: str) -> str:
+# A printed line that says a search found nothing.
+_EMPTY_RESULTS = {"[]", "()", "{}", "none", "set()", "-1"}
+
+
+def repeated_code(first_output: str, query: str = "") -> str:
     """Sent instead of running a block the model already ran, unchanged."""
+    shown = first_output.strip()
+    if not shown or any(line.strip().lower() in _EMPTY_RESULTS for line in shown.splitlines()):
+        # Told "use that output" after an empty search, small models answered from memory;
+        # told to search differently, they re-ran the same block.  A concrete block works.
+        example = search_example(query)
+        return (
+            "You already ran exactly this code; it was not run again. It found nothing:\n"
+            f"{shown or '(nothing)'}\n"
+            "Do not answer from memory. Search differently: another pattern, or a single "
+            "distinctive word of the question, printing the lines around it"
+            + (f", like this:{example}" if example else ".")
+        )
     return (
         "You already ran exactly this code; it was not run again. Its output was:\n"
-        f"{first_output if first_output.strip() else '(nothing)'}\n"
+        f"{shown}\n"
         "Use that output: answer with FINAL(the answer), or write different code."
     )
 
@@ -325,6 +341,29 @@ def not_an_answer(reason: str) -> str:
     return (
         f"That FINAL answer was not accepted: {reason}. Do the work with ```repl blocks if "
         "needed, then give the actual answer: FINAL(the answer itself)"
+    )
+
+
+def search_example(query: str) -> str:
+    """A ```repl block that prints the lines holding the question's most distinctive word
+    (its longest), or "" when the question has none: small models copy a shown block."""
+    key = max(re.findall(r"[\w-]{4,}", query), key=len, default="")
+    if not key:
+        return ""
+    return (
+        f'\n```repl\nimport re\nprint(re.findall(r"[^\\n]*{re.escape(key)}[^\\n]*", '
+        "context)[:5])\n```"
+    )
+
+
+def unverified_answer(answer: str, missing: list[str], query: str) -> str:
+    """Sent once to a small model whose short answer was shown nowhere (likely invented)."""
+    words = ", ".join(repr(w) for w in missing[:3])
+    example = search_example(query)
+    return (
+        f"FINAL({answer}) was not accepted yet: no output so far shows {words}. Do not guess. "
+        "Search `context` with code for a word of the question and read the lines you find."
+        + (f" For example:{example}" if example else "")
     )
 
 
