@@ -82,14 +82,16 @@ class Daemon:
         return self.start()
 
 
-def _scripted_config(url: str, extra: str = "", *, root: str = "root", sub: str = "sub") -> str:
+def _scripted_config(
+    url: str, extra: str = "", *, root: str = "root", sub: str = "sub", capacity: int = 4
+) -> str:
     return f"""
 [[providers]]
 name = "scripted"
 kind = "ollama"
 base_url = "{url}"
 models = ["{root}", "{sub}"]
-capacity = 4
+capacity = {capacity}
 
 [models]
 root = "{root}"
@@ -99,7 +101,7 @@ sub = "{sub}"
 
 @pytest.fixture
 def scripted_config():
-    """``scripted_config(url, extra="", root="root", sub="sub")``: a daemon config whose
+    """``scripted_config(url, extra="", root="root", sub="sub", capacity=4)``: a config whose
     one provider is a scripted loopback server speaking Ollama's wire format, serving
     ``root`` and ``sub``; ``extra`` is appended (more sections)."""
     return _scripted_config

@@ -39,18 +39,7 @@ class Script:
         return None
 
 
-CONFIG = """
-[[providers]]
-name = "scripted"
-kind = "ollama"
-base_url = "{url}"
-models = ["{root}", "{sub}"]
-capacity = 8
-
-[models]
-root = "{root}"
-sub = "{sub}"
-
+EXTRA = """
 [limits]
 cell_timeout_s = 10
 max_depth = 2
@@ -70,9 +59,9 @@ def script() -> Script:
 
 
 @pytest.fixture
-def served(make_daemon, script):
+def served(make_daemon, scripted_config, script):
     with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
-        d = make_daemon(CONFIG.format(url=srv.url, root=ROOT, sub=SUB))
+        d = make_daemon(scripted_config(srv.url, EXTRA, root=ROOT, sub=SUB, capacity=8))
         yield d, srv
 
 
