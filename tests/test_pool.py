@@ -330,7 +330,8 @@ async def test_affinity_sticks_waits_briefly_and_falls_back(servers) -> None:
 
 
 async def test_affinity_falls_back_when_its_server_stays_busy(servers) -> None:
-    a = serve(servers, slow("a", 0.3, pattern="first"), slow("a", 2.0, pattern="block"))
+    # The blocker must still be running when it is cancelled, on a loaded machine too.
+    a = serve(servers, slow("a", 0.3, pattern="first"), slow("a", 5.0, pattern="block"))
     b = serve(servers, slow("b", 0.0))
     pool = make_pool([pcfg("a", a, priority=0), pcfg("b", b, priority=1)])
     try:
@@ -338,7 +339,7 @@ async def test_affinity_falls_back_when_its_server_stays_busy(servers) -> None:
         blocker = asyncio.create_task(pool.chat(ask("block")))
         await wait_for(lambda: a.in_flight == 1)
         t0 = time.monotonic()
-        r = await pool.chat(ask("first"), affinity="k")  # a is full for 2 s
+        r = await pool.chat(ask("first"), affinity="k")  # a is full for 5 s
         waited = time.monotonic() - t0
         blocker.cancel()
         with pytest.raises(asyncio.CancelledError):
