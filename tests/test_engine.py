@@ -401,6 +401,13 @@ async def test_small_model_guess_is_sent_back_to_check_once(rig, script):
     script.on_root(r"Question: Code for", repl("print(context[:100])"))
     res = await rig.run("Code for keen-walrus?", text=text, job="j5", options={"root_model": SMALL})
     assert res.answer == "ZEBRA" and res.iterations == 3
+    # Nor is the engine's own search hint, which quotes the question's key.
+    script.root.clear()
+    script.on_root(r"not accepted yet", "FINAL(ZEBRA)")
+    script.on_root(r"It found nothing", "FINAL(keen-walrus)")
+    script.on_root(r"", repl("print(context.find('nowhere'))"))
+    res = await rig.run("Code for keen-walrus?", text=text, job="j6", options={"root_model": SMALL})
+    assert res.answer == "ZEBRA" and res.iterations == 4
     # Large models are not second-guessed.
     script.root.clear()
     script.on_root(r"", "FINAL(knightrider)")

@@ -474,7 +474,6 @@ class Engine:
                 state.trace.write("message", depth=depth, role=m.role, content=m.content)
             rejected_final = False
             evidence_checked = False  # small models: one check that a short answer was seen
-            shown: list[str] = [desc.head] if desc is not None else []
             bare_replies = 0
             for turn in range(1, b.max_iterations + 1):
                 _compact(messages, history_chars)
@@ -502,9 +501,10 @@ class Engine:
                     reason = non_answer_reason(final_text)
                     missing: list[str] = []
                     if reason is None and small and written and not evidence_checked:
-                        # What the model was shown of the text; not the question, whose
-                        # words (the needle's key) a guess likes to repeat.
-                        missing = unsupported_words(final_text, [*shown, *outputs])
+                        # What the model was shown of the text; not the question (or a hint
+                        # quoting it), whose words (the needle's key) a guess likes to repeat.
+                        head = [desc.head] if desc is not None else []
+                        missing = unsupported_words(final_text, [*head, *session.printed])
                     if (reason is None or rejected_final) and not missing:
                         state.trace.write("final", depth=depth, answer=final_text, how="final")
                         return final_text, "final"
@@ -522,7 +522,6 @@ class Engine:
                         state.trace.write("final", depth=depth, answer=prose, how="reply")
                         return prose, "reply"
                     outputs.append(prompts.NO_CODE_NO_FINAL)
-                shown.extend(outputs)
                 feedback = "\n\n".join(outputs) if outputs else prompts.NO_CODE_NO_FINAL
                 if small and reply.blocks:
                     feedback += "\n\n" + prompts.question_reminder(query)
@@ -686,6 +685,7 @@ class Engine:
             shown = truncate_output(res.output or "", limit)
             error = truncate_output(res.error, limit // 4) if res.error else None
             seen = shown + (f"\n{error}" if error else "")
+            session.printed.append(seen)
             if seen.strip():
                 state.last_output = seen
             emit(
@@ -1005,6 +1005,8 @@ class _Repl:
         self.output_chars: int | None = None
         # This loop's question, for the search hint sent when a block is repeated.
         self.question = ""
+        # What this loop's blocks printed: the evidence a small model's answer is checked in.
+        self.printed: list[str] = []
         self._trace = trace
         self._depth = depth
         self._task = asyncio.get_running_loop().create_task(start())
