@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlmd.cache import CacheService, SemanticAnswer
-from rlmd.cache.embedder import embed_one
+from rlmd.cache.embedder import DIMS, embed_one
 from rlmd.cache.exact import ExactCache
 from rlmd.cache.minilm import MiniLMEmbedder, find_model_dir
 from rlmd.cache.prefetch import Prefetcher, sub_request
@@ -219,11 +219,10 @@ def precision_recall(
     return tp / max(1, tp + fp), tp / max(1, tp + fn), fp
 
 
-def _spaces() -> dict[str, object]:
-    """The embeddings compared: text -> unit vector."""
+def _spaces(model: MiniLMEmbedder | None) -> dict[str, object]:
+    """The embeddings compared: text -> unit vector (MiniLM's when ``model`` is given)."""
     spaces: dict[str, object] = {}
-    if find_model_dir() is not None:
-        model = MiniLMEmbedder()
+    if model is not None:
         spaces["MiniLM + lexical (default when installed)"] = model.embed_one
         spaces["all-MiniLM-L6-v2 alone"] = model.encode
     spaces["lexical (built-in)"] = embed_one
@@ -257,7 +256,8 @@ def semantic_table(thresholds: list[float]) -> list[str]:
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     n_same = sum(r["same"] for r in rows)
     guard = np.array([guard_allows(r["a"], r["b"]) for r in rows])
-    spaces = _spaces()
+    model = MiniLMEmbedder() if find_model_dir() is not None else None
+    spaces = _spaces(model)
     out = [
         f"{len(rows)} labelled pairs ({n_same} paraphrases, {len(rows) - n_same} near-misses: "
         "numbers, paths, names, quoted strings, negations, contrast words, topic swaps). "
@@ -288,16 +288,14 @@ def semantic_table(thresholds: list[float]) -> list[str]:
         p, r, fp, t = held_out(rows, sims, guard)
         out.append(f"| {name} | {t:.3f} | {p:.3f} | {r:.3f} | {fp:.2f} |")
     out.append("")
-    if find_model_dir() is not None:
-        model = MiniLMEmbedder()
+    if model is not None:
         questions = [r["a"] for r in rows]
-        model.embed_one(questions[0])  # maps the weights
         lat = []
         for q in questions:
             t0 = time.perf_counter()
             model.embed_one(q)
             lat.append(time.perf_counter() - t0)
-        size = sum(f.stat().st_size for f in find_model_dir().rglob("*") if f.is_file())
+        size = sum(f.stat().st_size for f in model.model_dir.rglob("*") if f.is_file())
         out += [
             f"MiniLM embedding of one question: p50 {statistics.median(lat) * 1e3:.1f} ms, "
             f"p95 {_pct(lat, 0.95) * 1e3:.1f} ms (numpy, one thread; {len(lat)} questions); "
@@ -434,7 +432,7 @@ def run(quick: bool = False) -> str:
         out += ["## Semantic tier: precision and recall", ""]
         out += semantic_table([0.6, 0.7, 0.75, 0.8, 0.825, 0.85, 0.9, 0.95])
         # The default embedder's vectors: MiniLM (384) + lexical (512) when installed.
-        dims = 384 + 512 if find_model_dir() is not None else 512
+        dims = 384 + DIMS if find_model_dir() is not None else DIMS
         out += semantic_scale(20_000 if quick else 100_000, dims)
         out += ["## Speculative prefetch", ""]
         for think_s in (1.0, 2.5):
