@@ -27,6 +27,8 @@ from typing import Literal
 import msgspec
 import platformdirs
 
+from rlmd.atomic import write_atomic
+
 ModelRole = Literal["root", "sub"]
 
 # Called with (bytes done, bytes total) while a model file is being joined.
@@ -262,9 +264,7 @@ def _write_marker(target: Path, spec: ModelSpec) -> None:
     data = msgspec.json.encode(
         _Marker(sha256=spec.sha256, size=st.st_size, mtime_ns=st.st_mtime_ns)
     )
-    tmp = _marker_path(target).with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, _marker_path(target))
+    write_atomic(_marker_path(target), data)
 
 
 @contextlib.contextmanager

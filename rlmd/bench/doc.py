@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlmd.atomic import write_atomic
+
 
 def machine() -> str:
     """One line describing this machine: CPU, cores, memory, OS, Python."""
@@ -98,6 +100,4 @@ def update_doc(
         text = pattern.sub(lambda _m: new, text, count=1)
     else:
         text = text.rstrip() + "\n\n" + new + "\n"
-    tmp = doc.with_suffix(doc.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, doc)
+    write_atomic(doc, text.encode("utf-8"))

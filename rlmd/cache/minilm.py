@@ -296,7 +296,6 @@ class MiniLMEmbedder:
         """Embed texts synchronously (milliseconds each on a CPU core), one caller at a
         time: concurrent callers would only share the cores (and see rlmd.blas's
         ``single_threaded_blas`` for what concurrent BLAS calls can do to a fork)."""
-        self._load()
         with self._encoding:
             return [self.embed_one(t).tolist() for t in texts]
 

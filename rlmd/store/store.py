@@ -43,6 +43,7 @@ from typing import BinaryIO, TypeVar
 
 import msgspec
 
+from rlmd.atomic import TMP_PREFIX, write_atomic
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
 from rlmd.store.search import (
@@ -76,7 +77,7 @@ _CHUNK = 1 << 20
 _COPY_CHUNK = 4 << 20
 _MAX_OPEN = 64
 _META = "meta.json"
-_TMP = ".tmp-"
+_TMP = TMP_PREFIX
 _FORMAT = 1
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -244,21 +245,6 @@ class _Writer:
             self.f.close()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file and a rename (no dir fsync)."""
-    tmp = path.with_name(f"{_TMP}{secrets.token_hex(8)}{path.suffix}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _stream_file(w: _Writer, f: BinaryIO, first: bytes) -> int:
@@ -459,7 +445,7 @@ class ContextStore:
                 return old, extra
             try:
                 os.replace(w.tmp, d / f"{version}.txt")
-                _write_atomic(d / f"{version}.idx", index.to_bytes())
+                write_atomic(d / f"{version}.idx", index.to_bytes())
                 _fsync_dir(d)
                 now = _now()
                 meta = _Meta(
@@ -473,7 +459,7 @@ class ContextStore:
                     created=old.created if old else now,
                     updated=now,
                 )
-                _write_atomic(d / _META, msgspec.json.encode(meta))  # the commit point
+                write_atomic(d / _META, msgspec.json.encode(meta))  # the commit point
                 _fsync_dir(d)
             except BaseException:
                 w.abort()
