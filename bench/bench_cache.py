@@ -49,7 +49,7 @@ from rlmd.pool import Pool
 from rlmd.providers.base import ChatRequest, ChatResult, Message, Usage
 from rlmd.providers.registry import build_provider
 from rlmd.store.store import ContextStore
-from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer, embed_text
+from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer, embed_text
 
 DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
 ROOT, SUB = "root-model", "sub-model"
@@ -104,9 +104,9 @@ async def hit_latency(tmp: Path, n: int) -> list[str]:
 # --------------------------------------------------------------------------- 2. repeated query
 
 
-def _root_reply(call: ChatCall) -> Reply | None:
+def _root_reply(call: ChatCall) -> ScriptedReply | None:
     if call.model == SUB:
-        return Reply(text="no errors here", delay_s=0.5)
+        return ScriptedReply(text="no errors here", delay_s=0.5)
     turns = sum(1 for m in call.messages if m.role == "assistant")
     code = {
         0: "chunks = [context[i:i+2000] for i in range(0, len(context), 2000)]\n"
@@ -114,8 +114,8 @@ def _root_reply(call: ChatCall) -> Reply | None:
         1: "r2 = llm_query_batched([f'Find errors:\\n{c}' for c in chunks[8:16]])\nprint(r2[:2])",
     }.get(turns)
     if code is None:
-        return Reply(text="FINAL(no errors in the first 16 chunks)", delay_s=1.0)
-    return Reply(text=f"Let me look.\n{F}repl\n{code}\n{F}\n", delay_s=1.0)
+        return ScriptedReply(text="FINAL(no errors in the first 16 chunks)", delay_s=1.0)
+    return ScriptedReply(text=f"Let me look.\n{F}repl\n{code}\n{F}\n", delay_s=1.0)
 
 
 async def repeated_query(tmp: Path) -> list[str]:
@@ -356,10 +356,10 @@ async def speculation(
     text_path.write_text(text)
     chunks = [text[i : i + 1500] for i in range(0, len(text), 1500)]
 
-    def responder(call: ChatCall) -> Reply:
+    def responder(call: ChatCall) -> ScriptedReply:
         if call.last_user.startswith("think"):
-            return Reply(text="next batch", delay_s=think_s)
-        return Reply(text="nothing odd", delay_s=sub_s)
+            return ScriptedReply(text="next batch", delay_s=think_s)
+        return ScriptedReply(text="nothing odd", delay_s=sub_s)
 
     for spec_on in (False, True):
         with ScriptedServer(responder=responder, models=["m"]) as srv:

@@ -36,7 +36,7 @@ from rlmd.config import Config, PoolConfig, ProviderConfig
 from rlmd.pool import Pool
 from rlmd.providers.base import ChatRequest, Message, Provider
 from rlmd.providers.registry import build_provider
-from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer
+from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 MODEL = "qwen2.5-coder:7b"
 CAPACITY = 2
@@ -54,10 +54,10 @@ class Gpu:
         self._slots = threading.Semaphore(capacity)
         self.seconds = seconds
 
-    def __call__(self, call: ChatCall) -> Reply:
+    def __call__(self, call: ChatCall) -> ScriptedReply:
         with self._slots:
             time.sleep(self.seconds)
-        return Reply(text="ok", usage_in=100, usage_out=10)
+        return ScriptedReply(text="ok", usage_in=100, usage_out=10)
 
 
 def ideal_time(n: int, seconds: list[float], capacity: int) -> float:

@@ -1,7 +1,7 @@
 """The embedded default model on this machine: join, load, prompt and generation speed,
 parallel slots, and what the prompt prefix cache saves in a growing conversation.
 
-Everything runs through the real parts: :func:`rlmd.models.ensure_model` joins the chunk
+Everything runs through the real parts: :func:`rlmd.providers.weights.ensure_model` joins the chunk
 packages (into a temporary directory, so the shared cache is untouched), and
 :class:`rlmd.providers.embedded.EmbeddedProvider` starts the llama.cpp server child.
 Speeds are the server's own ``timings`` (prompt_n / prompt_ms, predicted_n /
@@ -42,8 +42,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlmd.config import EmbeddedConfig
-from rlmd.models import MODELS, ensure_model
 from rlmd.providers.embedded import EmbeddedProvider
+from rlmd.providers.weights import MODELS, ensure_model
 
 BIG = "qwen2.5-coder-1.5b"
 SMALL = "qwen2.5-coder-0.5b"

@@ -29,7 +29,7 @@ from rlmd.engine.types import QueryOptions, QueryParams
 from rlmd.pool.pool import Pool
 from rlmd.providers.registry import build_provider
 from rlmd.store.store import ContextStore
-from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer
+from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 MODEL = "bench-root"
 F = "```"
@@ -39,16 +39,16 @@ def _turns_responder(turns: int, tail_words: int, chunk_delay_s: float):
     """Root model: ``turns`` blocks, each followed by an invented tail, then FINAL."""
     tail = " ".join(f"invented{i}" for i in range(tail_words))
 
-    def respond(call: ChatCall) -> Reply:
+    def respond(call: ChatCall) -> ScriptedReply:
         m = re.search(r"turn (\d+)", call.last_user)
         k = int(m.group(1)) if m else 0
         if k >= turns:
-            return Reply(text=f"FINAL(done after {k})")
+            return ScriptedReply(text=f"FINAL(done after {k})")
         text = f"Next step.\n{F}repl\nx = {k} + 1\nprint('turn', x)\n{F}\n"
         if tail_words:
             text += f"Output: turn {k + 1}\n{tail}\n"
         # One piece per word of the tail; the block itself arrives in a few pieces.
-        return Reply(text=text, chunks=8 + tail_words, chunk_delay_s=chunk_delay_s)
+        return ScriptedReply(text=text, chunks=8 + tail_words, chunk_delay_s=chunk_delay_s)
 
     return respond
 

@@ -160,7 +160,7 @@ async def build_app(config: Config, socket_path: Path, state_dir: Path) -> Async
 
 async def _wire_models(app: App, stack: contextlib.AsyncExitStack) -> None:
     """Providers, pool and engine, where those parts are installed and configured."""
-    from .wiring import wire_models
+    from .compose import wire_models
 
     await wire_models(app, stack)
 

@@ -30,7 +30,7 @@ from .protocol.errors import (
     AppError,
 )
 from .protocol.jsonrpc import AFTER, FREE, Method, NoParams
-from .wire import (
+from .protocol.schema import (
     ContextNameParams,
     ContextPeekParams,
     ContextPutParams,

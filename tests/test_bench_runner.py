@@ -250,12 +250,12 @@ def _responder(call):
     text itself (base mode) is answered from what it can see, so a needle cut off by
     truncation is missed, as a real model would miss it.
     """
-    from rlmd.testing.scripted_server import Reply
+    from rlmd.testing.scripted_server import ScriptedReply
 
     text = "\n".join(m.content for m in call.messages)
     q = _NEEDLE_Q.search(text)
     if not q:
-        return Reply(text="FINAL(Answer: 3)", delay_s=0.1)
+        return ScriptedReply(text="FINAL(Answer: 3)", delay_s=0.1)
     key = q.group(2)
     if "repl" in call.system.lower():
         code = (
@@ -263,9 +263,9 @@ def _responder(call):
             f'm = re.search(r"for {key} is: (\\S+?)\\. ", context)\n'
             'FINAL(m.group(1) if m else "none")\n'
         )
-        return Reply(text=f"```repl\n{code}```\n", delay_s=0.1)
+        return ScriptedReply(text=f"```repl\n{code}```\n", delay_s=0.1)
     m = re.search(rf"for {re.escape(key)} is: (\S+?)\. ", text)
-    return Reply(text=m.group(1) if m else "I could not find it.", delay_s=0.1)
+    return ScriptedReply(text=m.group(1) if m else "I could not find it.", delay_s=0.1)
 
 
 @pytest.fixture

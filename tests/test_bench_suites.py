@@ -12,6 +12,7 @@ import itertools
 import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -347,3 +348,16 @@ def test_pairs_f1_and_contains_and_unknown_scorer():
     assert score("codeqa:name", "Answer: Miscellaneous", "Misc") == 0.0
     with pytest.raises(ScoringError, match="unknown scorer 'f2'"):
         score("f2", "x", "y")
+
+
+def test_oolong_data_ships_inside_the_repository(monkeypatch):
+    """A clone with nothing beside it has the data: bench/data/oolong, byte for byte."""
+    import hashlib
+
+    monkeypatch.delenv("RLMD_OOLONG_DATA", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    p = data_path()
+    assert p == repo / "bench" / "data" / "oolong" / "trec_coarse_validated.jsonl"
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert digest == "84bcac41e631eb8d6666b04646977d6e4be5c444a5b939905cf589deb4d13dcc"
+    assert (p.parent / "LICENSE").is_file() and (p.parent / "README.md").is_file()

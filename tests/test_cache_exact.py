@@ -24,7 +24,7 @@ from rlmd.config import CacheConfig, Config, PoolConfig, ProviderConfig
 from rlmd.pool import Pool
 from rlmd.providers.base import ChatRequest, ChatResult, Message, Usage
 from rlmd.providers.registry import build_provider
-from rlmd.testing.scripted_server import Reply, Rule, ScriptedServer
+from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer
 
 MODEL = "m"
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
     rules = [
-        Rule(pattern=r"say (\w+)", expand=True, reply=Reply(text=r"\1!", usage_in=7, usage_out=3)),
-        Rule(pattern="long", reply=Reply(text="one two three four five six seven eight")),
+        Rule(pattern=r"say (\w+)", expand=True, reply=ScriptedReply(text=r"\1!", usage_in=7, usage_out=3)),
+        Rule(pattern="long", reply=ScriptedReply(text="one two three four five six seven eight")),
     ]
     with ScriptedServer(rules, models=[MODEL]) as srv:
         yield srv
@@ -399,14 +399,14 @@ F = "```"
 
 def _daemon_model(call):  # type: ignore[no-untyped-def]
     if call.model == "sub":
-        return Reply(text="fine", delay_s=0.05)
+        return ScriptedReply(text="fine", delay_s=0.05)
     if not any(m.role == "assistant" for m in call.messages):
         code = (
             "chunks = [context[i:i+500] for i in range(0, len(context), 500)]\n"
             "print(llm_query_batched([f'Check:\\n{c}' for c in chunks[:3]]))"
         )
-        return Reply(text=f"Looking.\n{F}repl\n{code}\n{F}\n")
-    return Reply(text="FINAL(all fine)")
+        return ScriptedReply(text=f"Looking.\n{F}repl\n{code}\n{F}\n")
+    return ScriptedReply(text="FINAL(all fine)")
 
 
 def test_daemon_cache_survives_restart_and_obeys_controls(make_daemon, scripted_config) -> None:

@@ -22,7 +22,7 @@ from rlmd.cache.minilm import (
     find_model_dir,
 )
 from rlmd.config import CacheConfig, Config, ConfigError
-from rlmd.testing.scripted_server import Reply, ScriptedServer
+from rlmd.testing.scripted_server import ScriptedReply, ScriptedServer
 
 MODEL_DIR = find_model_dir()
 if MODEL_DIR is None and not os.environ.get("CI"):
@@ -100,7 +100,7 @@ def test_daemon_serves_a_reworded_question_from_the_semantic_tier(
     question is answered from the cache; the lexical embedder alone misses it."""
     replies = iter(["FINAL(load and main)", "FINAL(second run)", "FINAL(third run)"])
     with ScriptedServer(
-        responder=lambda call: Reply(text=next(replies)), models=["root", "sub"]
+        responder=lambda call: ScriptedReply(text=next(replies)), models=["root", "sub"]
     ) as srv:
         d = make_daemon(scripted_config(srv.url, f'[cache]\nembedder = "{embedder}"\n'))
         stats = d.call("cache/stats")

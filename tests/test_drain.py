@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from rlmd.testing.scripted_server import Reply, Rule, ScriptedServer
+from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer
 
 CONFIG = """
 [[providers]]
@@ -27,7 +27,7 @@ sub = "m"
 
 
 def test_sigterm_lets_a_running_query_finish(make_daemon):
-    rules = [Rule(pattern="", reply=Reply(text="FINAL(slow but complete)", delay_s=2.0))]
+    rules = [Rule(pattern="", reply=ScriptedReply(text="FINAL(slow but complete)", delay_s=2.0))]
     with ScriptedServer(rules, models=["m"]) as srv:
         d = make_daemon(CONFIG.format(url=srv.url))
         out: dict = {}
@@ -51,8 +51,8 @@ def test_sigterm_lets_a_running_query_finish(make_daemon):
 
 def test_cli_query_then_cache_hit(make_daemon, tmp_path):
     rules = [
-        Rule(pattern="Question:", reply=Reply(text="```repl\nprint(len(context))\n```")),
-        Rule(pattern="", reply=Reply(text="FINAL(the file has content)")),
+        Rule(pattern="Question:", reply=ScriptedReply(text="```repl\nprint(len(context))\n```")),
+        Rule(pattern="", reply=ScriptedReply(text="FINAL(the file has content)")),
     ]
     with ScriptedServer(rules, models=["m"]) as srv:
         d = make_daemon(CONFIG.format(url=srv.url))

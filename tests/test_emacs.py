@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rlmd.testing.scripted_server import Reply, Rule, ScriptedServer
+from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
 ELISP = REPO / "elisp"
@@ -46,23 +46,23 @@ ELPA_SETUP = (
 # The scripted model, keyed by words in the questions of tests/elisp/*.el.  The first
 # user message holds the question; later ones hold what the code printed.
 RULES = [
-    Rule(pattern=r"subq", reply=Reply(text="sub-answer")),
-    Rule(pattern=r"MARK-STREAM", reply=Reply(text="FINAL(The buffer holds many apples.)")),
+    Rule(pattern=r"subq", reply=ScriptedReply(text="sub-answer")),
+    Rule(pattern=r"MARK-STREAM", reply=ScriptedReply(text="FINAL(The buffer holds many apples.)")),
     Rule(
         pattern=r"streamtest",
-        reply=Reply(
+        reply=ScriptedReply(
             text="Let me look.\n```repl\nr = llm_query('subq: say something')\n"
             "print('MARK-STREAM', len(context), r)\n```\n"
         ),
     ),
-    Rule(pattern=r"slowtest", reply=Reply(hang=True)),
+    Rule(pattern=r"slowtest", reply=ScriptedReply(hang=True)),
     Rule(
         pattern=r"Review this diff",
-        reply=Reply(text="FINAL(src/app.py:2 changes total() without a test.)"),
+        reply=ScriptedReply(text="FINAL(src/app.py:2 changes total() without a test.)"),
     ),
-    Rule(pattern=r"babeltest", reply=Reply(text="FINAL(Babel says 42.)")),
+    Rule(pattern=r"babeltest", reply=ScriptedReply(text="FINAL(Babel says 42.)")),
 ]
-DEFAULT = Reply(text="FINAL(Generic answer.)")
+DEFAULT = ScriptedReply(text="FINAL(Generic answer.)")
 
 
 def _emacs(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from rlmd.config import EmbeddedConfig, ProviderConfig
-from rlmd.models import MODELS, ModelSpec
 from rlmd.providers.base import ChatRequest, Message, ProviderError
 from rlmd.providers.embedded import EmbeddedProvider, embedded_provider_config
+from rlmd.providers.weights import MODELS, ModelSpec
 
 PASSAGE = (
     "Harbour log, 1911. The lighthouse at Vardø was kept by Ingrid Solberg, who came "

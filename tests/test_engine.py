@@ -34,7 +34,7 @@ from rlmd.engine.types import EngineError, QueryOptions, QueryParams
 from rlmd.pool.pool import Pool
 from rlmd.providers.registry import build_provider
 from rlmd.store.store import ContextStore
-from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer
+from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -62,14 +62,14 @@ class Script:
         self.sub.append((pattern, reply))
         return self
 
-    def __call__(self, call: ChatCall) -> Reply | None:
+    def __call__(self, call: ChatCall) -> ScriptedReply | None:
         rules = self.sub if call.model == SUB else self.root
         for pattern, reply in rules:
             m = re.search(pattern, call.last_user, re.S)
             if m:
                 if callable(reply):
                     reply = reply(m, call)
-                return reply if isinstance(reply, Reply) else Reply(text=str(reply))
+                return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
         return None
 
 
@@ -220,7 +220,7 @@ async def test_fan_out_with_llm_query_batched(rig, script):
     )
     script.on_sub(
         r"^Count apples",
-        lambda m, c: Reply(
+        lambda m, c: ScriptedReply(
             text=str(sum(ln.endswith(" apple") for ln in c.last_user.splitlines())),
             delay_s=0.2,  # slow enough that a serial loop could not overlap them
         ),
@@ -245,7 +245,7 @@ async def test_failed_sub_call_becomes_error_string(rig, script):
         repl("r = llm_query_batched(['ok please', 'fail please'])\nprint('got', r)"),
     )
     script.on_sub(r"ok please", "fine")
-    script.on_sub(r"fail please", Reply(status=400, error="bad prompt"))
+    script.on_sub(r"fail please", ScriptedReply(status=400, error="bad prompt"))
     script.on_root(r"got \[", lambda m, c: f"FINAL({c.last_user.splitlines()[1]})")
     res = await rig.run("try")
     assert "'fine'" in res.answer
@@ -539,7 +539,7 @@ async def test_unknown_context(rig):
 
 
 async def test_root_model_failure(rig, script):
-    script.on_root(r"", Reply(status=400, error="model exploded"))
+    script.on_root(r"", ScriptedReply(status=400, error="model exploded"))
     with pytest.raises(EngineError) as ei:
         await rig.run("x")
     assert ei.value.kind == "model_error" and "model exploded" in ei.value.message
@@ -675,7 +675,7 @@ def test_prune_traces_by_count_and_size_keeps_newest_and_running(tmp_path):
 
 async def test_cancel_while_the_worker_starts_leaves_no_process(rig, script):
     # The worker starts while the root model "thinks"; cancel lands in that window.
-    script.on_root(r"", Reply(text="FINAL(late)", delay_s=5))
+    script.on_root(r"", ScriptedReply(text="FINAL(late)", delay_s=5))
     before = child_pids()
     for wait in (0.0, 0.02, 0.1, 0.4):
         task = asyncio.create_task(rig.run("q", job=f"early{wait}"))

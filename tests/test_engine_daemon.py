@@ -12,7 +12,7 @@ import pytest
 
 from rlmd.client import RpcError
 from rlmd.engine.trace import format_trace
-from rlmd.testing.scripted_server import ChatCall, Reply, ScriptedServer
+from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -30,12 +30,12 @@ class Script:
         self.root: list[tuple[str, object]] = []
         self.sub: list[tuple[str, object]] = []
 
-    def __call__(self, call: ChatCall) -> Reply | None:
+    def __call__(self, call: ChatCall) -> ScriptedReply | None:
         for pattern, reply in self.sub if call.model == SUB else self.root:
             m = re.search(pattern, call.last_user, re.S)
             if m:
                 reply = reply(m, call) if callable(reply) else reply
-                return reply if isinstance(reply, Reply) else Reply(text=str(reply))
+                return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
         return None
 
 

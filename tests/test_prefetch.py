@@ -15,7 +15,7 @@ from rlmd.cache.prefetch import Prefetcher, infer_next, sub_request
 from rlmd.config import CacheConfig, Config, PoolConfig, ProviderConfig
 from rlmd.pool import Pool
 from rlmd.providers.registry import build_provider
-from rlmd.testing.scripted_server import Reply, Rule, ScriptedServer
+from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer
 
 MODEL = "m"
 
@@ -102,7 +102,7 @@ def make_pool(srv: ScriptedServer, cache: ExactCache, capacity: int) -> Pool:
 async def test_next_turn_hits_the_prefetched_answers(text_file, tmp_path) -> None:
     path, text, _ = text_file
     chunks = [text[i : i + 500] for i in range(0, len(text), 500)]
-    rules = [Rule(pattern=r"^Summarise", reply=Reply(text="a summary", delay_s=0.05))]
+    rules = [Rule(pattern=r"^Summarise", reply=ScriptedReply(text="a summary", delay_s=0.05))]
     with ScriptedServer(rules, models=[MODEL]) as srv:
         cache = ExactCache.open(tmp_path / "c.sqlite", max_bytes=1 << 24)
         pool = make_pool(srv, cache, capacity=2)
@@ -136,7 +136,7 @@ async def test_speculation_never_delays_a_real_call(text_file, tmp_path) -> None
     """One slot, a slow backend: a real call preempts the running speculation."""
     path, text, _ = text_file
     chunks = [text[i : i + 500] for i in range(0, len(text), 500)]
-    rules = [Rule(pattern="", reply=Reply(text="ok", delay_s=1.2))]
+    rules = [Rule(pattern="", reply=ScriptedReply(text="ok", delay_s=1.2))]
     with ScriptedServer(rules, models=[MODEL]) as srv:
         cache = ExactCache.open(tmp_path / "c.sqlite", max_bytes=1 << 24)
         pool = make_pool(srv, cache, capacity=1)
@@ -164,7 +164,7 @@ async def test_claim_cancels_a_pending_duplicate_and_disabled_does_nothing(
 ) -> None:
     path, text, _ = text_file
     chunks = [text[i : i + 500] for i in range(0, len(text), 500)]
-    rules = [Rule(pattern="", reply=Reply(text="ok", delay_s=0.3))]
+    rules = [Rule(pattern="", reply=ScriptedReply(text="ok", delay_s=0.3))]
     with ScriptedServer(rules, models=[MODEL]) as srv:
         cache = ExactCache.open(tmp_path / "c.sqlite", max_bytes=1 << 24)
         pool = make_pool(srv, cache, capacity=1)

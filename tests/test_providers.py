@@ -17,7 +17,7 @@ from rlmd.providers.http import HttpProvider, retry_after_seconds, sse_events
 from rlmd.providers.ollama import OllamaProvider
 from rlmd.providers.openai import OpenAIProvider
 from rlmd.providers.registry import build_provider
-from rlmd.testing.scripted_server import Reply, Rule, ScriptedServer, embed_text
+from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer, embed_text
 
 KINDS = ["ollama", "openai", "anthropic"]
 KEY = "sk-test-SECRET-1234567890"
@@ -63,7 +63,7 @@ def _req(text: str = "question", *, system: str | None = None, **kw) -> ChatRequ
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stream", [True, False])
 async def test_chat_text_usage_and_timings(kind: str, stream: bool, make) -> None:
-    reply = Reply(text="The answer is 42.", usage_in=11, usage_out=5, delay_s=0.05)
+    reply = ScriptedReply(text="The answer is 42.", usage_in=11, usage_out=5, delay_s=0.05)
     with ScriptedServer([Rule(pattern="question", reply=reply)], api_key=KEY) as srv:
         p = make(kind, srv, stream=stream)
         pieces: list[str] = []
@@ -81,7 +81,7 @@ async def test_chat_text_usage_and_timings(kind: str, stream: bool, make) -> Non
 
 
 async def test_ollama_sends_options_keep_alive_and_limits(make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))]) as srv:
         p = make("ollama", srv, keep_alive="30m", options={"num_ctx": 32768, "top_k": 20})
         await p.chat(_req(max_tokens=77, stop=("```",), temperature=0.5))
         body = srv.calls[0].body
@@ -97,7 +97,7 @@ async def test_ollama_sends_options_keep_alive_and_limits(make) -> None:
 
 
 async def test_anthropic_body_system_field_and_required_max_tokens(make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))]) as srv:
         p = make("anthropic", srv)
         await p.chat(_req(system="sys prompt"))
         body, headers = srv.calls[0].body, srv.calls[0].headers
@@ -117,7 +117,7 @@ async def test_anthropic_body_system_field_and_required_max_tokens(make) -> None
 
 
 async def test_openai_keyless_and_usage_requested(make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="a b c", quirks=True, usage_out=9))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="a b c", quirks=True, usage_out=9))]) as srv:
         p = make("openai", srv, api_key="")
         res = await p.chat(_req())
         call = srv.calls[0]
@@ -129,7 +129,7 @@ async def test_openai_keyless_and_usage_requested(make) -> None:
 
 
 async def test_ollama_error_line_with_http_200(make) -> None:
-    reply = Reply(
+    reply = ScriptedReply(
         text="partial answer here",
         error_mid_stream="runner died: out of memory",
         error_after_chunks=1,
@@ -145,25 +145,25 @@ async def test_ollama_error_line_with_http_200(make) -> None:
         msg = str(err)
         assert "p-ollama" in msg and "/api/chat" in msg and "runner died: out of memory" in msg
         # Nothing reached a caller yet: another server may well answer.
-        srv.set_rules([Rule(reply=Reply(text="x", error_mid_stream="boom", error_after_chunks=0))])
+        srv.set_rules([Rule(reply=ScriptedReply(text="x", error_mid_stream="boom", error_after_chunks=0))])
         with pytest.raises(ProviderError) as ei:
             await p.chat(_req())
         assert ei.value.retryable and not ei.value.streamed
 
 
 async def test_openai_error_event_in_stream(make) -> None:
-    reply = Reply(text="a b", error_mid_stream="context length exceeded", error_after_chunks=0)
+    reply = ScriptedReply(text="a b", error_mid_stream="context length exceeded", error_after_chunks=0)
     with ScriptedServer([Rule(reply=reply)]) as srv:
         with pytest.raises(ProviderError, match="context length exceeded"):
             await make("openai", srv).chat(_req())
 
 
 async def test_anthropic_ping_and_error_events(make) -> None:
-    reply = Reply(text="one two three", quirks=True)  # extra ping mid-stream
+    reply = ScriptedReply(text="one two three", quirks=True)  # extra ping mid-stream
     with ScriptedServer(
         [
             Rule(pattern="ok", reply=reply),
-            Rule(reply=Reply(text="x y", error_mid_stream="Overloaded", error_after_chunks=1)),
+            Rule(reply=ScriptedReply(text="x y", error_mid_stream="Overloaded", error_after_chunks=1)),
         ],
         api_key=KEY,
     ) as srv:
@@ -181,7 +181,7 @@ async def test_anthropic_ping_and_error_events(make) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_server_dies_mid_stream(kind: str, make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="a b c d e", die_after_chunks=2))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="a b c d e", die_after_chunks=2))]) as srv:
         p = make(kind, srv)
         got: list[str] = []
         with pytest.raises(ProviderError) as ei:
@@ -198,9 +198,9 @@ async def test_server_dies_mid_stream(kind: str, make) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 async def test_status_errors_retry_after(kind: str, make) -> None:
     rules = [
-        Rule(pattern="rate", reply=Reply(status=429, retry_after=2, error="slow down")),
-        Rule(pattern="crash", reply=Reply(status=503, error="loading model")),
-        Rule(pattern="bad", reply=Reply(status=400, error="prompt too long")),
+        Rule(pattern="rate", reply=ScriptedReply(status=429, retry_after=2, error="slow down")),
+        Rule(pattern="crash", reply=ScriptedReply(status=503, error="loading model")),
+        Rule(pattern="bad", reply=ScriptedReply(status=400, error="prompt too long")),
     ]
     with ScriptedServer(rules) as srv:
         p = make(kind, srv)
@@ -219,7 +219,7 @@ async def test_status_errors_retry_after(kind: str, make) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_hang_before_first_token_times_out(kind: str, make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="never", hang=True))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="never", hang=True))]) as srv:
         p = make(kind, srv, first_token_timeout_s=0.3)
         t = time.monotonic()
         with pytest.raises(ProviderError) as ei:
@@ -235,7 +235,7 @@ async def test_hang_before_first_token_times_out(kind: str, make) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_first_token_timeout_does_not_cut_long_answers(kind: str, make) -> None:
-    reply = Reply(text="a b c d e f", delay_s=0.05, chunk_delay_s=0.15)  # ~0.8 s in all
+    reply = ScriptedReply(text="a b c d e f", delay_s=0.05, chunk_delay_s=0.15)  # ~0.8 s in all
     with ScriptedServer([Rule(reply=reply)]) as srv:
         p = make(kind, srv, first_token_timeout_s=0.5, total_timeout_s=5)
         res = await p.chat(_req())
@@ -243,7 +243,7 @@ async def test_first_token_timeout_does_not_cut_long_answers(kind: str, make) ->
 
 
 async def test_total_timeout_after_first_token(make) -> None:
-    reply = Reply(text="a b c d e f", chunk_delay_s=0.3)
+    reply = ScriptedReply(text="a b c d e f", chunk_delay_s=0.3)
     with ScriptedServer([Rule(reply=reply)]) as srv:
         p = make("openai", srv, first_token_timeout_s=0.5, total_timeout_s=0.7)
         with pytest.raises(ProviderError) as ei:
@@ -254,7 +254,7 @@ async def test_total_timeout_after_first_token(make) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_server_down_then_up(kind: str, make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))], api_key=KEY) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))], api_key=KEY) as srv:
         p = make(kind, srv, connect_timeout_s=1)
         assert await p.health()
         srv.down()
@@ -268,18 +268,18 @@ async def test_server_down_then_up(kind: str, make) -> None:
 
 
 async def test_openai_health_probes_when_server_has_no_health(make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="pong"))], health_endpoint=False) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="pong"))], health_endpoint=False) as srv:
         p = make("openai", srv)
         assert await p.health()
         assert srv.calls[-1].body["max_tokens"] == 1
-        srv.set_rules([Rule(reply=Reply(status=500))])
+        srv.set_rules([Rule(reply=ScriptedReply(status=500))])
         assert not await p.health()
         assert ("GET", "/health") in srv.requests
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
 async def test_api_key_sent_but_never_shown(kind: str, make) -> None:
-    rules = [Rule(reply=Reply(status=401, error=f"Incorrect API key provided: {KEY}."))]
+    rules = [Rule(reply=ScriptedReply(status=401, error=f"Incorrect API key provided: {KEY}."))]
     with ScriptedServer(rules) as srv:
         p = make(kind, srv)
         assert KEY not in repr(p) and "p-" + kind in repr(p)
@@ -294,7 +294,7 @@ async def test_api_key_sent_but_never_shown(kind: str, make) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_on_delta_stop_closes_the_stream(kind: str, make) -> None:
-    reply = Reply(text=" ".join(f"w{i}" for i in range(60)), chunk_delay_s=0.1)
+    reply = ScriptedReply(text=" ".join(f"w{i}" for i in range(60)), chunk_delay_s=0.1)
     with ScriptedServer([Rule(reply=reply)]) as srv:
         p = make(kind, srv)
         got: list[str] = []
@@ -330,7 +330,7 @@ async def test_anthropic_embed_is_a_clear_error(make) -> None:
 
 
 async def test_parallel_calls_share_one_provider(make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="x", delay_s=0.3))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="x", delay_s=0.3))]) as srv:
         p = make("openai", srv, capacity=20)
         t = time.monotonic()
         results = await asyncio.gather(*(p.chat(_req(f"q{i}")) for i in range(20)))
@@ -361,7 +361,7 @@ def test_registry_builds_each_kind_and_reads_keys() -> None:
 
 
 async def test_registry_provider_sends_key_from_env() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))], api_key=KEY) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))], api_key=KEY) as srv:
         cfg = ProviderConfig(
             name="ds", kind="openai", base_url=srv.url + "/v1", models=["m"], api_key_env="DS_KEY"
         )
@@ -408,7 +408,7 @@ def test_bad_base_url_is_a_clear_error() -> None:
 
 async def test_openai_provider_with_explicit_base_url_and_no_key() -> None:
     # How the embedded provider reuses this client for its llama.cpp server.
-    with ScriptedServer([Rule(reply=Reply(text="local"))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="local"))]) as srv:
         cfg = ProviderConfig(name="local", kind="embedded")
         p = OpenAIProvider(cfg, base_url=srv.url + "/v1")
         try:
@@ -422,7 +422,7 @@ async def test_openai_provider_with_explicit_base_url_and_no_key() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_server_ignoring_stream_flag_still_answers(kind: str, make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="whole answer", no_stream=True))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="whole answer", no_stream=True))]) as srv:
         got: list[str] = []
         res = await make(kind, srv).chat(_req(), got.append)
         assert srv.calls[0].stream  # the provider asked for a stream...
@@ -430,7 +430,7 @@ async def test_server_ignoring_stream_flag_still_answers(kind: str, make) -> Non
 
 
 async def test_shared_client_still_sends_each_providers_key() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))], api_key=KEY) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))], api_key=KEY) as srv:
         async with httpx.AsyncClient() as shared:
             a = OpenAIProvider(_cfg("openai", srv), api_key=KEY, client=shared)
             b = AnthropicProvider(_cfg("anthropic", srv), api_key=KEY, client=shared)
@@ -446,7 +446,7 @@ async def test_shared_client_still_sends_each_providers_key() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_connections_are_reused_and_stopped_streams_dropped(kind: str, make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="a b c d e f"))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="a b c d e f"))]) as srv:
         p = make(kind, srv)
         for _ in range(5):
             assert (await p.chat(_req(), lambda s: None)).text == "a b c d e f"
@@ -459,7 +459,7 @@ async def test_connections_are_reused_and_stopped_streams_dropped(kind: str, mak
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_stop_sequences_reach_the_server(kind: str, make) -> None:
-    with ScriptedServer([Rule(reply=Reply(text="print(1)\n```\nmore text"))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="print(1)\n```\nmore text"))]) as srv:
         res = await make(kind, srv).chat(_req(stop=("```", "never")))
         assert srv.calls[0].stop == ["```", "never"]
         assert res.text == "print(1)\n"

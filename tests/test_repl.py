@@ -21,7 +21,7 @@ import pytest
 
 from rlmd.config import LimitsConfig, SandboxConfig
 from rlmd.repl.ctxview import ContextView, make_re_module
-from rlmd.repl.sandbox import Probe, ProbeCache, SandboxUnavailable, build_filter, resolve
+from rlmd.repl.sandbox import ProbeCache, SandboxProbe, SandboxUnavailable, build_filter, resolve
 from rlmd.repl.session import ExecResult, ReplSession, WorkerError, protection
 
 
@@ -327,7 +327,7 @@ def test_protection_report_and_require() -> None:
     p = protection()
     assert p.rlimits is True
     none = ProbeCache()
-    none.probe = Probe(
+    none.probe = SandboxProbe(
         bwrap=False, seccomp=False, bwrap_detail="bwrap: not found", seccomp_detail="x"
     )
     with pytest.raises(
@@ -337,7 +337,7 @@ def test_protection_report_and_require() -> None:
     got = resolve(none.probe, bwrap="auto", seccomp="auto")
     assert not got.bwrap and not got.seccomp
     assert not protection(SandboxConfig(bwrap="off", seccomp="off")).bwrap
-    ll = Probe(bwrap=True, seccomp=True, bwrap_detail="", seccomp_detail="", landlock_abi=4)
+    ll = SandboxProbe(bwrap=True, seccomp=True, bwrap_detail="", seccomp_detail="", landlock_abi=4)
     assert not resolve(ll, bwrap="auto", seccomp="auto").landlock  # bwrap isolates already
     assert resolve(ll, bwrap="off", seccomp="auto").landlock
     assert not resolve(ll, bwrap="off", seccomp="off").landlock

@@ -15,8 +15,8 @@ import pytest
 
 from rlmd.testing.scripted_server import (
     ChatCall,
-    Reply,
     Rule,
+    ScriptedReply,
     ScriptedServer,
     embed_text,
     parse_rules,
@@ -56,9 +56,9 @@ def _sse_events(raw: str) -> list[tuple[str | None, str]]:
 
 def test_first_matching_rule_wins_and_times_falls_through() -> None:
     rules = [
-        Rule(pattern=r"capital", reply=Reply(text="first"), times=1),
-        Rule(pattern=r"capital", reply=Reply(text="second")),
-        Rule(pattern="", reply=Reply(text="fallback")),
+        Rule(pattern=r"capital", reply=ScriptedReply(text="first"), times=1),
+        Rule(pattern=r"capital", reply=ScriptedReply(text="second")),
+        Rule(pattern="", reply=ScriptedReply(text="fallback")),
     ]
     with ScriptedServer(rules) as srv:
         assert _ollama_chat(srv, "the capital of France?") == "first"
@@ -71,14 +71,14 @@ def test_first_matching_rule_wins_and_times_falls_through() -> None:
 
 def test_system_pattern_model_and_responder() -> None:
     rules = [
-        Rule(pattern="", system_pattern="pirate", reply=Reply(text="arr")),
-        Rule(pattern="", model="big", reply=Reply(text="big answer")),
-        Rule(pattern="", reply=Reply(text="plain")),
+        Rule(pattern="", system_pattern="pirate", reply=ScriptedReply(text="arr")),
+        Rule(pattern="", model="big", reply=ScriptedReply(text="big answer")),
+        Rule(pattern="", reply=ScriptedReply(text="plain")),
     ]
 
-    def responder(call: ChatCall) -> Reply | None:
+    def responder(call: ChatCall) -> ScriptedReply | None:
         if call.last_user.startswith("len:"):
-            return Reply(text=str(len(call.last_user)))
+            return ScriptedReply(text=str(len(call.last_user)))
         return None
 
     with ScriptedServer(rules, responder=responder) as srv:
@@ -100,18 +100,18 @@ def test_system_pattern_model_and_responder() -> None:
 
 
 def test_no_rule_matched_is_a_clear_400() -> None:
-    with ScriptedServer([Rule(pattern="^only this$", reply=Reply(text="x"))]) as srv:
+    with ScriptedServer([Rule(pattern="^only this$", reply=ScriptedReply(text="x"))]) as srv:
         r = httpx.post(
             srv.url + "/api/chat", json={"model": "m", "messages": _user("other"), "stream": False}
         )
         assert r.status_code == 400
         assert "no rule matched" in r.json()["error"] and "'other'" in r.json()["error"]
-    with ScriptedServer([], default=Reply(text="dflt")) as srv:
+    with ScriptedServer([], default=ScriptedReply(text="dflt")) as srv:
         assert _ollama_chat(srv, "anything") == "dflt"
 
 
 def test_ollama_stream_and_usage() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="one two three", usage_in=7, usage_out=3))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="one two three", usage_in=7, usage_out=3))]) as srv:
         with httpx.stream(
             "POST", srv.url + "/api/chat", json={"model": "m", "messages": _user("q")}
         ) as r:
@@ -125,7 +125,7 @@ def test_ollama_stream_and_usage() -> None:
 
 
 def test_openai_stream_usage_only_when_asked() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="a b", chunks=2))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="a b", chunks=2))]) as srv:
         body = {"model": "m", "messages": _user("q"), "stream": True}
         raw = httpx.post(srv.url + "/v1/chat/completions", json=body).text
         assert ": keep-alive" in raw
@@ -154,7 +154,7 @@ def test_openai_stream_usage_only_when_asked() -> None:
 
 
 def test_anthropic_stream_events_and_max_tokens_required() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="hi there", usage_out=5))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="hi there", usage_out=5))]) as srv:
         r = httpx.post(
             srv.url + "/v1/messages", json={"model": "m", "messages": _user("q"), "stream": True}
         )
@@ -176,8 +176,8 @@ def test_anthropic_stream_events_and_max_tokens_required() -> None:
 
 def test_error_status_and_retry_after() -> None:
     rules = [
-        Rule(reply=Reply(status=429, retry_after=3, error="slow down"), times=1),
-        Rule(reply=Reply(text="ok")),
+        Rule(reply=ScriptedReply(status=429, retry_after=3, error="slow down"), times=1),
+        Rule(reply=ScriptedReply(text="ok")),
     ]
     with ScriptedServer(rules) as srv:
         r = httpx.post(
@@ -189,7 +189,7 @@ def test_error_status_and_retry_after() -> None:
 
 
 def test_error_mid_stream_ollama_line_with_200() -> None:
-    reply = Reply(text="a b c", error_mid_stream="model runner crashed", error_after_chunks=1)
+    reply = ScriptedReply(text="a b c", error_mid_stream="model runner crashed", error_after_chunks=1)
     with ScriptedServer([Rule(reply=reply)]) as srv:
         with httpx.stream(
             "POST", srv.url + "/api/chat", json={"model": "m", "messages": _user("q")}
@@ -201,7 +201,7 @@ def test_error_mid_stream_ollama_line_with_200() -> None:
 
 
 def test_die_after_chunks_cuts_the_stream() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="a b c d", die_after_chunks=2))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="a b c d", die_after_chunks=2))]) as srv:
         got = []
         with pytest.raises(httpx.RemoteProtocolError):
             with httpx.stream(
@@ -213,7 +213,7 @@ def test_die_after_chunks_cuts_the_stream() -> None:
 
 
 def test_hang_ends_when_client_leaves() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="never", hang=True))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="never", hang=True))]) as srv:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
                 srv.url + "/v1/chat/completions",
@@ -224,7 +224,7 @@ def test_hang_ends_when_client_leaves() -> None:
 
 
 def test_down_refuses_and_up_serves_again_on_same_port() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))]) as srv:
         port = srv.port
         assert _ollama_chat(srv, "q") == "ok"
         srv.down()
@@ -236,7 +236,7 @@ def test_down_refuses_and_up_serves_again_on_same_port() -> None:
 
 
 def test_down_cuts_open_streams() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="a b c", chunk_delay_s=5))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="a b c", chunk_delay_s=5))]) as srv:
         with httpx.stream(
             "POST", srv.url + "/api/chat", json={"model": "m", "messages": _user("q")}, timeout=10
         ) as r:
@@ -251,7 +251,7 @@ def test_down_cuts_open_streams() -> None:
 
 async def test_fifty_parallel_streams_really_overlap() -> None:
     n, delay = 50, 0.4
-    with ScriptedServer([Rule(reply=Reply(text="x y z", delay_s=delay))]) as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="x y z", delay_s=delay))]) as srv:
         async with httpx.AsyncClient(
             base_url=srv.url, limits=httpx.Limits(max_connections=None), timeout=20
         ) as client:
@@ -297,7 +297,7 @@ def test_embeddings_deterministic_and_similar() -> None:
 
 
 def test_api_key_required_when_configured() -> None:
-    with ScriptedServer([Rule(reply=Reply(text="ok"))], api_key="sk-test") as srv:
+    with ScriptedServer([Rule(reply=ScriptedReply(text="ok"))], api_key="sk-test") as srv:
         body = {"model": "m", "messages": _user("q")}
         assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 401
         r = httpx.post(
@@ -372,7 +372,7 @@ def test_cli_bad_rules_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_expand_fills_the_reply_from_the_match() -> None:
-    rule = Rule(pattern=r"say (\w+)", expand=True, reply=Reply(text=r"\1!"))
+    rule = Rule(pattern=r"say (\w+)", expand=True, reply=ScriptedReply(text=r"\1!"))
     with ScriptedServer([rule]) as srv:
         assert _ollama_chat(srv, "please say hello") == "hello!"
     rules, _, _ = parse_rules([{"pattern": "say (\\w+)", "expand": True, "reply": "\\1!"}])
@@ -380,7 +380,7 @@ def test_expand_fills_the_reply_from_the_match() -> None:
 
 
 def test_broken_responder_is_a_clear_400() -> None:
-    def responder(call: ChatCall) -> Reply | None:
+    def responder(call: ChatCall) -> ScriptedReply | None:
         raise KeyError("oops")
 
     with ScriptedServer(responder=responder) as srv:

@@ -6,9 +6,10 @@ of each question is *not* shown, so answering needs a semantic label per line (R
 sub-calls); the questions ask for exact aggregate statistics over those labels:
 counting, most/least frequent label, comparisons, per-user counts and date ranges.
 
-The data is the validated TREC-coarse pool OOLONG samples from, read from
-``../shared/data/oolong/trec_coarse_validated.jsonl`` relative to the repository root, or
-from ``RLMD_OOLONG_DATA`` (the file or its directory).  It is never copied into the repo.
+The data is the validated TREC-coarse pool OOLONG samples from (MIT), shipped in the
+repository as ``bench/data/oolong/trec_coarse_validated.jsonl`` with its LICENSE and a
+provenance note, so a clone with nothing beside it runs the tests and the benchmark.
+``RLMD_OOLONG_DATA`` (the file or its directory) points elsewhere.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ class Line(msgspec.Struct, frozen=True):
 
 
 def data_path() -> Path:
-    """Where the TREC-coarse pool is: ``RLMD_OOLONG_DATA`` or ``../shared/data/oolong``."""
+    """Where the TREC-coarse pool is: ``RLMD_OOLONG_DATA`` or ``bench/data/oolong``."""
     env = os.environ.get(ENV_VAR)
     if env:
         p = Path(env)
         return p / DATA_FILE if p.is_dir() else p
     repo = Path(__file__).resolve().parents[2]
-    return repo.parent / "shared" / "data" / "oolong" / DATA_FILE
+    return repo / "bench" / "data" / "oolong" / DATA_FILE
 
 
 def load_records(path: Path | None = None) -> list[Record]:

@@ -37,7 +37,7 @@ from rlmd.config import Config
 from rlmd.engine import prompts
 from rlmd.engine.parse import (
     Final,
-    Reply,
+    ParsedReply,
     StreamCutter,
     find_final,
     non_answer_reason,
@@ -541,7 +541,7 @@ class Engine:
         turn: int,
         emit: Emit,
         tools: bool = True,
-    ) -> tuple[Reply, str, asyncio.Task[tuple[list[str], str | None]] | None]:
+    ) -> tuple[ParsedReply, str, asyncio.Task[tuple[list[str], str | None]] | None]:
         """One streamed root call; with pipelining the first block starts as it closes.
 
         Returns the parsed reply, the kept text, and the task already running its first

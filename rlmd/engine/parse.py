@@ -41,7 +41,7 @@ class Final:
 
 
 @dataclass
-class Reply:
+class ParsedReply:
     """One root reply taken apart."""
 
     blocks: list[str] = field(default_factory=list)  # code to run, in order
@@ -87,7 +87,7 @@ def _split_blocks(text: str) -> list[_Block]:
     return blocks
 
 
-def parse_reply(text: str) -> Reply:
+def parse_reply(text: str) -> ParsedReply:
     """Split a root reply into the blocks to run, a FINAL outside them, and the prose.
 
     ```repl blocks run; ```python blocks run only when the reply has no ```repl block (a
@@ -99,7 +99,7 @@ def parse_reply(text: str) -> Reply:
     all_blocks = _split_blocks(text)
     has_repl = any(b.lang == "repl" for b in all_blocks)
     run_langs = {"repl"} if has_repl else RUNNABLE
-    reply = Reply()
+    reply = ParsedReply()
     prose_parts: list[str] = []
     pos = 0
     fenced_final: Final | None = None

@@ -80,7 +80,7 @@ class Health:
             self.blocked_until = max(self.blocked_until, now + retry_after_s)
 
 
-class Probe:
+class HealthProbe:
     """One provider as the health checker sees it."""
 
     def __init__(
@@ -92,7 +92,7 @@ class Probe:
         self.timeout_s = timeout_s
 
 
-async def probe_once(probe: Probe) -> bool:
+async def probe_once(probe: HealthProbe) -> bool:
     """Run one probe; a timeout or any exception counts as down."""
     try:
         async with asyncio.timeout(probe.timeout_s):
@@ -103,8 +103,8 @@ async def probe_once(probe: Probe) -> bool:
     return ok
 
 
-async def check_all(probes: Sequence[Probe], on_change: Callable[[str, bool], None]) -> None:
-    """Probe every provider at once and record the results.
+async def check_all(probes: Sequence[HealthProbe], on_change: Callable[[str, bool], None]) -> None:
+    """HealthProbe every provider at once and record the results.
 
     ``on_change(name, healthy)`` is called when a provider goes down or comes back up
     (the pool wakes waiting calls when one comes back).
@@ -118,9 +118,9 @@ async def check_all(probes: Sequence[Probe], on_change: Callable[[str, bool], No
 
 
 async def health_loop(
-    probes: Sequence[Probe], interval_s: float, on_change: Callable[[str, bool], None]
+    probes: Sequence[HealthProbe], interval_s: float, on_change: Callable[[str, bool], None]
 ) -> None:
-    """Probe all providers now and then every ``interval_s`` seconds, until cancelled."""
+    """HealthProbe all providers now and then every ``interval_s`` seconds, until cancelled."""
     while True:
         await check_all(probes, on_change)
         await asyncio.sleep(interval_s)

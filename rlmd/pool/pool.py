@@ -32,7 +32,7 @@ import msgspec
 
 from rlmd.config import Config, ConfigError, ProviderConfig
 from rlmd.pool.accounting import Ledger
-from rlmd.pool.health import Health, Probe, health_loop
+from rlmd.pool.health import Health, HealthProbe, health_loop
 from rlmd.pool.strategies import Chooser
 from rlmd.providers.base import ChatRequest, ChatResult, OnDelta, Provider, ProviderError, Usage
 
@@ -231,7 +231,7 @@ class Pool:
             return
         interval = self._config.pool.health_interval_s
         probes = [
-            Probe(
+            HealthProbe(
                 s.name,
                 s.provider.health,
                 s.health,

@@ -15,7 +15,7 @@ provider closes it, or the daemon dies) and, on Linux, when the daemon dies abru
 (``PR_SET_PDEATHSIG``).
 
 Nothing starts at construction.  The first call (or :meth:`EmbeddedProvider.start`)
-joins the model file if needed (:func:`rlmd.models.ensure_model`, in a thread) and
+joins the model file if needed (:func:`rlmd.providers.weights.ensure_model`, in a thread) and
 starts the child; calls wait for it.  Errors that reinstalling fixes (the ``local`` extra
 missing, a corrupt chunk package) are reported on every call without retrying.
 """
@@ -38,7 +38,9 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from rlmd.config import EmbeddedConfig, ProviderConfig
-from rlmd.models import (
+from rlmd.providers.base import ChatRequest, ChatResult, OnDelta, ProviderError
+from rlmd.providers.openai import OpenAIProvider
+from rlmd.providers.weights import (
     INSTALL_HINT,
     MODELS,
     EmbeddedUnavailable,
@@ -50,8 +52,6 @@ from rlmd.models import (
     model_spec,
     stderr_progress,
 )
-from rlmd.providers.base import ChatRequest, ChatResult, OnDelta, ProviderError
-from rlmd.providers.openai import OpenAIProvider
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ class Flush(_Msg, tag="flush"):
     thread while the main thread is still busy), before the worker is killed."""
 
 
-class Reply(_Msg, tag="reply"):
+class CallReply(_Msg, tag="reply"):
     """The answer to a worker's Call; ``error`` set means the call raises in the worker."""
 
     id: int
@@ -118,7 +118,7 @@ class VarText(_Msg, tag="vartext"):
     text: str | None = None
 
 
-ToWorker = Init | Exec | GetVar | Flush | Reply
+ToWorker = Init | Exec | GetVar | Flush | CallReply
 ToDaemon = Ready | Call | Done | Partial | VarText
 
 _encoder = msgspec.msgpack.Encoder()

@@ -70,7 +70,7 @@ class Protection(msgspec.Struct, kw_only=True):
     landlock_detail: str = ""
 
 
-class Probe(msgspec.Struct, kw_only=True):
+class SandboxProbe(msgspec.Struct, kw_only=True):
     """What works on this machine, whatever the configuration says."""
 
     bwrap: bool
@@ -563,8 +563,8 @@ def probe_commands() -> tuple[list[str], list[str]]:
 
 def interpret_probe(
     bwrap_rc: int | None, bwrap_err: str, seccomp_rc: int | None, seccomp_out: str, seccomp_err: str
-) -> Probe:
-    """Turn probe exit codes and outputs into a Probe with reasons."""
+) -> SandboxProbe:
+    """Turn probe exit codes and outputs into a SandboxProbe with reasons."""
     bw_ok = bwrap_rc == 0
     if bwrap_rc is None:
         bw_detail = f"bwrap not runnable: {bwrap_err}"
@@ -582,7 +582,7 @@ def interpret_probe(
         sc_detail = (
             f"seccomp probe failed (exit {seccomp_rc}): {(seccomp_out + seccomp_err).strip()[:300]}"
         )
-    return Probe(
+    return SandboxProbe(
         bwrap=bw_ok,
         seccomp=sc_ok,
         bwrap_detail=bw_detail,
@@ -595,9 +595,9 @@ class ProbeCache:
     """Holds the probe of this machine, run once (sync or async, whichever comes first)."""
 
     def __init__(self) -> None:
-        self.probe: Probe | None = None
+        self.probe: SandboxProbe | None = None
 
-    def run_sync(self) -> Probe:
+    def run_sync(self) -> SandboxProbe:
         """Probe with blocking subprocess calls (for callers outside an event loop)."""
         if self.probe is None:
             import subprocess
@@ -618,7 +618,7 @@ class ProbeCache:
             self.probe = interpret_probe(b_rc, b_err, s_rc, s_out, s_err)
         return self.probe
 
-    async def run_async(self) -> Probe:
+    async def run_async(self) -> SandboxProbe:
         """Probe without blocking the event loop."""
         if self.probe is None:
             import asyncio
@@ -658,7 +658,7 @@ class ProbeCache:
 DEFAULT_PROBE = ProbeCache()
 
 
-def resolve(probe: Probe, *, bwrap: Mode, seccomp: Mode) -> Protection:
+def resolve(probe: SandboxProbe, *, bwrap: Mode, seccomp: Mode) -> Protection:
     """Decide which layers to use; SandboxUnavailable when a required one does not work."""
     use_bwrap = bwrap != "off" and probe.bwrap
     use_seccomp = seccomp != "off" and probe.seccomp

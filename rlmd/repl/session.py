@@ -483,11 +483,11 @@ class ReplSession:
                     value = [v if isinstance(v, str) else str(v) for v in value]
                 elif not isinstance(value, str):
                     value = str(value)
-                reply = ch.Reply(id=call.id, value=value)
+                reply = ch.CallReply(id=call.id, value=value)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the error is the model's to read
-                reply = ch.Reply(id=call.id, error=str(exc) or type(exc).__name__)
+                reply = ch.CallReply(id=call.id, error=str(exc) or type(exc).__name__)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await w.send(reply)
 

@@ -6,7 +6,7 @@ context, lowers its resource limits, installs its seccomp filter, says ``Ready``
 runs blocks one at a time in a namespace that persists across blocks.
 
 Model calls (``llm_query`` ...) are sent to the daemon as ``Call`` messages; the calling
-thread blocks until the matching ``Reply``.  A reader thread receives every message so
+thread blocks until the matching ``CallReply``.  A reader thread receives every message so
 that calls made from several threads of model code are answered independently.
 
 Everything here is the model's side of the wall: the daemon trusts none of it.
@@ -131,7 +131,7 @@ class Worker:
         try:
             while True:
                 msg = self.chan.recv()
-                if isinstance(msg, ch.Reply):
+                if isinstance(msg, ch.CallReply):
                     slot = self.pending.get(msg.id)
                     if slot is not None:
                         slot[1], slot[2] = msg.value, msg.error
@@ -146,7 +146,7 @@ class Worker:
             os._exit(0)
 
     def call(self, method: str, params: dict[str, Any]) -> Any:
-        """Send a Call and block until its Reply; the daemon's error becomes RuntimeError."""
+        """Send a Call and block until its CallReply; the daemon's error becomes RuntimeError."""
         with self.send_lock:
             self.next_id += 1
             cid = self.next_id

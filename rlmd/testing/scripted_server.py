@@ -19,12 +19,12 @@ Anthropic   ``POST /v1/messages`` (SSE when ``"stream": true``: ``message_start`
 
 Use in Python (sync or async tests alike; the server runs in its own threads)::
 
-    from rlmd.testing.scripted_server import Reply, Rule, ScriptedServer
+    from rlmd.testing.scripted_server import ScriptedReply, Rule, ScriptedServer
 
     rules = [
-        Rule(pattern=r"capital of France", reply=Reply(text="Paris.")),
-        Rule(pattern=r"flaky", reply=Reply(status=429, retry_after=2), times=1),
-        Rule(pattern="", reply=Reply(text="default answer")),   # "" matches everything
+        Rule(pattern=r"capital of France", reply=ScriptedReply(text="Paris.")),
+        Rule(pattern=r"flaky", reply=ScriptedReply(status=429, retry_after=2), times=1),
+        Rule(pattern="", reply=ScriptedReply(text="default answer")),   # "" matches everything
     ]
     with ScriptedServer(rules) as srv:
         srv.url            # "http://127.0.0.1:PORT" (Ollama and Anthropic base_url)
@@ -58,9 +58,9 @@ A rule matches when
 With ``"expand": true`` the reply text is a ``re`` template over the pattern's match of
 the last user message: ``{"pattern": "say (\\w+)", "expand": true, "reply": "\\1!"}``
 (JSON) answers "say hello" with "hello!"; in Python:
-``Rule(pattern=r"say (\w+)", expand=True, reply=Reply(text=r"\1!"))``.
+``Rule(pattern=r"say (\w+)", expand=True, reply=ScriptedReply(text=r"\1!"))``.
 
-A ``responder`` callable (``responder(call: ChatCall) -> Reply | None``) may be given
+A ``responder`` callable (``responder(call: ChatCall) -> ScriptedReply | None``) may be given
 instead of or besides rules; it is asked first, and ``None`` falls through to the rules.
 It runs in the server's handler threads (concurrently for parallel calls); if it raises,
 the call is answered HTTP 400 naming the exception (and the traceback goes to stderr).
@@ -80,7 +80,7 @@ The rules file for the CLI is JSON, either a list of rules or an object::
       ]
     }
 
-Reply fields (all optional):
+ScriptedReply fields (all optional):
 
 ``text``               the answer (default ``""``)
 ``chunks``             number of streamed pieces; default: one per word (with its spaces)
@@ -143,7 +143,7 @@ from rlmd.providers.base import Message
 EMBED_DIMS = 256
 
 
-class Reply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ScriptedReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How the server answers one chat request (see the module docstring)."""
 
     text: str = ""
@@ -167,7 +167,7 @@ class Rule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One scripted answer and the requests it applies to (see the module docstring)."""
 
     pattern: str = ""
-    reply: Reply = msgspec.field(default_factory=Reply)
+    reply: ScriptedReply = msgspec.field(default_factory=ScriptedReply)
     system_pattern: str | None = None
     model: str | None = None
     times: int | None = None
@@ -188,7 +188,7 @@ class ChatCall(msgspec.Struct, kw_only=True):
     body: dict[str, Any]
     t_start: float
     t_end: float | None = None
-    reply: Reply | None = None
+    reply: ScriptedReply | None = None
 
     @property
     def last_user(self) -> str:
@@ -225,23 +225,23 @@ class EmbedCall(msgspec.Struct, kw_only=True):
     headers: dict[str, str]
 
 
-Responder = Callable[[ChatCall], "Reply | None"]
+Responder = Callable[[ChatCall], "ScriptedReply | None"]
 
 
 class _RulesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rules: list[Rule] = []
     models: list[str] = []
-    default: Reply | None = None
+    default: ScriptedReply | None = None
 
 
-def load_rules(path: str | os.PathLike[str]) -> tuple[list[Rule], list[str], Reply | None]:
+def load_rules(path: str | os.PathLike[str]) -> tuple[list[Rule], list[str], ScriptedReply | None]:
     """Read a JSON rules file: ``(rules, models, default)``; errors name the file and key."""
     with open(path, "rb") as f:
         raw = json.load(f)
     return parse_rules(raw, source=str(path))
 
 
-def parse_rules(raw: Any, source: str = "<rules>") -> tuple[list[Rule], list[str], Reply | None]:
+def parse_rules(raw: Any, source: str = "<rules>") -> tuple[list[Rule], list[str], ScriptedReply | None]:
     """Validate already-parsed JSON rules (a list of rules or an object, see module doc)."""
     if isinstance(raw, list):
         raw = {"rules": raw}
@@ -330,7 +330,7 @@ class ScriptedServer:
         rules: list[Rule] | None = None,
         *,
         responder: Responder | None = None,
-        default: Reply | None = None,
+        default: ScriptedReply | None = None,
         models: list[str] | None = None,
         api_key: str | None = None,
         delay_s: float = 0.0,
@@ -446,7 +446,7 @@ class ScriptedServer:
             self.requests.clear()
             self.max_concurrent = self.in_flight
 
-    def choose(self, call: ChatCall) -> Reply | None:
+    def choose(self, call: ChatCall) -> ScriptedReply | None:
         """The reply for ``call``: the responder's, else the first matching rule's."""
         if self.responder is not None:
             reply = self.responder(call)
@@ -763,7 +763,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.owner._leave(call)
 
-    def _answer(self, api: str, call: ChatCall, reply: Reply, stream: bool) -> None:
+    def _answer(self, api: str, call: ChatCall, reply: ScriptedReply, stream: bool) -> None:
         if reply.status >= 400:
             self._sleep(reply.delay_s + self.owner.delay_s)
             msg = reply.error or f"scripted error (HTTP {reply.status})"
@@ -1099,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rules: list[Rule] = []
     models: list[str] = []
-    default: Reply | None = None
+    default: ScriptedReply | None = None
     if args.rules:
         try:
             rules, models, default = load_rules(args.rules)

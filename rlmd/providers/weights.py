@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
-import platformdirs
 
 from rlmd.atomic import write_atomic
+from rlmd.paths import default_cache_dir
 
 ModelRole = Literal["root", "sub"]
 
@@ -107,11 +107,14 @@ class _Marker(msgspec.Struct):
 
 
 def default_model_dir() -> Path:
-    """Where joined model files live unless configured: ``RLMD_MODEL_DIR`` or the cache dir."""
+    """Where joined model files live unless configured.
+
+    ``RLMD_MODEL_DIR``, else ``models/`` in the cache dir (``RLMD_CACHE_DIR`` or the
+    platform's)."""
     env = os.environ.get("RLMD_MODEL_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("rlmd")) / "models"
+    return default_cache_dir() / "models"
 
 
 def model_spec(name: str, registry: Mapping[str, ModelSpec] = MODELS) -> ModelSpec:

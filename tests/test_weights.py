@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlmd.models import (
+from rlmd.providers.weights import (
     MODELS,
     EmbeddedUnavailable,
     ModelIntegrityError,
@@ -238,3 +238,14 @@ def test_installed_chunks_have_the_recorded_total_size(name):
     assert len(parts) == len(spec.packages)
     assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, len(parts) + 1)]
     assert sum(p.stat().st_size for p in parts) == spec.size
+
+
+def test_model_dir_follows_rlmd_cache_dir(tmp_path, monkeypatch):
+    """``RLMD_CACHE_DIR`` moves the models too (they used to stay in the platform dir)."""
+    from rlmd.providers.weights import default_model_dir
+
+    monkeypatch.delenv("RLMD_MODEL_DIR", raising=False)
+    monkeypatch.setenv("RLMD_CACHE_DIR", str(tmp_path / "cache"))
+    assert default_model_dir() == tmp_path / "cache" / "models"
+    monkeypatch.setenv("RLMD_MODEL_DIR", str(tmp_path / "m"))
+    assert default_model_dir() == tmp_path / "m"
