@@ -349,3 +349,37 @@ def test_bad_requests_get_clear_errors(served, root, repo, tmp_path):
     assert err.value.kind == "not_found"
     with pytest.raises(RpcError):
         call(served, "improve/start", {"repo": str(repo), "goal": "x", "max_rounds": 99})
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def rlm_cli(d, *args: str, input: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", "rlmd.cli.main", "--socket", str(d.socket), *args],
+        capture_output=True, text=True, timeout=120, input=input,
+    )
+
+
+def test_cli_shows_the_gate_and_applies_only_on_approve(served, root, repo):
+    root.rules = [(r"Round 1 failed", as_fenced(RIGHT)), (r"round 1 of", as_fenced(WRONG))]
+    test = f"{PY} test_calc.py"
+    # Without a terminal it stops at the gate and says how to decide.
+    r = rlm_cli(served, "improve", "-g", "fix add()", "--test", test, str(repo))
+    assert r.returncode == 0, r.stderr
+    assert "+    return a + b" in r.stdout and "tests passed" in r.stdout
+    assert "round 1: tests failed" in r.stderr and "awaiting_approval" in r.stderr
+    job = re.search(r"rlm improve approve (\S+)", r.stderr).group(1)
+    assert (repo / "calc.py").read_text() == BUGGY
+    log = rlm_cli(served, "improve", "log")
+    assert job in log.stdout and "awaiting_approval" in log.stdout
+    # Interactive: "r" rejects; nothing applied.
+    r2 = rlm_cli(served, "improve", "reject", job)
+    assert r2.returncode == 0 and "rejected" in r2.stdout
+    assert (repo / "calc.py").read_text() == BUGGY
+    # A new cycle, approved at the prompt.
+    root.rules = [(r"round 1 of", as_fenced(RIGHT))]
+    r3 = rlm_cli(served, "improve", "-g", "fix add()", "--test", test, "--interactive", str(repo), input="a\n")
+    assert r3.returncode == 0, r3.stderr
+    assert "applied to the working tree (not committed): calc.py" in r3.stdout
+    assert (repo / "calc.py").read_text() == BUGGY.replace("a - b", "a + b")
