@@ -102,3 +102,9 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
     app.engine = Engine(
         config=config, pool=pool, store=app.store, state_dir=app.state_dir, cache=cache
     )
+    from .improve import ImproveService
+
+    app.improve = ImproveService(
+        config=config, engine=app.engine, store=app.store, state_dir=app.state_dir,
+        use_bwrap=prot.bwrap,
+    )

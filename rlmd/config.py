@@ -167,6 +167,23 @@ class SandboxConfig(_Section):
     seccomp: Literal["auto", "require", "off"] = "auto"
 
 
+class ImproveConfig(_Section):
+    """The improvement cycle (``improve/*``): rounds and the test command's limits."""
+
+    max_rounds: int = 3
+    test_timeout_s: float = 600.0
+    memory_mb: int = 4096
+    output_bytes: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_rounds <= 10:
+            raise ValueError("max_rounds must be 1..10")
+        if self.test_timeout_s <= 0:
+            raise ValueError("test_timeout_s must be positive")
+        if self.output_bytes < 1024:
+            raise ValueError("output_bytes must be at least 1024")
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -179,6 +196,7 @@ class Config(_Section):
     energy: EnergyConfig = msgspec.field(default_factory=EnergyConfig)
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+    improve: ImproveConfig = msgspec.field(default_factory=ImproveConfig)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.providers]
