@@ -120,6 +120,7 @@ async def test_every_tool(served, tmp_path):
         )
         assert found["hits"] and "ZEBRA" in found["hits"][0]["text"]
         hit = found["hits"][0]
+        assert hit["file"] == "src/app.py" and hit["file_line"] == 2
         peek = await s.call_tool(
             "peek_context", {"name": "repo", "start": hit["start"], "end": hit["end"]}
         )

@@ -11,6 +11,7 @@ text says what to do; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import inspect
 import logging
@@ -132,14 +133,7 @@ class RlmdMcp:
         """Size (chars, lines, tokens), version, times, and for a directory context the
         files it holds with the line where each starts."""
         info = await self.call("context/info", {"name": name})
-        found = await self.call(
-            "context/search",
-            {"name": name, "pattern": _FILE_HEADER, "max_matches": _MAX_FILES_LISTED},
-        )
-        files = [
-            {"path": m["text"][6:-6], "line": m["line"], "start": m["start"]}
-            for m in found.get("matches", [])
-        ]
+        files = await self._files(name)
         return {
             "name": info["name"],
             "chars": info["chars"],
@@ -152,6 +146,17 @@ class RlmdMcp:
             "files": files,
             "files_truncated": len(files) >= _MAX_FILES_LISTED,
         }
+
+    async def _files(self, name: str) -> list[dict[str, Any]]:
+        """A directory context's files: path, the line and offset of its header."""
+        found = await self.call(
+            "context/search",
+            {"name": name, "pattern": _FILE_HEADER, "max_matches": _MAX_FILES_LISTED},
+        )
+        return [
+            {"path": m["text"][6:-6], "line": m["line"], "start": m["start"]}
+            for m in found.get("matches", [])
+        ]
 
     async def peek_context(self, name: str, start: int = 0, end: int | None = None) -> str:
         """The exact text of characters [start, end) of a context (default: 4000
@@ -194,14 +199,19 @@ class RlmdMcp:
         ranked = sorted(
             by_line.items(), key=lambda kv: (-len({x["text"].lower() for x in kv[1]}), kv[0])
         )
+        files = await self._files(name)
+        starts = [f["start"] for f in files]
         hits = []
         for line, ms in ranked[:k]:
             a, b = ms[0]["start"], ms[-1]["end"]
             lo = max(0, a - 120)
             around = await self.call("context/peek", {"name": name, "start": lo, "end": b + 120})
-            hits.append(
-                {"start": a, "end": b, "line": line, "text": around["text"], "text_start": lo}
-            )
+            hit = {"start": a, "end": b, "line": line, "text": around["text"], "text_start": lo}
+            i = bisect.bisect_right(starts, a) - 1
+            if i >= 0:  # a directory context: the file and the line in it, as sources have
+                hit["file"] = files[i]["path"]
+                hit["file_line"] = line - files[i]["line"]
+            hits.append(hit)
         return hits
 
     # --- code and models --------------------------------------------------------------
