@@ -3,6 +3,7 @@ over the real socket of a real daemon whose models are a scripted loopback serve
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,9 +20,9 @@ def sub_answers(call: ChatCall) -> ScriptedReply:
     return ScriptedReply(text=f"echo:{call.last_user[:40]}")
 
 
-def served_daemon(make_daemon, scripted_config, srv, extra: str = ""):
+def served_daemon(make_daemon, scripted_config, srv, extra: str = "", start: bool = True):
     cfg = "\n[limits]\ncell_timeout_s = 20\n" + extra
-    return make_daemon(scripted_config(srv.url, cfg))
+    return make_daemon(scripted_config(srv.url, cfg), start=start)
 
 
 @pytest.fixture
@@ -166,3 +167,19 @@ def test_example_config_documents_the_repl_section():
     assert "[repl]" in text
     for field in type(cfg.repl).__struct_fields__:
         assert f"{field} =" in text, f"[repl] {field} is not documented in example.toml"
+
+
+def test_scratch_dirs_are_removed(make_daemon, scripted_config, srv):
+    d = served_daemon(make_daemon, scripted_config, srv, start=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = d.state_dir / "tmp" / f"repl-{dead.pid}-0123456789ab"
+    leftover.mkdir(parents=True)
+    d.start()
+    with d.client() as c:
+        sid = c.call("repl/open", {})["session"]
+        c.call("repl/exec", {"session": sid, "code": "open('note.txt', 'w').write('x')"})
+        mine = [p for p in (d.state_dir / "tmp").glob("repl-*") if p.name.endswith(sid[:12])]
+        assert len(mine) == 1 and not leftover.exists()  # a dead daemon's dir went
+        c.call("repl/close", {"session": sid})
+        assert not mine[0].exists()

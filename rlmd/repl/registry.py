@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -127,6 +128,7 @@ class ReplRegistry:
         self._entries: dict[str, _Entry] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
+        self._swept_leftovers = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -150,11 +152,14 @@ class ReplRegistry:
             version=None,
             owner=owner,
             pins=contextlib.ExitStack(),
-            scratch=self._tmp / f"repl-{sid[:12]}",
+            scratch=self._tmp / f"repl-{os.getpid()}-{sid[:12]}",
         )
         # Reserve the slot now: concurrent opens must not overshoot the cap.
         self._entries[sid] = entry
         try:
+            if not self._swept_leftovers:
+                self._swept_leftovers = True
+                await asyncio.to_thread(_remove_leftovers, self._tmp)
             path = None
             if context is not None:
                 path, entry.version = await asyncio.to_thread(self._pin, entry)
@@ -373,3 +378,20 @@ class ReplRegistry:
             raise ValueError(f"unknown REPL call {fn!r}")
 
         return on_call
+
+
+def _remove_leftovers(tmp: Path) -> None:
+    """Scratch dirs of sessions of daemons that are gone (a daemon that was killed never
+    removed its own); those of a live daemon sharing the state dir stay."""
+    if not tmp.is_dir():
+        return
+    for d in tmp.glob("repl-*-*"):
+        pid = d.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # a live process of someone else: not ours to judge
