@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from rlmd.client import RpcError
-from rlmd.config import ConfigError, parse_config
+from rlmd.config import ConfigError, ProviderConfig, parse_config
 from rlmd.providers.base import ChatRequest, Message
-from rlmd.providers.command import render_conversation
+from rlmd.providers.command import CommandProvider, render_conversation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,3 +236,29 @@ def test_the_example_config_shows_command_providers():
     assert programs >= {"claude", "opencode", "ollama", "llm"}
     for field in ("command", "env", "timeout_s"):
         assert f"# {field} =" in text
+
+
+async def test_a_stop_from_on_delta_kills_the_program(tmp_path):
+    """The engine stops the root at a closed ```repl block: the program must not run on."""
+    script = tmp_path / "talk.py"
+    script.write_text(
+        "import sys, time\nsys.stdin.read()\nprint('first piece', flush=True)\ntime.sleep(300)\n"
+    )
+    cfg = ProviderConfig(
+        name="t", kind="command", command=[sys.executable, str(script)], models=["m"]
+    )
+    provider = CommandProvider(cfg, {"PATH": os.environ["PATH"]})
+    got: list[str] = []
+    t0 = time.monotonic()
+    res = await provider.chat(
+        ChatRequest(model="m", messages=(Message("user", "go"),)),
+        on_delta=lambda piece: got.append(piece) or True,
+    )
+    assert res.stopped and res.text == "first piece\n" and got == ["first piece\n"]
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_missing_program_is_a_config_error():
+    cfg = ProviderConfig(name="t", kind="command", command=["no-such-program-xyz"], models=["m"])
+    with pytest.raises(ConfigError, match="not found"):
+        CommandProvider(cfg, {"PATH": "/usr/bin:/bin"})

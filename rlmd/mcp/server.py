@@ -27,6 +27,7 @@ from mcp_types import Resource as MCPResource
 
 from rlmd import __version__
 from rlmd.mcp.link import DaemonError, DaemonLink
+from rlmd.protocol.errors import INVALID_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +175,15 @@ class RlmdMcp:
             raise ToolError("`query` is empty: give words or a question to look for")
         if not 1 <= k <= 200:
             raise ToolError("k must be between 1 and 200")
-        try:
-            r = await self.link.call(
-                "context/search", {"name": name, "mode": "ranked", "query": query, "max_matches": k}
-            )
-            return {"mode": "ranked", "hits": r.get("matches", r.get("hits", []))[:k]}
-        except DaemonError as exc:
-            if exc.code != -32602:  # anything but "this daemon has no ranked search"
-                raise ToolError(f"{exc.message}{_hint(exc)}") from None
+        ranked = {"name": name, "mode": "ranked", "query": query}
+        for params in ({**ranked, "max_matches": k}, ranked):
+            try:
+                r = await self.link.call("context/search", params)
+                return {"mode": "ranked", "hits": r.get("matches", r.get("hits", []))[:k]}
+            except DaemonError as exc:
+                # Invalid params: this daemon has no ranked search (or no count for it).
+                if exc.code != INVALID_PARAMS:
+                    raise ToolError(f"{exc.message}{_hint(exc)}") from None
         return {"mode": "keyword", "hits": await self._keyword_search(name, query, k)}
 
     async def _keyword_search(self, name: str, query: str, k: int) -> list[dict[str, Any]]:

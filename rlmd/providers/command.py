@@ -37,6 +37,12 @@ from rlmd.providers.base import (
 STDERR_TAIL_CHARS = 2000
 _READ_CHUNK = 65536
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
+#: Variables whose values are not secrets: kept readable in error messages.
+_PLAIN = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "SHELL", "TERM", "TMPDIR", "TZ"})
+
+
+def _plain(name: str) -> bool:
+    return name in _PLAIN or name.startswith(("LC_", "XDG_"))
 
 
 def render_conversation(req: ChatRequest) -> str:
@@ -70,7 +76,9 @@ class CommandProvider:
         self._argv = [exe, *cfg.command[1:]]
         # Read once, at startup, like api_key_env: the child gets these and nothing else.
         self._env = {n: env[n] for n in cfg.env if n in env}
-        self._secrets = sorted((v for v in self._env.values() if len(v) >= 6), key=len)[::-1]
+        self._secrets = sorted(
+            (v for n, v in self._env.items() if len(v) >= 6 and not _plain(n)), key=len
+        )[::-1]
         # Also bounded here, so a direct caller (not the pool) cannot overrun it either.
         self._slots = asyncio.Semaphore(cfg.capacity)
 
