@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +19,7 @@ import pytest
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from rlmd.client import Client
 from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,3 +337,36 @@ async def test_an_older_protocol_version_and_a_clean_stdout(served):
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def test_starts_a_daemon_when_none_answers(short_tmp):
+    """Like `rlm`, `rlm mcp` starts rlmd on RLMD_SOCKET when nothing listens there."""
+    sock = short_tmp / "auto.sock"
+    cfg = short_tmp / "c.toml"
+    cfg.write_text(
+        '[[providers]]\nname = "x"\nkind = "ollama"\nbase_url = "http://127.0.0.1:9"\n'
+        'models = ["m"]\n[models]\nroot = "m"\nsub = "m"\n'
+    )
+    env = {
+        "PYTHONPATH": str(REPO),
+        "RLMD_SOCKET": str(sock),
+        "RLMD_STATE_DIR": str(short_tmp / "state"),
+        "RLMD_CONFIG": str(cfg),
+    }
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "rlmd.cli.main", "mcp"], env=env, cwd=str(short_tmp)
+    )
+    err = await asyncio.to_thread(open, short_tmp / "mcp.err", "w")
+    pid = None
+    try:
+        async with stdio_client(params, errlog=err) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            assert not (await s.call_tool("load_context", {"name": "a", "content": "b"})).is_error
+            with Client(sock) as c:
+                pid = c.call("daemon/status")["pid"]
+                assert [x["name"] for x in c.call("context/list")] == ["a"]
+    finally:
+        err.close()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+    assert "started rlmd" in (short_tmp / "mcp.err").read_text()
