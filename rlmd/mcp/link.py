@@ -92,7 +92,11 @@ class DaemonLink:
     def watch(self, job: str, on_event: OnEvent) -> Callable[[], None]:
         """Send ``query/event`` notifications of ``job`` to ``on_event``; returns the undo."""
         self._jobs[job] = on_event
-        return lambda: self._jobs.pop(job, None) and None
+
+        def unwatch() -> None:
+            self._jobs.pop(job, None)
+
+        return unwatch
 
     async def aclose(self) -> None:
         if self._reader_task is not None:

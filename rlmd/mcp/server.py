@@ -434,7 +434,7 @@ async def serve(socket_path: Path, *, autostart: bool) -> int:
     link = DaemonLink(connect)
     try:
         await link.call("daemon/ping")  # fail now, clearly, rather than at the first tool
-    except OSError as exc:
+    except (OSError, RuntimeError, DaemonError) as exc:  # RuntimeError: it did not start
         log.error("cannot reach rlmd on %s: %s", socket_path, exc)
         return 1
     server = build_server(RlmdMcp(link, cwd=Path.cwd()))

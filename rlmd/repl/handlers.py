@@ -11,7 +11,7 @@ from typing import Any
 
 from rlmd.protocol.errors import BAD_INPUT, NOT_FOUND, UNAVAILABLE, AppError
 from rlmd.protocol.schema import ReplExecParams, ReplOpenParams, ReplSessionParams
-from rlmd.repl.registry import ExecReply, ReplRegistry, ReplRegistryError
+from rlmd.repl.registry import ExecReply, Opened, ReplRegistry, ReplRegistryError
 from rlmd.repl.sandbox import SandboxUnavailable
 from rlmd.repl.session import WorkerError
 
@@ -22,18 +22,17 @@ def _app_error(exc: ReplRegistryError) -> AppError:
     return AppError(exc.kind, exc.message, code=_CODES.get(exc.kind, BAD_INPUT))
 
 
-async def repl_open(reg: ReplRegistry, conn: Any, req: Any, p: ReplOpenParams) -> dict[str, Any]:
+async def repl_open(reg: ReplRegistry, conn: Any, req: Any, p: ReplOpenParams) -> Opened:
     """``repl/open {context}`` → ``{session, context, version}``."""
     await req.turn()  # a context/put sent just before on this connection lands first
     owner = conn if hasattr(conn, "is_open") else None
     try:
-        e = await reg.open(p.context, owner)
+        return await reg.open(p.context, owner)
     except ReplRegistryError as exc:
         raise _app_error(exc) from None
     except (SandboxUnavailable, WorkerError) as exc:
         msg = f"cannot start a REPL worker: {exc}"
         raise AppError("repl_unavailable", msg, code=UNAVAILABLE) from None
-    return {"session": e.id, "context": e.context, "version": e.version}
 
 
 async def repl_exec(reg: ReplRegistry, conn: Any, req: Any, p: ReplExecParams) -> ExecReply:

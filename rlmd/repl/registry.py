@@ -72,6 +72,14 @@ class ExecReply(msgspec.Struct, kw_only=True):
     sub_calls: int = 0  # llm_query prompts the block sent to the pool
 
 
+class Opened(msgspec.Struct, kw_only=True):
+    """What ``repl/open`` answers: the session id and the context version it sees."""
+
+    session: str
+    context: str | None
+    version: str | None
+
+
 class SessionInfo(msgspec.Struct, kw_only=True):
     """One open session, as ``repl/list`` shows it."""
 
@@ -135,7 +143,7 @@ class ReplRegistry:
 
     # --- the three methods ------------------------------------------------------------
 
-    async def open(self, context: str | None, owner: Owner | None) -> _Entry:
+    async def open(self, context: str | None, owner: Owner | None) -> Opened:
         """Start a session bound to stored context ``context`` (None: no context)."""
         cap = self._config.repl.max_sessions
         if len(self._entries) >= cap:
@@ -178,7 +186,7 @@ class ReplRegistry:
         entry.last_used = time.monotonic()
         self._ensure_sweeper()
         log.info("REPL session %s opened on %s", sid[:12], context or "(no context)")
-        return entry
+        return Opened(session=sid, context=context, version=entry.version)
 
     async def execute(self, sid: str, code: str, timeout_s: float | None) -> ExecReply:
         """Run ``code`` in session ``sid``; its variables stay for the next call."""
