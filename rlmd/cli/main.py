@@ -7,6 +7,7 @@
     rlm trace [JOB]
     rlm cache [stats|clear]
     rlm bench --suite sniah --lengths 8k,64k --n 10
+    rlm mcp                                   (an MCP server on stdio; docs/mcp.md)
 
 If no daemon is listening, ``rlm`` starts one in the background and says so.
 """

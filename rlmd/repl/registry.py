@@ -183,6 +183,9 @@ class ReplRegistry:
             self._entries.pop(sid, None)
             await asyncio.shield(self._release(entry))
             raise
+        if self._entries.get(sid) is not entry:  # closed (repl/close) while it started
+            await self._release(entry)
+            raise ReplRegistryError("not_found", f"REPL session {sid!r} was closed as it opened")
         entry.last_used = time.monotonic()
         self._ensure_sweeper()
         log.info("REPL session %s opened on %s", sid[:12], context or "(no context)")
@@ -248,9 +251,11 @@ class ReplRegistry:
         idle = self._config.repl.idle_timeout_s
         doomed: list[tuple[_Entry, str]] = []
         for e in self._entries.values():
+            if e.session is None:
+                continue  # still starting: open() owns it until then
             if e.owner is not None and not e.owner.is_open:
                 doomed.append((e, "the connection that opened it closed"))
-            elif e.busy == 0 and e.session is not None and now - e.last_used > idle:
+            elif e.busy == 0 and now - e.last_used > idle:
                 doomed.append((e, f"it was idle for more than {idle:g} s ([repl] idle_timeout_s)"))
         for e, why in doomed:
             if self._entries.pop(e.id, None) is not None:
