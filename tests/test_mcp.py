@@ -370,3 +370,29 @@ async def test_starts_a_daemon_when_none_answers(short_tmp):
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
     assert "started rlmd" in (short_tmp / "mcp.err").read_text()
+
+
+async def test_silent_runs_still_report_progress():
+    """Hosts drop calls that stay silent for about a minute: a heartbeat fills the gaps."""
+    from rlmd.mcp.server import _report_while
+
+    class Progress:
+        def __init__(self) -> None:
+            self.seen: asyncio.Queue[tuple[float, str | None]] = asyncio.Queue()
+
+        async def report_progress(self, p: float, total: float | None, message: str | None):
+            self.seen.put_nowait((p, message))
+
+    out = Progress()
+    events: asyncio.Queue[dict] = asyncio.Queue()
+    run = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(_report_while(run, events, out, heartbeat_s=0.05))
+    got = [await asyncio.wait_for(out.seen.get(), 5) for _ in range(2)]
+    assert got == [(1, "working"), (2, "working")]  # nothing happened: heartbeats
+    events.put_nowait({"kind": "code", "code": "print(1)"})
+    while (msg := await asyncio.wait_for(out.seen.get(), 5))[1] != "running code":
+        got.append(msg)
+    got.append(msg)
+    run.set_result({})
+    await asyncio.wait_for(task, 5)
+    assert [p for p, _ in got] == list(range(1, len(got) + 1))

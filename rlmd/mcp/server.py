@@ -314,14 +314,18 @@ class RlmdMcp:
 
 
 async def _report_while(
-    run: asyncio.Future[Any], events: asyncio.Queue[dict[str, Any]], ctx: Context
+    run: asyncio.Future[Any],
+    events: asyncio.Queue[dict[str, Any]],
+    ctx: Any,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> None:
-    """Turn the job's query/event stream into MCP progress until ``run`` finishes."""
+    """Turn the job's query/event stream into MCP progress until ``run`` finishes; say
+    "working" after ``heartbeat_s`` of silence.  ``ctx`` has ``report_progress``."""
     n = 0
     while not run.done():
         getter = asyncio.ensure_future(events.get())
         done, _ = await asyncio.wait(
-            {run, getter}, timeout=HEARTBEAT_S, return_when="FIRST_COMPLETED"
+            {run, getter}, timeout=heartbeat_s, return_when="FIRST_COMPLETED"
         )
         if getter not in done:
             getter.cancel()
