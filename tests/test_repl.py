@@ -365,8 +365,8 @@ def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
 def test_seccomp_filter_decisions() -> None:
     allow, eperm, enosys, kill = 0x7FFF0000, 0x50001, 0x50026, 0x80000000
     for machine, arch, nrs in (
-        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425, "kill": 62, "tgkill": 234}),
-        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425, "kill": 129, "tgkill": 131}),
+        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425, "kill": 62, "tgkill": 234, "fcntl": 72, "ioctl": 16}),
+        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425, "kill": 129, "tgkill": 131, "fcntl": 25, "ioctl": 29}),
     ):  # fmt: skip
         prog = build_filter(machine, own_pid=4242)
         assert run_bpf(prog, nrs["read"], arch) == allow
@@ -386,6 +386,14 @@ def test_seccomp_filter_decisions() -> None:
         assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 0x7FFF0000, 0)) == eperm
         assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 1 << 40, 0)) == eperm
         assert run_bpf(prog, nrs["read"], 0x40000003) == kill  # i386 ABI
+        fcntl_nr, ioctl_nr = nrs["fcntl"], nrs["ioctl"]
+        for cmd in (8, 10, 15, (1 << 32) | 8):  # F_SETOWN, F_SETSIG, F_SETOWN_EX; high bits
+            assert run_bpf(prog, fcntl_nr, arch, (3, cmd, 4242)) == eperm, cmd
+        for cmd in (1, 3, 4, 2):  # F_GETFD, F_GETFL, F_SETFL (O_ASYNC alone is harmless)
+            assert run_bpf(prog, fcntl_nr, arch, (3, cmd, 0)) == allow, cmd
+        for req in (0x8901, 0x8902, 0x5410, 0x5412):  # FIOSETOWN, SIOCSPGRP, TIOCSPGRP, TIOCSTI
+            assert run_bpf(prog, ioctl_nr, arch, (3, req, 0)) == eperm, hex(req)
+        assert run_bpf(prog, ioctl_nr, arch, (3, 0x5401, 0)) == allow  # TCGETS (isatty)
         if "fork" in nrs:
             assert run_bpf(prog, nrs["fork"], arch) == eperm
             assert run_bpf(prog, 0x40000000 | nrs["read"], arch) == eperm  # x32 ABI

@@ -68,6 +68,19 @@ class Protection(msgspec.Struct, kw_only=True):
     #: File system confinement without bubblewrap (see ``apply_landlock``).
     landlock: bool = False
     landlock_detail: str = ""
+    #: Landlock signal (and abstract socket) scoping, in every mode where the kernel has it.
+    landlock_scoped: bool = False
+    #: Every capability dropped and no_new_privs set in the worker (every mode, Linux).
+    privileges_dropped: bool = False
+
+    def summary(self) -> str:
+        """``bwrap+seccomp+landlock+rlimits``: the layers a worker runs under ("none")."""
+        names = [n for n in ("bwrap", "seccomp", "landlock", "rlimits") if getattr(self, n)]
+        if self.landlock_scoped and not self.landlock:
+            names.append("landlock-scope")
+        if self.privileges_dropped:
+            names.append("nocaps")
+        return "+".join(names) or "none"
 
 
 class SandboxProbe(msgspec.Struct, kw_only=True):
@@ -130,9 +143,17 @@ _DENY_NAMES = (
 ).split()
 # Calls that send a signal to the process named by args[0]: allowed only to itself.
 _SIGNAL_NAMES = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+# fcntl commands that make the kernel signal another process later (SIGIO or any signal
+# chosen with F_SETSIG, sent to the owner on I/O): F_SETOWN, F_SETSIG, F_SETOWN_EX.
+_FCNTL_DENIED = (8, 10, 15)
+# ioctl requests with the same effect: FIOSETOWN, SIOCSPGRP; and TIOCSPGRP / TIOCSTI
+# (a terminal's foreground group, injected input), which no worker needs.
+_IOCTL_DENIED = (0x8901, 0x8902, 0x5410, 0x5412)
 _SYSCALLS = {
     "x86_64": {
         "seccomp": 317,
+        "fcntl": 72,
+        "ioctl": 16,
         "clone": 56,
         "clone3": 435,
         "socket": 41,
@@ -174,6 +195,8 @@ _SYSCALLS = {
     },
     "aarch64": {
         "seccomp": 277,
+        "fcntl": 25,
+        "ioctl": 29,
         "clone": 220,
         "clone3": 435,
         "socket": 198,
@@ -252,6 +275,8 @@ def build_filter(machine: str, own_pid: int | None = None) -> bytes:
     ins(_BPF_JEQ_K, nrs["clone"], jt="clone")
     ins(_BPF_JEQ_K, nrs["clone3"], jt="enosys")
     ins(_BPF_JEQ_K, nrs["prlimit64"], jt="prlimit64")
+    ins(_BPF_JEQ_K, nrs["fcntl"], jt="fcntl")
+    ins(_BPF_JEQ_K, nrs["ioctl"], jt="ioctl")
     for name in _SIGNAL_NAMES:
         ins(_BPF_JEQ_K, nrs[name], jt="self_target")
     for nr in sorted({nrs[n] for n in _DENY_NAMES if n in nrs}):
@@ -268,6 +293,18 @@ def build_filter(machine: str, own_pid: int | None = None) -> bytes:
     ins(_BPF_JEQ_K, 0, jf="eperm")
     ins(_BPF_LD_W_ABS, 36)
     ins(_BPF_JEQ_K, 0, jt="allow", jf="eperm")
+    # fcntl / ioctl: the command (args[1]) is an unsigned int for the kernel, so its low
+    # word decides; the commands that name a signal's target are refused.
+    label("fcntl")
+    ins(_BPF_LD_W_ABS, 24)
+    for cmd in _FCNTL_DENIED:
+        ins(_BPF_JEQ_K, cmd, jt="eperm")
+    ins(_BPF_RET_K, _SECCOMP_RET_ALLOW)
+    label("ioctl")
+    ins(_BPF_LD_W_ABS, 24)
+    for cmd in _IOCTL_DENIED:
+        ins(_BPF_JEQ_K, cmd, jt="eperm")
+    ins(_BPF_RET_K, _SECCOMP_RET_ALLOW)
     # Signals only to itself (args[0] is the target pid / thread group, an int).
     label("self_target")
     ins(_BPF_LD_W_ABS, 16)
@@ -304,10 +341,7 @@ def install_seccomp() -> None:
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_no_new_privs = 38
-    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+    set_no_new_privs()
     seccomp_set_mode_filter, seccomp_filter_flag_tsync = 1, 1
     rc = libc.syscall(
         ctypes.c_long(_SYSCALLS[machine]["seccomp"]),
@@ -318,6 +352,78 @@ def install_seccomp() -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
+
+
+# --- privileges (called in the worker, first thing, in every mode) --------------------
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+#: SECBIT_NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE and their locks:
+#: uid 0 gains nothing from exec, a setuid call or the ambient set, ever again.
+_SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+
+
+def set_no_new_privs() -> None:
+    """``prctl(PR_SET_NO_NEW_PRIVS, 1)``: exec can never grant privileges (setuid, file caps)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+
+
+def drop_privileges() -> None:
+    """Give up every capability for good and set ``no_new_privs``; raises OSError if any
+    capability is left.
+
+    A daemon run as root would otherwise hand its workers CAP_SYS_TIME, CAP_MKNOD,
+    CAP_SYS_ADMIN ... (bubblewrap drops them with ``--cap-drop ALL``; the other modes
+    relied on nothing).  Order matters: the bounding set and the securebits need
+    CAP_SETPCAP, so they go before the effective and permitted sets are emptied.  A
+    process without CAP_SETPCAP (a daemon not run as root) cannot shrink its bounding
+    set; with no_new_privs and empty permitted and ambient sets it can never use it.
+    """
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63
+    have_setpcap = _cap_set("CapEff") >> 8 & 1  # CAP_SETPCAP is capability 8
+    if have_setpcap:
+        libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS, 0, 0, 0)  # best effort (locked already?)
+        for cap in range(last + 1):
+            if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before 4.3
+    header = struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    data = bytes(24)  # two struct __user_cap_data_struct, all zero
+    hbuf = ctypes.create_string_buffer(header, len(header))
+    dbuf = ctypes.create_string_buffer(data, len(data))
+    if libc.capset(hbuf, dbuf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+    set_no_new_privs()
+    left = {k: _cap_set(k) for k in ("CapEff", "CapPrm", "CapInh", "CapAmb")}
+    if any(left.values()):
+        raise OSError(errno.EPERM, f"capabilities left after dropping: {left}")
+
+
+def _cap_set(field: str) -> int:
+    """A capability set of this process from /proc/self/status (0 if unreadable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 # --- Landlock (called in the worker when bubblewrap is not used) -------------------------
@@ -349,23 +455,38 @@ def landlock_abi() -> int:
     return max(int(abi), 0)
 
 
-def apply_landlock(rules: list[tuple[str, int]]) -> None:
+#: Landlock scopes (ABI >= 6): no signal to, and no abstract Unix socket of, a process
+#: outside the worker's own Landlock domain (the daemon, every other process).
+LL_SCOPE_ABSTRACT_UNIX = 1
+LL_SCOPE_SIGNAL = 2
+LL_SCOPES_ABI = 6
+
+
+def apply_landlock(rules: list[tuple[str, int]], *, scoped: int = 0) -> None:
     """Allow the calling thread (and threads and children it creates later) only ``rules``.
 
     ``rules`` are (path, rights) pairs, rights being ``LL_READ`` or ``LL_ALL``; every other
     file system access is denied (reading, writing, listing, creating, removing).  Paths
-    that do not exist are skipped.  Raises OSError when the kernel refuses.
+    that do not exist are skipped.  An empty ``rules`` leaves the file system alone and
+    only applies ``scoped`` (``LL_SCOPE_*`` bits, which need ABI 6).  Raises OSError when
+    the kernel refuses.
     """
     abi = landlock_abi()
     if abi < 1:
         raise OSError(errno.ENOSYS, "the kernel has no Landlock")
-    handled = (1 << 13) - 1
-    if abi >= 2:
-        handled |= 1 << 13  # REFER
-    if abi >= 3:
-        handled |= _LL_TRUNCATE
-    if abi >= 5:
-        handled |= _LL_IOCTL_DEV
+    if scoped and abi < LL_SCOPES_ABI:
+        raise OSError(errno.EOPNOTSUPP, f"Landlock ABI {abi} has no scopes (needs 6)")
+    handled = 0
+    if rules:
+        handled = (1 << 13) - 1
+        if abi >= 2:
+            handled |= 1 << 13  # REFER
+        if abi >= 3:
+            handled |= _LL_TRUNCATE
+        if abi >= 5:
+            handled |= _LL_IOCTL_DEV
+    if not handled and not scoped:
+        return
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(rc: int, what: str) -> int:
@@ -374,10 +495,16 @@ def apply_landlock(rules: list[tuple[str, int]]) -> None:
             raise OSError(err, f"{what}: {os.strerror(err)}")
         return rc
 
-    attr = ctypes.create_string_buffer(struct.pack("<Q", handled), 8)
+    # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (ABI 4), scoped
+    # (ABI 6); the shortest size that carries what is set.
+    packed = struct.pack("<QQQ", handled, 0, scoped) if scoped else struct.pack("<Q", handled)
+    attr = ctypes.create_string_buffer(packed, len(packed))
     ruleset = check(
         libc.syscall(
-            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), attr, ctypes.c_size_t(8), ctypes.c_uint(0)
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+            attr,
+            ctypes.c_size_t(len(packed)),
+            ctypes.c_uint(0),
         ),
         "landlock_create_ruleset",
     )
@@ -404,8 +531,7 @@ def apply_landlock(rules: list[tuple[str, int]]) -> None:
                 )
             finally:
                 os.close(fd)
-        pr_set_no_new_privs = 38
-        check(libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        set_no_new_privs()
         check(
             libc.syscall(
                 ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint(0)
@@ -430,6 +556,9 @@ def landlock_rules(
         (top, LL_READ) for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
     ]
     rules += [("/etc/ld.so.cache", LL_READ), ("/etc/localtime", LL_READ)]
+    # Its own /proc entry (resolved by the worker, so its own pid): /proc/self/status
+    # says what it may do; every other process, the daemon included, stays out of reach.
+    rules.append(("/proc/self", LL_READ))
     rules.append((os.path.realpath(sys.base_prefix), LL_READ))
     rules += [(d, LL_READ) for d in library_dirs().values()]
     for f in (context_path, index_path):
@@ -683,6 +812,8 @@ def resolve(probe: SandboxProbe, *, bwrap: Mode, seccomp: Mode) -> Protection:
     else:
         ll_detail = "the kernel has no Landlock"
     return Protection(
+        landlock_scoped=probe.landlock_abi >= LL_SCOPES_ABI,
+        privileges_dropped=sys.platform == "linux",
         landlock=use_landlock,
         landlock_detail=ll_detail,
         bwrap=use_bwrap,

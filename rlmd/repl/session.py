@@ -31,6 +31,8 @@ from rlmd.repl.ctxview import STR_THRESHOLD_BYTES
 from rlmd.repl.sandbox import (
     DEFAULT_PROBE,
     FILE_SIZE_LIMIT,
+    LL_SCOPE_ABSTRACT_UNIX,
+    LL_SCOPE_SIGNAL,
     SANDBOX_CONTEXT_DIR,
     SANDBOX_LIB,
     SANDBOX_SCRATCH,
@@ -340,6 +342,13 @@ class ReplSession:
                     seccomp=False,
                     seccomp_detail=f"failed in worker: {ready.setup_error}",
                 )
+            if prot.privileges_dropped and not ready.privileges_dropped:
+                # Never run model code with capabilities, whatever the mode.
+                raise SandboxUnavailable(
+                    f"the REPL worker could not drop its privileges: {ready.setup_error}"
+                )
+            if prot.landlock_scoped and not ready.landlock_scoped:
+                self.protection = msgspec.structs.replace(self.protection, landlock_scoped=False)
             if prot.landlock and not ready.landlock:
                 self.protection = msgspec.structs.replace(
                     self.protection,
@@ -368,6 +377,9 @@ class ReplSession:
             )
         return ch.Init(
             landlock_rules=rules,
+            landlock_scoped=(LL_SCOPE_SIGNAL | LL_SCOPE_ABSTRACT_UNIX)
+            if self.protection.landlock_scoped
+            else 0,
             context_path=ctx,
             index_path=idx,
             str_threshold_bytes=self.str_threshold_bytes,
