@@ -48,9 +48,6 @@ Mode = Literal["auto", "require", "off"]
 SANDBOX_LIB = "/opt/rlmd-lib"
 SANDBOX_SCRATCH = "/scratch"
 SANDBOX_CONTEXT_DIR = "/context"
-#: Files the worker writes are bounded (RLIMIT_FSIZE); SIGXFSZ is ignored so that an
-#: oversized write fails with EFBIG instead of killing the worker.
-FILE_SIZE_LIMIT = 512 * 1024 * 1024
 
 
 class SandboxUnavailable(RuntimeError):
@@ -612,6 +609,7 @@ def bwrap_argv(
     scratch_dir: Path,
     env: dict[str, str],
     index_path: Path | None = None,
+    scratch_bytes: int = 0,
 ) -> list[str]:
     """The bubblewrap command line that precedes the worker's own argv."""
     argv = [
@@ -634,7 +632,14 @@ def bwrap_argv(
     # No writable tmpfs anywhere (its pages would be memory outside RLIMIT_AS): no /tmp
     # (TMPDIR is the scratch directory), and / and /dev are remounted read-only below.
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--bind", str(scratch_dir), SANDBOX_SCRATCH, "--chdir", SANDBOX_SCRATCH]
+    if scratch_bytes > 0:
+        # A tmpfs bounded in size: the worker's writes cannot fill the daemon's disk, and
+        # nothing is left on disk when the worker (or the daemon) dies.  Its pages are
+        # memory outside RLIMIT_AS, bounded by the size instead.
+        argv += ["--size", str(scratch_bytes), "--perms", "0700", "--tmpfs", SANDBOX_SCRATCH]
+    else:
+        argv += ["--bind", str(scratch_dir), SANDBOX_SCRATCH]
+    argv += ["--chdir", SANDBOX_SCRATCH]
     if context_path is not None:
         argv += ["--ro-bind", str(context_path), f"{SANDBOX_CONTEXT_DIR}/context.txt"]
     if index_path is not None:

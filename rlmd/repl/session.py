@@ -30,7 +30,6 @@ from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import STR_THRESHOLD_BYTES
 from rlmd.repl.sandbox import (
     DEFAULT_PROBE,
-    FILE_SIZE_LIMIT,
     LL_SCOPE_ABSTRACT_UNIX,
     LL_SCOPE_SIGNAL,
     SANDBOX_CONTEXT_DIR,
@@ -46,6 +45,7 @@ from rlmd.repl.sandbox import (
     resolve,
     worker_env,
 )
+from rlmd.repl.scratch import empty_dir, scratch_usage
 
 CallHandler = Callable[[str, dict], Awaitable[Any]]
 
@@ -294,6 +294,7 @@ class ReplSession:
                     scratch_dir=self.scratch_dir,
                     env=env,
                     index_path=index,
+                    scratch_bytes=self.sandbox.scratch_mb * 1024 * 1024,
                 ),
                 "--",
                 *argv,
@@ -386,10 +387,28 @@ class ReplSession:
             memory_bytes=lim.worker_memory_mb * 1024 * 1024,
             cpu_s=lim.worker_cpu_s,
             open_files=lim.worker_open_files,
-            file_size_bytes=FILE_SIZE_LIMIT,
+            file_size_bytes=self.sandbox.scratch_mb * 1024 * 1024,
             seccomp=self.protection.seccomp,
             output_cap_chars=OUTPUT_CAP_CHARS,
             max_frame_bytes=lim.max_frame_bytes,
+        )
+
+    async def _scratch_over_limit(self) -> str | None:
+        """Outside bubblewrap the scratch directory is on disk with no quota: measure it
+        after each block; over the limit, empty it and restart the worker."""
+        if self.protection.bwrap:
+            return None  # a tmpfs of the configured size bounds it already
+        limit = self.sandbox.scratch_mb * 1024 * 1024
+        used = await asyncio.to_thread(scratch_usage, self.scratch_dir, limit)
+        if used <= limit:
+            return None
+        async with self._lock:
+            await self._drop_worker()
+        await asyncio.to_thread(empty_dir, self.scratch_dir)
+        return (
+            f"OSError: the scratch directory holds more than sandbox.scratch_mb = "
+            f"{self.sandbox.scratch_mb} MiB (or too many files); it was emptied and the "
+            "REPL was restarted: all variables and files were lost."
         )
 
     async def _drop_worker(self) -> None:
@@ -447,6 +466,16 @@ class ReplSession:
                 raise
         # The worker caps its output, but model code can forge frames: cap again here.
         output, error = done.output, done.error
+        over = await self._scratch_over_limit()
+        if over:
+            error = (error + "\n" if error else "") + over
+            return ExecResult(
+                output=output[:OUTPUT_CAP_CHARS],
+                error=error[: OUTPUT_CAP_CHARS + 1000],
+                final=done.final,
+                restarted=True,
+                elapsed_s=time.monotonic() - t0,
+            )
         if len(output) > OUTPUT_CAP_CHARS + 200:
             output = output[:OUTPUT_CAP_CHARS] + "\n[output truncated by the daemon]\n"
         if error is not None and len(error) > OUTPUT_CAP_CHARS:
