@@ -21,8 +21,9 @@ import pytest
 
 from rlmd.config import LimitsConfig, SandboxConfig
 from rlmd.repl.ctxview import ContextView, make_re_module
-from rlmd.repl.sandbox import ProbeCache, SandboxProbe, SandboxUnavailable, build_filter, resolve
+from rlmd.repl.daemon_sandbox import ProbeCache, SandboxProbe, SandboxUnavailable, resolve
 from rlmd.repl.session import ExecResult, ReplSession, WorkerError, protection
+from rlmd.repl.worker_guard import build_filter
 
 
 class Handler:

@@ -13,7 +13,7 @@ import pytest
 
 from rlmd.client import RpcError
 from rlmd.config import SandboxConfig
-from rlmd.repl.sandbox import SandboxUnavailable
+from rlmd.repl.daemon_sandbox import SandboxUnavailable
 from rlmd.repl.session import protection
 from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 

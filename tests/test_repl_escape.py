@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rlmd.config import LimitsConfig, SandboxConfig
-from rlmd.repl.sandbox import SandboxUnavailable
+from rlmd.repl.daemon_sandbox import SandboxUnavailable
 from rlmd.repl.session import ReplSession, protection
 
 MODES = {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rlmd.config import LimitsConfig, SandboxConfig, parse_config
-from rlmd.repl.sandbox import SandboxUnavailable
+from rlmd.repl.daemon_sandbox import SandboxUnavailable
 from rlmd.repl.session import ReplSession, protection
 from tests.conftest import Daemon
 

@@ -1,7 +1,7 @@
 """The daemon side of a REPL: one sandboxed worker process per query.
 
 ``ReplSession.start`` spawns a worker (see :mod:`rlmd.repl.worker`) under the protection
-layers of :mod:`rlmd.repl.sandbox`; ``execute`` runs one block in it and meanwhile serves
+layers of :mod:`rlmd.repl.daemon_sandbox`; ``execute`` runs one block in it and meanwhile serves
 the block's model calls through ``on_call``.  A block that outlives its wall-clock limit,
 or a worker that dies, costs the worker: its whole process group (and under bubblewrap
 its pid namespace) is killed, the result says ``restarted=True`` (the model must be told
@@ -26,12 +26,11 @@ from typing import Any
 import msgspec
 
 from rlmd.config import LimitsConfig, SandboxConfig
+from rlmd.proc import AT_ONCE, drain_stream, stop_process
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import STR_THRESHOLD_BYTES
-from rlmd.repl.sandbox import (
+from rlmd.repl.daemon_sandbox import (
     DEFAULT_PROBE,
-    LL_SCOPE_ABSTRACT_UNIX,
-    LL_SCOPE_SIGNAL,
     SANDBOX_CONTEXT_DIR,
     SANDBOX_LIB,
     SANDBOX_SCRATCH,
@@ -46,6 +45,7 @@ from rlmd.repl.sandbox import (
     worker_env,
 )
 from rlmd.repl.scratch import empty_dir, scratch_usage
+from rlmd.repl.worker_guard import LL_SCOPE_ABSTRACT_UNIX, LL_SCOPE_SIGNAL
 
 CallHandler = Callable[[str, dict], Awaitable[Any]]
 
@@ -159,9 +159,11 @@ class _Proc:
 
     async def drain_stderr(self) -> None:
         # Keep only the tail: enough to explain a crash, bounded whatever the worker writes.
-        assert self.proc.stderr is not None
-        while chunk := await self.proc.stderr.read(65536):
+
+        def keep(chunk: bytes) -> None:
             self.stderr_tail = (self.stderr_tail + chunk)[-_STDERR_TAIL:]
+
+        await drain_stream(self.proc.stderr, keep)
 
     async def death_note(self) -> str:
         """Why the worker went away, from its exit status and the tail of its stderr."""
@@ -195,14 +197,8 @@ class _Proc:
 
     async def kill(self) -> None:
         """SIGKILL the whole process group (bubblewrap's pid namespace dies with it)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
         self.writer.close()
-        with contextlib.suppress(TimeoutError, ProcessLookupError):
-            async with asyncio.timeout(5):
-                await self.proc.wait()
+        await stop_process(self.proc, steps=AT_ONCE, group=True)
         if self.drain_task is not None:
             self.drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -281,8 +277,10 @@ class ReplSession:
             paths, home = host_sys_path(), str(self.scratch_dir)
             ctx = str(self.context_path) if self.context_path else None
             idx = str(index) if index else None
+        parent = None if prot.bwrap else os.getpid()
         boot = (
-            f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; main({fd})"
+            f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; "
+            f"main({fd}, {parent!r})"
         )
         argv = [python_executable(), "-I", "-S", "-c", boot]
         env = worker_env(home)

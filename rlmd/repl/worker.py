@@ -20,19 +20,20 @@ import io
 import linecache
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
 from typing import Any
 
+from rlmd.proc import die_with_parent
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import ContextView, load_context, make_re_module
-from rlmd.repl.sandbox import (
+from rlmd.repl.worker_guard import (
     apply_landlock,
     apply_rlimits,
     drop_privileges,
     install_seccomp,
-    set_parent_death_signal,
 )
 
 _ERROR_CAP = 100_000
@@ -338,9 +339,14 @@ def _format_error(exc: BaseException) -> str:
     return text
 
 
-def main(fd: int) -> None:
-    """Entry point of the worker process; ``fd`` is its end of the socketpair."""
-    set_parent_death_signal()
+def main(fd: int, parent_pid: int | None = None) -> None:
+    """Entry point of the worker process; ``fd`` is its end of the socketpair.
+
+    ``parent_pid``: the daemon's pid when the worker is its direct child (None under
+    bubblewrap, whose ``--die-with-parent`` covers the same ground).
+    """
+    # SIGKILL when the daemon dies; if it died already, exit before anything else.
+    die_with_parent(signal.SIGKILL, parent_pid=parent_pid, check=parent_pid is not None)
     # First of all, before even the first message is read: no capability survives here.
     dropped, drop_error = True, None
     try:
