@@ -65,10 +65,16 @@ attempt('F_SETSIG', fcntl.fcntl, r, 10, signal.SIGKILL)
 attempt('F_SETOWN_EX', fcntl.fcntl, r, 15, struct.pack('ii', 1, os.getppid()))
 fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)
 os.write(w, b'x')
-r2, w2 = os.pipe()
-attempt('FIOSETOWN', fcntl.ioctl, r2, 0x8901, struct.pack('i', os.getppid()))
-fcntl.fcntl(r2, fcntl.F_SETFL, fcntl.fcntl(r2, fcntl.F_GETFL) | os.O_ASYNC)
-os.write(w2, b'x')
+import stat
+def is_sock(f):
+    try:
+        return stat.S_ISSOCK(os.fstat(f).st_mode)
+    except OSError:
+        return False
+chan = next(f for f in range(3, 64) if is_sock(f))  # FIOSETOWN is a socket ioctl
+attempt('FIOSETOWN', fcntl.ioctl, chan, 0x8901, struct.pack('i', os.getppid()))
+fcntl.fcntl(chan, fcntl.F_SETFL, fcntl.fcntl(chan, fcntl.F_GETFL) | os.O_ASYNC)
+llm_query('x')  # the reply is I/O on the channel: SIGIO to its owner
 import time
 time.sleep(0.5)
 print('worker alive')
