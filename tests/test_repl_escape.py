@@ -347,8 +347,13 @@ async def test_daemon_files_are_invisible(mode: str, repl: ReplSession, short_tm
         "b''.join(__import__('rlmd.repl.channel', fromlist=['x']).encode("
         "__import__('rlmd.repl.channel', fromlist=['x']).Call(id=i, method='llm_query', "
         "params={'prompt': 'x'})) for i in range(5000))",  # a call flood
+        # A Call whose params nest 100,000 deep (was a RecursionError above the session).
+        "(lambda b: len(b).to_bytes(4, 'big') + b)(b'\\x84\\xa1t\\xa4call\\xa2id\\x01"
+        "\\xa6method\\xa9llm_query\\xa6params\\x81\\xa1x' + b'\\x91' * 100000 + b'\\xc0')",
+        # A Done whose output is a map, not a str.
+        "(lambda b: len(b).to_bytes(4, 'big') + b)(b'\\x82\\xa1t\\xa4done\\xa6output\\x81\\xa1a\\x01')",
     ],
-    ids=["garbage", "huge-length", "call-flood"],
+    ids=["garbage", "huge-length", "call-flood", "deep", "wrong-type"],
 )
 async def test_forged_frames_cost_only_the_worker(
     mode: str, repl: ReplSession, payload: str
