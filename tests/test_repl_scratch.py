@@ -119,3 +119,20 @@ async def test_scratch_space_is_bounded(repl: ReplSession) -> None:
     )
     assert "too big" in one_file.output, one_file
     assert (await repl.execute("print('fresh')", timeout_s=10)).output == "fresh\n"
+
+
+async def test_a_block_that_fills_scratch_until_its_timeout_is_caught(
+    repl: ReplSession,
+) -> None:
+    if repl.protection.bwrap:
+        pytest.skip("under bubblewrap the tmpfs refuses the writes themselves")
+    code = (
+        "i = 0\n"
+        "while True:\n"
+        "    if i < 40:\n"
+        "        open(f'g{i}', 'wb').write(b'z' * (1 << 20))\n"
+        "        i += 1\n"
+    )
+    r = await repl.execute(code, timeout_s=2)
+    assert r.timed_out and r.error is not None and "sandbox.scratch_mb" in r.error, r
+    assert not any(repl.scratch_dir.iterdir())

@@ -391,17 +391,21 @@ class ReplSession:
             max_frame_bytes=lim.max_frame_bytes,
         )
 
-    async def _scratch_over_limit(self) -> str | None:
+    async def _scratch_over_limit(self, *, holding_lock: bool = False) -> str | None:
         """Outside bubblewrap the scratch directory is on disk with no quota: measure it
-        after each block; over the limit, empty it and restart the worker."""
+        after each block (timed out or not); over the limit, restart the worker and empty
+        the directory.  Returns the note for the block's error, None when within."""
         if self.protection.bwrap:
             return None  # a tmpfs of the configured size bounds it already
         limit = self.sandbox.scratch_mb * 1024 * 1024
         used = await asyncio.to_thread(scratch_usage, self.scratch_dir, limit)
         if used <= limit:
             return None
-        async with self._lock:
+        if holding_lock:
             await self._drop_worker()
+        else:
+            async with self._lock:
+                await self._drop_worker()
         await asyncio.to_thread(empty_dir, self.scratch_dir)
         return (
             f"OSError: the scratch directory holds more than sandbox.scratch_mb = "
@@ -439,13 +443,15 @@ class ReplSession:
                 except TimeoutError:
                     output = await w.partial_output(FLUSH_TIMEOUT_S)
                     await self._drop_worker()
+                    over = await self._scratch_over_limit(holding_lock=True)
                     return ExecResult(
                         output=output,
                         error=(
                             f"TimeoutError: the block ran longer than {timeout_s:g} s and was "
                             "stopped. The REPL was restarted: all variables were lost "
                             "(context and the functions are back)."
-                        ),
+                        )
+                        + (f"\n{over}" if over else ""),
                         timed_out=True,
                         restarted=True,
                         elapsed_s=time.monotonic() - t0,
