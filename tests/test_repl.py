@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from rlmd.config import LimitsConfig, SandboxConfig
@@ -342,6 +343,10 @@ def test_protection_report_and_require() -> None:
     assert not resolve(ll, bwrap="auto", seccomp="auto").landlock  # bwrap isolates already
     assert resolve(ll, bwrap="off", seccomp="auto").landlock
     assert not resolve(ll, bwrap="off", seccomp="off").landlock
+    assert not resolve(ll, bwrap="off", seccomp="auto").landlock_scoped  # ABI 4: no scopes
+    scoped = msgspec.structs.replace(ll, landlock_abi=6)
+    for bw, sc in (("auto", "auto"), ("off", "auto"), ("off", "off")):  # scopes in every mode
+        assert resolve(scoped, bwrap=bw, seccomp=sc).landlock_scoped
 
 
 def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
