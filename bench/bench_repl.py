@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlmd.config import LimitsConfig, SandboxConfig
 from rlmd.repl.ctxview import ContextView, make_re_module
-from rlmd.repl.sandbox import SandboxUnavailable, host_sys_path, python_executable
+from rlmd.repl.daemon_sandbox import SandboxUnavailable, host_sys_path, python_executable
 from rlmd.repl.session import ReplSession, protection
 
 MODES = {

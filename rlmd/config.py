@@ -198,6 +198,13 @@ class SandboxConfig(_Section):
 
     bwrap: Literal["auto", "require", "off"] = "auto"
     seccomp: Literal["auto", "require", "off"] = "auto"
+    #: Scratch space of one worker, MiB: a tmpfs of this size under bubblewrap; without
+    #: it, the largest file (RLIMIT_FSIZE) and the total checked after every block.
+    scratch_mb: int = 512
+
+    def __post_init__(self) -> None:
+        if self.scratch_mb < 1:
+            raise ValueError("scratch_mb must be at least 1")
 
 
 class ImproveConfig(_Section):

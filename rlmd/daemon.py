@@ -148,12 +148,15 @@ def bind_socket(path: Path) -> tuple[socket.socket, int]:
 @contextlib.asynccontextmanager
 async def build_app(config: Config, socket_path: Path, state_dir: Path) -> AsyncIterator[App]:
     """Create and wire the daemon's parts; close them in reverse order on exit."""
+    from .repl.scratch import claim_scratch
     from .store.store import ContextStore
 
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
     store = await asyncio.to_thread(ContextStore, state_dir / "contexts")
     app = App(config=config, socket_path=socket_path, state_dir=state_dir, store=store)
     async with contextlib.AsyncExitStack() as stack:
+        # Scratch files of daemons that died are removed; this one's are claimed (a lock).
+        stack.enter_context(await asyncio.to_thread(claim_scratch, state_dir / "tmp"))
         await _wire_models(app, stack)
         yield app
 

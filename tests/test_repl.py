@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from rlmd.config import LimitsConfig, SandboxConfig
 from rlmd.repl.ctxview import ContextView, make_re_module
-from rlmd.repl.sandbox import ProbeCache, SandboxProbe, SandboxUnavailable, build_filter, resolve
+from rlmd.repl.daemon_sandbox import ProbeCache, SandboxProbe, SandboxUnavailable, resolve
 from rlmd.repl.session import ExecResult, ReplSession, WorkerError, protection
+from rlmd.repl.worker_guard import build_filter
 
 
 class Handler:
@@ -341,6 +343,10 @@ def test_protection_report_and_require() -> None:
     assert not resolve(ll, bwrap="auto", seccomp="auto").landlock  # bwrap isolates already
     assert resolve(ll, bwrap="off", seccomp="auto").landlock
     assert not resolve(ll, bwrap="off", seccomp="off").landlock
+    assert not resolve(ll, bwrap="off", seccomp="auto").landlock_scoped  # ABI 4: no scopes
+    scoped = msgspec.structs.replace(ll, landlock_abi=6)
+    for bw, sc in (("auto", "auto"), ("off", "auto"), ("off", "off")):  # scopes in every mode
+        assert resolve(scoped, bwrap=bw, seccomp=sc).landlock_scoped
 
 
 def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
@@ -365,8 +371,8 @@ def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
 def test_seccomp_filter_decisions() -> None:
     allow, eperm, enosys, kill = 0x7FFF0000, 0x50001, 0x50026, 0x80000000
     for machine, arch, nrs in (
-        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425, "kill": 62, "tgkill": 234}),
-        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425, "kill": 129, "tgkill": 131}),
+        ("x86_64", 0xC000003E, {"read": 0, "socket": 41, "clone": 56, "clone3": 435, "prlimit64": 302, "fork": 57, "execve": 59, "io_uring_setup": 425, "kill": 62, "tgkill": 234, "fcntl": 72, "ioctl": 16}),
+        ("aarch64", 0xC00000B7, {"read": 63, "socket": 198, "clone": 220, "clone3": 435, "prlimit64": 261, "execve": 221, "io_uring_setup": 425, "kill": 129, "tgkill": 131, "fcntl": 25, "ioctl": 29}),
     ):  # fmt: skip
         prog = build_filter(machine, own_pid=4242)
         assert run_bpf(prog, nrs["read"], arch) == allow
@@ -386,6 +392,14 @@ def test_seccomp_filter_decisions() -> None:
         assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 0x7FFF0000, 0)) == eperm
         assert run_bpf(prog, nrs["prlimit64"], arch, (0, 9, 1 << 40, 0)) == eperm
         assert run_bpf(prog, nrs["read"], 0x40000003) == kill  # i386 ABI
+        fcntl_nr, ioctl_nr = nrs["fcntl"], nrs["ioctl"]
+        for cmd in (8, 10, 15, (1 << 32) | 8):  # F_SETOWN, F_SETSIG, F_SETOWN_EX; high bits
+            assert run_bpf(prog, fcntl_nr, arch, (3, cmd, 4242)) == eperm, cmd
+        for cmd in (1, 3, 4, 2):  # F_GETFD, F_GETFL, F_SETFL (O_ASYNC alone is harmless)
+            assert run_bpf(prog, fcntl_nr, arch, (3, cmd, 0)) == allow, cmd
+        for req in (0x8901, 0x8902, 0x5410, 0x5412):  # FIOSETOWN, SIOCSPGRP, TIOCSPGRP, TIOCSTI
+            assert run_bpf(prog, ioctl_nr, arch, (3, req, 0)) == eperm, hex(req)
+        assert run_bpf(prog, ioctl_nr, arch, (3, 0x5401, 0)) == allow  # TCGETS (isatty)
         if "fork" in nrs:
             assert run_bpf(prog, nrs["fork"], arch) == eperm
             assert run_bpf(prog, 0x40000000 | nrs["read"], arch) == eperm  # x32 ABI

@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from rlmd.config import EmbeddedConfig, ProviderConfig
+from rlmd.proc import die_with_parent, drain_stream, stop_process
 from rlmd.providers.base import ChatRequest, ChatResult, OnDelta, ProviderError
 from rlmd.providers.openai import OpenAIProvider
 from rlmd.providers.weights import (
@@ -485,7 +486,7 @@ class EmbeddedProvider:
             if not str(address).startswith("http://127.0.0.1:"):
                 raise RuntimeError(f"the llama.cpp server listens on {address!r}, not loopback")
         except BaseException as exc:
-            await _stop_process(proc)
+            await stop_process(proc)
             if isinstance(exc, TimeoutError):
                 raise RuntimeError(
                     f"the llama.cpp server did not load {path.name} within "
@@ -518,32 +519,19 @@ class EmbeddedProvider:
     async def _stop_child(self, child: _Child) -> None:
         if child.client is not None:
             await child.client.aclose()
-        await _stop_process(child.proc)
-
-
-async def _stop_process(proc: asyncio.subprocess.Process) -> None:
-    """Ask the child to exit (stdin EOF), then SIGTERM, then SIGKILL."""
-    if proc.stdin is not None and not proc.stdin.is_closing():
-        proc.stdin.close()
-    for sig, wait_s in ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        if proc.returncode is not None:
-            return
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), wait_s)
+        await stop_process(child.proc)
 
 
 async def _drain(stream: asyncio.StreamReader | None, tail: deque[str], model: str) -> None:
     """Keep the child's stderr flowing (a full pipe would block it); remember the end."""
-    if stream is None:
-        return
-    while line := await stream.readline():
+
+    def keep(line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip()
         if text:
             tail.append(text)
             log.debug("llama.cpp[%s]: %s", model, text)
+
+    await drain_stream(stream, keep, by_line=True)
 
 
 def _child_env() -> dict[str, str]:
@@ -556,21 +544,9 @@ def _child_env() -> dict[str, str]:
 # -- the child process ---------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the daemon dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
-
-
 def serve_child(spec: _ChildSpec) -> int:
     """Run in the child: start the llama.cpp server, print its address, live until stdin EOF."""
-    _die_with_parent()
+    die_with_parent(signal.SIGTERM)  # exits at once if the daemon is already gone
     try:
         import xllamacpp as xlc
 

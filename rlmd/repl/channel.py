@@ -49,6 +49,8 @@ class Init(_Msg, tag="init"):
     max_frame_bytes: int
     #: (path, Landlock rights) the worker allows itself; empty: no Landlock.
     landlock_rules: list[tuple[str, int]] = []
+    #: Landlock scopes (``LL_SCOPE_*`` bits) the worker puts itself under; 0: none.
+    landlock_scoped: int = 0
 
 
 class Exec(_Msg, tag="exec"):
@@ -88,6 +90,10 @@ class Ready(_Msg, tag="ready"):
     landlock: bool
     context_kind: str  # "none" | "str" | "view"
     setup_error: str | None = None
+    #: Every capability dropped (bounding and ambient sets too) and no_new_privs set.
+    privileges_dropped: bool = False
+    #: The Landlock scopes of ``Init.landlock_scoped`` are in force.
+    landlock_scoped: bool = False
 
 
 class Call(_Msg, tag="call"):
@@ -95,7 +101,9 @@ class Call(_Msg, tag="call"):
 
     id: int
     method: str
-    params: dict[str, Any]
+    # Only what the worker's functions send (prompt, prompts, model, context): a forged
+    # frame cannot smuggle deep structures past the decoder.
+    params: dict[str, str | list[str] | None]
 
 
 class Done(_Msg, tag="done"):
@@ -143,11 +151,20 @@ def decode_to_worker(body: bytes) -> ToWorker:
 
 
 def decode_to_daemon(body: bytes) -> ToDaemon:
-    """Decode a frame body the worker sent; raises ChannelError on anything unexpected."""
+    """Decode a frame body the worker sent; raises ChannelError on anything unexpected.
+
+    The frame is hostile: besides malformed and ill-typed ones (DecodeError), a frame
+    nested deeper than the interpreter's recursion limit raises RecursionError and a huge
+    one MemoryError; each of them is the worker's fault and ends only the worker.
+    """
     try:
         return _to_daemon.decode(body)
     except msgspec.DecodeError as exc:
         raise ChannelError(f"bad message from worker: {exc}") from None
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:
+        raise ChannelError(
+            f"bad message from worker: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
 
 
 def check_length(length: int, max_frame_bytes: int) -> None:

@@ -1,7 +1,7 @@
 """The daemon side of a REPL: one sandboxed worker process per query.
 
 ``ReplSession.start`` spawns a worker (see :mod:`rlmd.repl.worker`) under the protection
-layers of :mod:`rlmd.repl.sandbox`; ``execute`` runs one block in it and meanwhile serves
+layers of :mod:`rlmd.repl.daemon_sandbox`; ``execute`` runs one block in it and meanwhile serves
 the block's model calls through ``on_call``.  A block that outlives its wall-clock limit,
 or a worker that dies, costs the worker: its whole process group (and under bubblewrap
 its pid namespace) is killed, the result says ``restarted=True`` (the model must be told
@@ -26,11 +26,11 @@ from typing import Any
 import msgspec
 
 from rlmd.config import LimitsConfig, SandboxConfig
+from rlmd.proc import AT_ONCE, drain_stream, stop_process
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import STR_THRESHOLD_BYTES
-from rlmd.repl.sandbox import (
+from rlmd.repl.daemon_sandbox import (
     DEFAULT_PROBE,
-    FILE_SIZE_LIMIT,
     SANDBOX_CONTEXT_DIR,
     SANDBOX_LIB,
     SANDBOX_SCRATCH,
@@ -44,6 +44,8 @@ from rlmd.repl.sandbox import (
     resolve,
     worker_env,
 )
+from rlmd.repl.scratch import empty_dir, scratch_usage
+from rlmd.repl.worker_guard import LL_SCOPE_ABSTRACT_UNIX, LL_SCOPE_SIGNAL
 
 CallHandler = Callable[[str, dict], Awaitable[Any]]
 
@@ -157,9 +159,11 @@ class _Proc:
 
     async def drain_stderr(self) -> None:
         # Keep only the tail: enough to explain a crash, bounded whatever the worker writes.
-        assert self.proc.stderr is not None
-        while chunk := await self.proc.stderr.read(65536):
+
+        def keep(chunk: bytes) -> None:
             self.stderr_tail = (self.stderr_tail + chunk)[-_STDERR_TAIL:]
+
+        await drain_stream(self.proc.stderr, keep)
 
     async def death_note(self) -> str:
         """Why the worker went away, from its exit status and the tail of its stderr."""
@@ -193,14 +197,8 @@ class _Proc:
 
     async def kill(self) -> None:
         """SIGKILL the whole process group (bubblewrap's pid namespace dies with it)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
         self.writer.close()
-        with contextlib.suppress(TimeoutError, ProcessLookupError):
-            async with asyncio.timeout(5):
-                await self.proc.wait()
+        await stop_process(self.proc, steps=AT_ONCE, group=True)
         if self.drain_task is not None:
             self.drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -279,8 +277,10 @@ class ReplSession:
             paths, home = host_sys_path(), str(self.scratch_dir)
             ctx = str(self.context_path) if self.context_path else None
             idx = str(index) if index else None
+        parent = None if prot.bwrap else os.getpid()
         boot = (
-            f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; main({fd})"
+            f"import sys; sys.path[:0] = {paths!r}; from rlmd.repl.worker import main; "
+            f"main({fd}, {parent!r})"
         )
         argv = [python_executable(), "-I", "-S", "-c", boot]
         env = worker_env(home)
@@ -292,6 +292,7 @@ class ReplSession:
                     scratch_dir=self.scratch_dir,
                     env=env,
                     index_path=index,
+                    scratch_bytes=self.sandbox.scratch_mb * 1024 * 1024,
                 ),
                 "--",
                 *argv,
@@ -340,6 +341,13 @@ class ReplSession:
                     seccomp=False,
                     seccomp_detail=f"failed in worker: {ready.setup_error}",
                 )
+            if prot.privileges_dropped and not ready.privileges_dropped:
+                # Never run model code with capabilities, whatever the mode.
+                raise SandboxUnavailable(
+                    f"the REPL worker could not drop its privileges: {ready.setup_error}"
+                )
+            if prot.landlock_scoped and not ready.landlock_scoped:
+                self.protection = msgspec.structs.replace(self.protection, landlock_scoped=False)
             if prot.landlock and not ready.landlock:
                 self.protection = msgspec.structs.replace(
                     self.protection,
@@ -368,16 +376,41 @@ class ReplSession:
             )
         return ch.Init(
             landlock_rules=rules,
+            landlock_scoped=(LL_SCOPE_SIGNAL | LL_SCOPE_ABSTRACT_UNIX)
+            if self.protection.landlock_scoped
+            else 0,
             context_path=ctx,
             index_path=idx,
             str_threshold_bytes=self.str_threshold_bytes,
             memory_bytes=lim.worker_memory_mb * 1024 * 1024,
             cpu_s=lim.worker_cpu_s,
             open_files=lim.worker_open_files,
-            file_size_bytes=FILE_SIZE_LIMIT,
+            file_size_bytes=self.sandbox.scratch_mb * 1024 * 1024,
             seccomp=self.protection.seccomp,
             output_cap_chars=OUTPUT_CAP_CHARS,
             max_frame_bytes=lim.max_frame_bytes,
+        )
+
+    async def _scratch_over_limit(self, *, holding_lock: bool = False) -> str | None:
+        """Outside bubblewrap the scratch directory is on disk with no quota: measure it
+        after each block (timed out or not); over the limit, restart the worker and empty
+        the directory.  Returns the note for the block's error, None when within."""
+        if self.protection.bwrap:
+            return None  # a tmpfs of the configured size bounds it already
+        limit = self.sandbox.scratch_mb * 1024 * 1024
+        used = await asyncio.to_thread(scratch_usage, self.scratch_dir, limit)
+        if used <= limit:
+            return None
+        if holding_lock:
+            await self._drop_worker()
+        else:
+            async with self._lock:
+                await self._drop_worker()
+        await asyncio.to_thread(empty_dir, self.scratch_dir)
+        return (
+            f"OSError: the scratch directory holds more than sandbox.scratch_mb = "
+            f"{self.sandbox.scratch_mb} MiB (or too many files); it was emptied and the "
+            "REPL was restarted: all variables and files were lost."
         )
 
     async def _drop_worker(self) -> None:
@@ -410,13 +443,15 @@ class ReplSession:
                 except TimeoutError:
                     output = await w.partial_output(FLUSH_TIMEOUT_S)
                     await self._drop_worker()
+                    over = await self._scratch_over_limit(holding_lock=True)
                     return ExecResult(
                         output=output,
                         error=(
                             f"TimeoutError: the block ran longer than {timeout_s:g} s and was "
                             "stopped. The REPL was restarted: all variables were lost "
                             "(context and the functions are back)."
-                        ),
+                        )
+                        + (f"\n{over}" if over else ""),
                         timed_out=True,
                         restarted=True,
                         elapsed_s=time.monotonic() - t0,
@@ -435,6 +470,16 @@ class ReplSession:
                 raise
         # The worker caps its output, but model code can forge frames: cap again here.
         output, error = done.output, done.error
+        over = await self._scratch_over_limit()
+        if over:
+            error = (error + "\n" if error else "") + over
+            return ExecResult(
+                output=output[:OUTPUT_CAP_CHARS],
+                error=error[: OUTPUT_CAP_CHARS + 1000],
+                final=done.final,
+                restarted=True,
+                elapsed_s=time.monotonic() - t0,
+            )
         if len(output) > OUTPUT_CAP_CHARS + 200:
             output = output[:OUTPUT_CAP_CHARS] + "\n[output truncated by the daemon]\n"
         if error is not None and len(error) > OUTPUT_CAP_CHARS:

@@ -20,18 +20,20 @@ import io
 import linecache
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
 from typing import Any
 
+from rlmd.proc import die_with_parent
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import ContextView, load_context, make_re_module
-from rlmd.repl.sandbox import (
+from rlmd.repl.worker_guard import (
     apply_landlock,
     apply_rlimits,
+    drop_privileges,
     install_seccomp,
-    set_parent_death_signal,
 )
 
 _ERROR_CAP = 100_000
@@ -337,16 +339,27 @@ def _format_error(exc: BaseException) -> str:
     return text
 
 
-def main(fd: int) -> None:
-    """Entry point of the worker process; ``fd`` is its end of the socketpair."""
-    set_parent_death_signal()
+def main(fd: int, parent_pid: int | None = None) -> None:
+    """Entry point of the worker process; ``fd`` is its end of the socketpair.
+
+    ``parent_pid``: the daemon's pid when the worker is its direct child (None under
+    bubblewrap, whose ``--die-with-parent`` covers the same ground).
+    """
+    # SIGKILL when the daemon dies; if it died already, exit before anything else.
+    die_with_parent(signal.SIGKILL, parent_pid=parent_pid, check=parent_pid is not None)
+    # First of all, before even the first message is read: no capability survives here.
+    dropped, drop_error = True, None
+    try:
+        drop_privileges()
+    except OSError as exc:
+        dropped, drop_error = False, f"privileges: {exc}"
     sock = socket.socket(fileno=fd)
     chan = ch.BlockingChannel(sock, max_frame_bytes=64 * 1024 * 1024)
     init = chan.recv()
     if not isinstance(init, ch.Init):
         raise SystemExit("rlmd worker: expected Init")
     chan.max_frame_bytes = init.max_frame_bytes
-    problems: list[str] = []
+    problems: list[str] = [drop_error] if drop_error else []
     context = load_context(init.context_path, init.str_threshold_bytes, init.index_path)
     kind = "none" if context is None else ("view" if isinstance(context, ContextView) else "str")
     memory = init.memory_bytes
@@ -363,12 +376,12 @@ def main(fd: int) -> None:
     except (OSError, ValueError) as exc:
         rlimits = False
         problems.append(f"rlimits: {exc}")
-    landlock = False
-    if init.landlock_rules:
+    landlock = scoped = False
+    if init.landlock_rules or init.landlock_scoped:
         # Before any thread starts: Landlock binds the calling thread and its offspring.
         try:
-            apply_landlock([(p, r) for p, r in init.landlock_rules])
-            landlock = True
+            apply_landlock([(p, r) for p, r in init.landlock_rules], scoped=init.landlock_scoped)
+            landlock, scoped = bool(init.landlock_rules), bool(init.landlock_scoped)
         except OSError as exc:
             problems.append(f"landlock: {exc}")
     worker = Worker(chan, init, context)
@@ -388,6 +401,8 @@ def main(fd: int) -> None:
             landlock=landlock,
             context_kind=kind,
             setup_error="; ".join(problems) or None,
+            privileges_dropped=dropped,
+            landlock_scoped=scoped,
         )
     )
     worker.serve()
