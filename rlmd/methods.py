@@ -20,10 +20,11 @@ from jsonrpcserver import Error
 from . import __version__
 from .config import Config
 from .engine.types import QueryParams
-from .jobs import JobExists, Jobs
+from .jobs import JobExists, JobIdTooLong, Jobs
 from .protocol.errors import (
     BAD_INPUT,
     CANCELLED,
+    INVALID_PARAMS,
     NOT_FOUND,
     SHUTTING_DOWN,
     UNAVAILABLE,
@@ -155,6 +156,8 @@ def build_methods(app: App) -> dict[str, Method]:
             )
         try:
             job = app.jobs.start(p.job, conn)
+        except JobIdTooLong as exc:
+            raise AppError("bad_params", str(exc), code=INVALID_PARAMS) from None
         except JobExists:
             raise AppError(
                 "job_exists",

@@ -338,3 +338,31 @@ def test_frame_decoder_unit():
     assert dec.feed(body[3:] + b"Content-Length: 2\r\n\r\n[]") == [body, b"[]"]
     with pytest.raises(FrameError):
         FrameDecoder(10).feed(b"Content-Length: 11\r\n\r\n")
+
+
+# -- hardening (issue 14) ------------------------------------------------------------------
+
+
+def test_early_cancels_bounded_by_count_and_time():
+    from rlmd.jobs import MAX_EARLY_CANCELS, Jobs
+
+    jobs = Jobs()
+    for i in range(MAX_EARLY_CANCELS * 3):
+        assert jobs.cancel(f"never-{i}") is False
+    assert len(jobs._early) <= MAX_EARLY_CANCELS
+    # Pruned by time on every insert, not only when a job starts.
+    jobs = Jobs(early_cancel_s=0.0)
+    for i in range(50):
+        jobs.cancel(f"gone-{i}")
+    assert len(jobs._early) <= 1
+
+
+def test_long_job_id_refused_with_invalid_params(daemon):
+    with daemon.client() as c:
+        with pytest.raises(RpcError) as ei:
+            c.call("query/cancel", {"job": "j" * 100_000})
+        assert ei.value.code == -32602 and "length" in ei.value.message
+        with pytest.raises(RpcError) as ei:
+            c.call("query/run", {"query": "q", "job": "j" * 100_000})
+        assert ei.value.code == -32602 and "256" in ei.value.message
+        assert c.call("query/cancel", {"job": "j" * 256}) == {"cancelled": False}

@@ -6,7 +6,14 @@ names it rather than a silently ignored option.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from ..jobs import MAX_JOB_ID_CHARS
+
+# A client-chosen job id: bounded, because every event echoes it and the daemon keeps it.
+JobId = Annotated[str, msgspec.Meta(max_length=MAX_JOB_ID_CHARS)]
 
 
 class _Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -40,7 +47,7 @@ class ContextSearchParams(_Params):
 
 
 class JobParams(_Params):
-    job: str
+    job: JobId
 
 
 class TraceParams(_Params):
