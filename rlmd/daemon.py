@@ -103,7 +103,25 @@ def _live_daemon_answers(path: Path) -> bool:
         s.close()
 
 
-def bind_socket(path: Path) -> tuple[socket.socket, int]:
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; return (old soft, new soft).
+
+    Every client holds a descriptor; the usual soft default of 1024 is reached by a
+    thousand idle clients long before the hard limit is.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
+def bind_socket(path: Path, backlog: int = 512) -> tuple[socket.socket, int]:
     """Bind our own listening socket at ``path``, holding a lock beside it.
 
     Returns the socket and the lock's fd (kept open for the daemon's lifetime).
@@ -139,7 +157,7 @@ def bind_socket(path: Path) -> tuple[socket.socket, int]:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(512)
+    sock.listen(backlog)
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     return sock, lock_fd
@@ -171,7 +189,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     sock = _activated_socket()
     lock_fd = None
     if sock is None:
-        sock, lock_fd = bind_socket(socket_path)
+        sock, lock_fd = bind_socket(socket_path, config.server.listen_backlog)
     else:
         socket_path = Path(sock.getsockname() or socket_path)
     stop = asyncio.Event()
@@ -181,7 +199,13 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     try:
         async with build_app(config, socket_path, state_dir) as app:
             dispatcher = Dispatcher(build_methods(app))
-            server = Server(dispatcher, max_frame=config.limits.max_frame_bytes)
+            server = Server(
+                dispatcher,
+                max_frame=config.limits.max_frame_bytes,
+                backlog=config.server.listen_backlog,
+                max_buffered_bytes=config.server.max_buffered_bytes,
+                idle_timeout_s=config.server.idle_timeout_s,
+            )
             await server.start(sock)
             log.info("rlmd %s listening on %s (state in %s)", __version__, socket_path, state_dir)
             print(f"rlmd: listening on {socket_path}", file=sys.stderr, flush=True)
@@ -217,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rlmd: bad config: {exc}", file=sys.stderr)
         return 2
+    if config.server.raise_nofile:
+        raise_nofile_limit()
     import uvloop
 
     try:
