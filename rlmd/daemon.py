@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from . import __version__
+from .app import App
 from .blas import single_threaded_blas
 from .config import Config, ConfigError, load_config
-from .methods import App, build_methods
+from .handlers.registry import build_methods
 from .paths import default_config_path, default_socket_path, default_state_dir
 from .protocol.jsonrpc import Dispatcher
 from .server import Server
@@ -165,22 +166,15 @@ def bind_socket(path: Path, backlog: int = 512) -> tuple[socket.socket, int]:
 
 @contextlib.asynccontextmanager
 async def build_app(config: Config, socket_path: Path, state_dir: Path) -> AsyncIterator[App]:
-    """Create and wire the daemon's parts; close them in reverse order on exit."""
+    """Create the daemon's parts and join them; close them in reverse order on exit."""
+    from .compose import build_models
     from .store.store import ContextStore
 
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
     store = await asyncio.to_thread(ContextStore, state_dir / "contexts")
-    app = App(config=config, socket_path=socket_path, state_dir=state_dir, store=store)
     async with contextlib.AsyncExitStack() as stack:
-        await _wire_models(app, stack)
-        yield app
-
-
-async def _wire_models(app: App, stack: contextlib.AsyncExitStack) -> None:
-    """Providers, pool and engine, where those parts are installed and configured."""
-    from .compose import wire_models
-
-    await wire_models(app, stack)
+        models = await build_models(config, state_dir, store, stack)
+        yield App.assemble(config, socket_path, state_dir, store, models)
 
 
 async def serve(args: argparse.Namespace, config: Config) -> int:

@@ -100,7 +100,10 @@ class Connection(asyncio.Protocol):
                     encode(
                         {
                             "jsonrpc": "2.0",
-                            "error": {"code": INTERNAL_ERROR, "message": f"Internal error: {exc!r}"},
+                            "error": {
+                                "code": INTERNAL_ERROR,
+                                "message": f"Internal error: {exc!r}",
+                            },
                             "id": None,
                         }
                     )

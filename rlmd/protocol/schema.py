@@ -73,3 +73,5 @@ class DaemonStatus(msgspec.Struct):
     jobs: int
     sandbox: dict
     embedded: str
+    queries_running: int = 0  # admitted query/run (limits.max_concurrent_queries)
+    queries_queued: int = 0  # waiting for a slot
