@@ -3,6 +3,10 @@
 Each connection is an ``asyncio.Protocol`` (no stream objects on the hot path).  Requests
 answered synchronously are written back inside ``data_received``; coroutine handlers run
 as tasks owned by the connection, so a client that disconnects cancels its work.
+
+Bounds that protect everyone from one client: the frame limit per message (framing.py),
+the unfinished bytes held across all connections together (``max_buffered_bytes``), an
+idle timeout for connections that never send anything, and the listen backlog asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from .protocol.jsonrpc import Dispatcher, encode
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
+# The code of the one error a connection gets before it is closed, by FrameError kind.
+_FATAL_CODES = {
+    "frame_too_large": INVALID_REQUEST,
+    "idle_timeout": INVALID_REQUEST,
+    "server_busy": BUSY,
+}
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -227,9 +237,7 @@ class Connection(asyncio.Protocol):
 
     def _fatal(self, exc: FrameError) -> None:
         self._release()
-        code = {"frame_too_large": INVALID_REQUEST, "server_busy": BUSY}.get(exc.kind, PARSE_ERROR)
-        if exc.kind == "idle_timeout":
-            code = INVALID_REQUEST
+        code = _FATAL_CODES.get(exc.kind, PARSE_ERROR)
         err = {
             "jsonrpc": "2.0",
             "error": {"code": code, "message": str(exc), "data": {"kind": exc.kind}},
