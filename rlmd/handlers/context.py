@@ -17,7 +17,7 @@ from ..protocol.schema import (
     ContextPutParams,
     ContextSearchParams,
 )
-from ..store.store import ContextStore, StoreError
+from ..store.store import ContextInfo, ContextStore, PutResult, SearchMatch, StoreError
 
 if TYPE_CHECKING:
     from ..app import App
@@ -40,7 +40,7 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         raise store_error(exc) from None
 
 
-async def put(store: ContextStore, conn: Notifier, req: Request, p: ContextPutParams) -> Any:
+async def put(store: ContextStore, conn: Notifier, req: Request, p: ContextPutParams) -> PutResult:
     if (p.text is None) == (p.path is None):
         raise AppError(
             "bad_params",
@@ -59,27 +59,35 @@ async def put(store: ContextStore, conn: Notifier, req: Request, p: ContextPutPa
     return await in_thread(store.put_path, p.name, path, **kw)
 
 
-def list_(store: ContextStore, conn: Notifier, req: Request, p: NoParams) -> Any:
+def list_(store: ContextStore, conn: Notifier, req: Request, p: NoParams) -> list[ContextInfo]:
     # Per-query temporary contexts (query/run with `text`) are not the user's.
     return [c for c in store.list() if not c.name.startswith("_query:")]
 
 
-async def peek(store: ContextStore, conn: Notifier, req: Request, p: ContextPeekParams) -> Any:
+async def peek(
+    store: ContextStore, conn: Notifier, req: Request, p: ContextPeekParams
+) -> dict[str, str]:
     end = p.end if p.end is not None else p.start + 4096
     return {"text": await in_thread(store.peek, p.name, p.start, end)}
 
 
-async def search(store: ContextStore, conn: Notifier, req: Request, p: ContextSearchParams) -> Any:
+async def search(
+    store: ContextStore, conn: Notifier, req: Request, p: ContextSearchParams
+) -> dict[str, list[SearchMatch]]:
     # A runaway pattern is stopped between search windows instead of holding a thread.
     matches = await in_thread(store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0)
     return {"matches": matches}
 
 
-async def info(store: ContextStore, conn: Notifier, req: Request, p: ContextNameParams) -> Any:
+async def info(
+    store: ContextStore, conn: Notifier, req: Request, p: ContextNameParams
+) -> ContextInfo:
     return await in_thread(store.info, p.name)
 
 
-async def drop(store: ContextStore, conn: Notifier, req: Request, p: ContextNameParams) -> Any:
+async def drop(
+    store: ContextStore, conn: Notifier, req: Request, p: ContextNameParams
+) -> dict[str, bool]:
     return {"dropped": await in_thread(store.drop, p.name)}
 
 

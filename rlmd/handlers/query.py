@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from jsonrpcserver import Error
+from jsonrpcserver.result import Result
 
 from ..admission import QueueFull
-from ..engine.types import QueryParams
+from ..engine.types import QueryParams, QueryResult
 from ..jobs import Job, JobExists, JobIdTooLong, Jobs, Notifier
 from ..protocol.errors import (
     BAD_INPUT,
@@ -44,7 +45,7 @@ def _start_job(jobs: Jobs, job_id: str | None, conn: Notifier) -> Job:
         ) from None
 
 
-async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> Any:
+async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> QueryResult | Result:
     if app.draining:
         raise AppError(
             "shutting_down", "the daemon is shutting down; retry shortly", code=SHUTTING_DOWN
@@ -107,15 +108,17 @@ async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> Any:
             await asyncio.shield(asyncio.to_thread(_drop_quietly, app.store, temp_name))
 
 
-def cancel(jobs: Jobs, conn: Notifier, req: Request, p: JobParams) -> Any:
+def cancel(jobs: Jobs, conn: Notifier, req: Request, p: JobParams) -> dict[str, bool]:
     return {"cancelled": jobs.cancel(p.job)}
 
 
-def list_jobs(jobs: Jobs, conn: Notifier, req: Request, p: NoParams) -> Any:
+def list_jobs(jobs: Jobs, conn: Notifier, req: Request, p: NoParams) -> dict[str, list[str]]:
     return {"jobs": jobs.ids()}
 
 
-async def trace(app: App, conn: Notifier, req: Request, p: TraceParams) -> Any:
+async def trace(
+    app: App, conn: Notifier, req: Request, p: TraceParams
+) -> dict[str, list[dict[str, Any]]]:
     from ..engine.trace import read_trace
 
     try:
