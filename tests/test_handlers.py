@@ -95,3 +95,35 @@ def test_admission_queue_order_and_cancel():
         return order
 
     assert asyncio.run(main()) == ["a runs", "b queued 1", "c queued 2", "c runs"]
+
+
+def test_admission_slot_handed_to_a_cancelled_waiter_is_passed_on():
+    async def main() -> list[str]:
+        adm = Admission(limit=1, max_queued=2)
+        order: list[str] = []
+        gate = asyncio.Event()
+        tasks: dict[str, asyncio.Task[None]] = {}
+
+        async def first() -> None:
+            async with adm.slot():
+                order.append("a")
+                await gate.wait()
+            # In the same step as the release: b holds the slot but has not run yet.
+            tasks["b"].cancel()
+
+        async def q(name: str) -> None:
+            async with adm.slot():
+                order.append(name)
+
+        ta = asyncio.create_task(first())
+        await asyncio.sleep(0)
+        tasks["b"] = asyncio.create_task(q("b"))
+        tc = asyncio.create_task(q("c"))
+        await asyncio.sleep(0)
+        gate.set()
+        # A lost slot would leave c waiting for ever: bound the wait so that it fails.
+        await asyncio.wait_for(asyncio.gather(ta, tasks["b"], tc, return_exceptions=True), 10)
+        assert adm.running == 0 and adm.waiting == 0
+        return order
+
+    assert asyncio.run(main()) == ["a", "c"]
