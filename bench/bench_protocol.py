@@ -5,7 +5,13 @@ processes.  For comparison in the same run, the same socket server is also start
 jsonrpcserver's default ``dispatch`` (jsonschema validation, its own JSON codec) in place
 of rlmd's dispatcher: ratios survive a noisy machine, absolute numbers do not.
 
-    python bench/bench_protocol.py [--seconds 3] [--clients 2]
+    python bench/bench_protocol.py [--seconds 3] [--clients 2] [--sizes 25,50,100,200]
+        [--baseline-tree DIR]
+
+The second table is the receive time of ONE large message (a ping padded to N MB), in
+each framing: NDJSON searched the whole buffer for a newline on every read (quadratic)
+until the hardening round.  ``--baseline-tree DIR`` (an exported older tree, e.g. ``git
+archive 4b54b4a | tar -x -C DIR``) adds its daemon's times side by side.
 """
 
 from __future__ import annotations
@@ -95,12 +101,81 @@ def measure(path: str, framing: str, seconds: float, clients: int, window: int =
     }
 
 
-def _start_daemon(root: Path) -> subprocess.Popen:
-    sock = root / "d.sock"
-    argv = daemon_command(sock, state_dir=root / "state", log_level="warning")
-    proc = spawn_daemon(argv)
-    wait_until_answering(proc, sock, timeout_s=20)
+def _start_daemon(
+    root: Path, tree: Path | None = None, name: str = "d", config: Path | None = None
+) -> subprocess.Popen:
+    """Start ``python -m rlmd`` from this tree, or from ``tree`` (an older export)."""
+    sock = root / f"{name}.sock"
+    argv = daemon_command(
+        sock, state_dir=root / f"{name}-state", config=config, log_level="warning"
+    )
+    env = None
+    if tree is not None:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = spawn_daemon(argv, env=env, cwd=tree)
+    wait_until_answering(proc, sock, timeout_s=30)
     return proc
+
+
+def padded_ping(size: int) -> bytes:
+    """A daemon/ping request of exactly ``size`` bytes (a pad member it ignores)."""
+    head = b'{"jsonrpc":"2.0","method":"daemon/ping","id":1,"pad":"'
+    return head + b"a" * (size - len(head) - 2) + b'"}'
+
+
+def large_message_s(path: str, framing: str, size: int) -> float:
+    """Seconds from the first byte of one ``size``-byte message to its answer."""
+    body = _frame(framing, padded_ping(size))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(600)
+    s.connect(path)
+    t = time.perf_counter()
+    s.sendall(body)
+    data = b""
+    while b"pong" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("the daemon closed the connection")
+        data += chunk
+    elapsed = time.perf_counter() - t
+    s.close()
+    return elapsed
+
+
+def large_messages(
+    sizes_mb: list[int], baseline_tree: Path | None = None
+) -> list[tuple[int, dict[str, float]]]:
+    """Per size: receive seconds keyed "<tree> <framing>" (tree: "now" or "baseline")."""
+    trees: list[tuple[str, Path | None]] = [("now", None)]
+    if baseline_tree is not None:
+        trees.append(("baseline", baseline_tree))
+    rows: dict[int, dict[str, float]] = {mb: {} for mb in sizes_mb}
+    with tempfile.TemporaryDirectory(prefix="rlmd-bench-", dir="/tmp") as tmp:
+        root = Path(tmp)
+        for label, tree in trees:
+            proc = _start_daemon(root, tree, name=label)
+            try:
+                for mb in sizes_mb:
+                    for framing in ("ndjson", "content-length"):
+                        t = large_message_s(str(root / f"{label}.sock"), framing, mb * 10**6)
+                        rows[mb][f"{label} {framing}"] = t
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    return list(rows.items())
+
+
+def large_table(rows: list[tuple[int, dict[str, float]]]) -> str:
+    cols = list(rows[0][1]) if rows else []
+    lines = [
+        "One message of N MB (a padded `daemon/ping`), from its first byte to the answer:",
+        "",
+        "| size | " + " | ".join(cols) + " |",
+        "| ---: | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for mb, r in rows:
+        lines.append(f"| {mb} MB | " + " | ".join(f"{r[c]:.2f} s" for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def _baseline_server(path: str, ready: mp.Event) -> None:
@@ -130,8 +205,16 @@ def _baseline_server(path: str, ready: mp.Event) -> None:
     uvloop.run(main())
 
 
-def run(seconds: float = 3.0, clients: int = 2) -> str:
-    """Run the comparison; return a Markdown table."""
+def run(
+    seconds: float = 3.0,
+    clients: int = 2,
+    quick: bool = False,
+    sizes_mb: list[int] | None = None,
+    baseline_tree: Path | None = None,
+) -> str:
+    """Run the comparison; return Markdown tables."""
+    if sizes_mb is None:
+        sizes_mb = [25, 50] if quick else [25, 50, 100, 200]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rlmd-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
@@ -171,6 +254,7 @@ def run(seconds: float = 3.0, clients: int = 2) -> str:
     lines.append(
         f"Target ≥ 20,000 requests/s: {'met' if ours >= 20000 else 'NOT met'} ({ours:,.0f}/s)."
     )
+    lines += ["", large_table(large_messages(sizes_mb, baseline_tree))]
     return "\n".join(lines)
 
 
@@ -178,6 +262,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--sizes", default="25,50,100,200", help="MB per large message")
+    ap.add_argument("--baseline-tree", type=Path, help="an older exported tree to compare")
+    ap.add_argument("--large-only", action="store_true", help="only the large-message table")
     a = ap.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    print(run(a.seconds, a.clients))
+    sizes = [int(x) for x in a.sizes.split(",")]
+    if a.large_only:
+        print(large_table(large_messages(sizes, a.baseline_tree)))
+    else:
+        print(run(a.seconds, a.clients, sizes_mb=sizes, baseline_tree=a.baseline_tree))

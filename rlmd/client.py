@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,33 @@ class RpcError(Exception):
         return self.data.get("kind") if isinstance(self.data, dict) else None
 
 
+def connect_unix(path: str, *, timeout: float | None, retry_s: float) -> socket.socket:
+    """Connect to ``path``, retrying for up to ``retry_s`` while the daemon is busy.
+
+    A full listen backlog makes a non-blocking connect fail at once with EAGAIN
+    (BlockingIOError), and a daemon that is restarting refuses for a moment; both pass in
+    milliseconds, so a short bounded retry (5 ms doubling to 100 ms) hides them.  A
+    missing socket file is not retried: nobody is there.
+    """
+    deadline = time.monotonic() + retry_s
+    pause = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except (BlockingIOError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() + pause > deadline:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 class Client:
     """One connection to the daemon; not thread-safe (use one per thread)."""
 
@@ -44,12 +72,11 @@ class Client:
         framing: Framing = Framing.NDJSON,
         timeout: float | None = None,
         max_frame: int = 1 << 30,
+        connect_retry_s: float = 2.0,
     ) -> None:
         self.path = str(path)
         self.framing = framing
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(self.path)
+        self.sock = connect_unix(self.path, timeout=timeout, retry_s=connect_retry_s)
         self._decoder = FrameDecoder(max_frame)
         self._decoder.framing = framing
         self._ids = itertools.count(1)

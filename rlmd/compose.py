@@ -11,65 +11,74 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, ProviderConfig
+from .app import ModelParts
+from .config import Config, ConfigError, ProviderConfig
 from .engine.loop import Engine
 from .pool.pool import Pool
 from .providers.base import Provider
 from .providers.registry import build_provider
 from .repl.session import protection_async
 
+if TYPE_CHECKING:
+    from .cache import CacheService
+    from .store.store import ContextStore
+
 log = logging.getLogger(__name__)
 
 
-def _embedded_factory(app: Any) -> Any:
+def _embedded_factory(config: Config) -> Callable[[ProviderConfig], Provider]:
     def make(cfg: ProviderConfig) -> Provider:
         from .providers.embedded import EmbeddedProvider
 
-        return EmbeddedProvider(app.config.embedded, name=cfg.name, provider_config=cfg)
+        return EmbeddedProvider(config.embedded, name=cfg.name, provider_config=cfg)
 
     return make
 
 
-def _embedded_config(app: Any) -> ProviderConfig | None:
-    """The provider entry for the embedded model, or None (with a note) when unavailable."""
-    emb = app.config.embedded
+def _embedded_config(config: Config) -> tuple[ProviderConfig | None, str]:
+    """The provider entry for the embedded model, or None with a note saying why not."""
+    emb = config.embedded
     if not emb.enabled:
-        app.embedded_note = "embedded model disabled ([embedded] enabled = false)"
-        return None
+        return None, "embedded model disabled ([embedded] enabled = false)"
     try:
         from .providers.embedded import embedded_provider_config
     except ImportError as exc:
-        app.embedded_note = f"embedded model unavailable: {exc}"
-        return None
+        return None, f"embedded model unavailable: {exc}"
     try:
-        return embedded_provider_config(emb)
+        return embedded_provider_config(emb), ""
     except Exception as exc:  # EmbeddedUnavailable says how to install or configure
-        app.embedded_note = str(exc)
-        return None
+        return None, str(exc)
 
 
-async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
-    """Create providers, the pool and the engine on ``app``; register their cleanup."""
-    config = app.config
+async def build_models(
+    config: Config, state_dir: Path, store: ContextStore, stack: contextlib.AsyncExitStack
+) -> ModelParts:
+    """Create the cache, providers, pool and engine; register their cleanup on ``stack``.
+
+    Parts that are not installed or configured are None in the result (the daemon still
+    serves contexts); ``embedded_note`` then says why.
+    """
     # The cache first: it outlives the pool on shutdown (the stack closes in reverse).
     from .cache import CacheError, CacheService
 
     try:
-        cache = await asyncio.to_thread(CacheService.open, config, app.state_dir)
+        cache: CacheService | None = await asyncio.to_thread(CacheService.open, config, state_dir)
     except CacheError as exc:
         log.warning("running without the call cache: %s", exc)
         cache = None
     if cache is not None:
         stack.push_async_callback(cache.aclose)
-        app.cache = cache
     # Probed once at startup (two short processes), so status never blocks on it.
     prot = await protection_async(config.sandbox)
-    app.protection = lambda: prot
-    factory = _embedded_factory(app)
+    factory = _embedded_factory(config)
     providers: list[Provider] = []
     extra: dict[str, ProviderConfig] = {}
+    embedded: Any = None
+    note = ""
     try:
         for cfg in config.providers:
             providers.append(build_provider(cfg, os.environ, embedded_factory=factory))
@@ -78,16 +87,14 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
             await p.aclose()
         raise
     if not config.providers:
-        cfg = _embedded_config(app)
-        if cfg is None:
-            log.warning("no model available: %s", app.embedded_note)
-            return
-        app.embedded = factory(cfg)
-        providers.append(app.embedded)
-        extra[cfg.name] = cfg
-        app.embedded_note = (
-            app.embedded_note or f"serving {', '.join(cfg.models)} (starts on first use)"
-        )
+        emb_cfg, note = _embedded_config(config)
+        if emb_cfg is None:
+            log.warning("no model available: %s", note)
+            return ModelParts(cache=cache, embedded_note=note, protection=prot)
+        embedded = factory(emb_cfg)
+        providers.append(embedded)
+        extra[emb_cfg.name] = emb_cfg
+        note = note or f"serving {', '.join(emb_cfg.models)} (starts on first use)"
     try:
         pool = Pool(config, providers, cache=cache.exact if cache else None, extra_configs=extra)
     except ConfigError:
@@ -96,15 +103,14 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
         raise
     stack.push_async_callback(pool.aclose)
     await pool.start()
-    app.pool = pool
     if cache is not None:
         cache.attach_pool(pool)
-    app.engine = Engine(
-        config=config, pool=pool, store=app.store, state_dir=app.state_dir, cache=cache
-    )
-    from .improve import ImproveService
-
-    app.improve = ImproveService(
-        config=config, engine=app.engine, store=app.store, state_dir=app.state_dir,
-        use_bwrap=prot.bwrap,
+    engine = Engine(config=config, pool=pool, store=store, state_dir=state_dir, cache=cache)
+    return ModelParts(
+        cache=cache,
+        pool=pool,
+        engine=engine,
+        embedded=embedded,
+        embedded_note=note,
+        protection=prot,
     )

@@ -119,12 +119,41 @@ class LimitsConfig(_Section):
     worker_memory_mb: int = 4096
     worker_cpu_s: int = 3600
     worker_open_files: int = 256
+    # Queries running at once (each holds a REPL worker and model calls); more wait in a
+    # queue of at most max_queued_queries, and past that query/run is refused (-32008).
+    max_concurrent_queries: int = 8
+    max_queued_queries: int = 64
 
     def __post_init__(self) -> None:
+        if self.max_concurrent_queries < 1:
+            raise ValueError("max_concurrent_queries must be at least 1")
+        if self.max_queued_queries < 0:
+            raise ValueError("max_queued_queries must be >= 0")
         if self.max_frame_bytes < 64 * 1024 * 1024:
             raise ValueError("max_frame_bytes must be at least 64 MiB (the wire contract)")
         if self.cell_timeout_s <= 0:
             raise ValueError("cell_timeout_s must be positive")
+
+
+class ServerConfig(_Section):
+    """The socket server: how many connections wait, how much it buffers, idle clients."""
+
+    # Connections the kernel queues before rlmd accepts them (capped by net.core.somaxconn).
+    listen_backlog: int = 512
+    # Unfinished messages buffered across ALL connections together; a connection that
+    # would pass it is answered with an error and closed.
+    max_buffered_bytes: int = 1024 * 1024 * 1024
+    # A connection that sends nothing at all this long after connecting is closed (it
+    # holds a file descriptor); connections that have sent a request are never timed out.
+    idle_timeout_s: float = 30.0
+    # Raise the soft open-files limit to the hard limit at startup (one fd per client).
+    raise_nofile: bool = True
+
+    def __post_init__(self) -> None:
+        if self.listen_backlog < 1:
+            raise ValueError("listen_backlog must be at least 1")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be positive")
 
 
 class PoolConfig(_Section):
@@ -244,6 +273,7 @@ class Config(_Section):
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
     energy: EnergyConfig = msgspec.field(default_factory=EnergyConfig)
@@ -257,6 +287,11 @@ class Config(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"provider names must be unique; repeated: {', '.join(dupes)}")
+        if self.server.max_buffered_bytes < self.limits.max_frame_bytes:
+            raise ValueError(
+                "server.max_buffered_bytes must be at least limits.max_frame_bytes "
+                "(else a message of the largest allowed size could never be received)"
+            )
 
 
 def parse_config(data: dict, source: str = "<config>") -> Config:

@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from . import __version__
+from .app import App
 from .blas import single_threaded_blas
 from .config import Config, ConfigError, load_config
-from .methods import App, build_methods
+from .handlers.registry import build_methods
 from .paths import default_config_path, default_socket_path, default_state_dir
 from .protocol.jsonrpc import Dispatcher
 from .server import Server
@@ -103,7 +104,25 @@ def _live_daemon_answers(path: Path) -> bool:
         s.close()
 
 
-def bind_socket(path: Path) -> tuple[socket.socket, int]:
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; return (old soft, new soft).
+
+    Every client holds a descriptor; the usual soft default of 1024 is reached by a
+    thousand idle clients long before the hard limit is.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
+def bind_socket(path: Path, backlog: int = 512) -> tuple[socket.socket, int]:
     """Bind our own listening socket at ``path``, holding a lock beside it.
 
     Returns the socket and the lock's fd (kept open for the daemon's lifetime).
@@ -139,7 +158,7 @@ def bind_socket(path: Path) -> tuple[socket.socket, int]:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(512)
+    sock.listen(backlog)
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     return sock, lock_fd
@@ -147,25 +166,20 @@ def bind_socket(path: Path) -> tuple[socket.socket, int]:
 
 @contextlib.asynccontextmanager
 async def build_app(config: Config, socket_path: Path, state_dir: Path) -> AsyncIterator[App]:
-    """Create and wire the daemon's parts; close them in reverse order on exit."""
+    """Create the daemon's parts and join them; close them in reverse order on exit."""
+    from .compose import build_models
     from .repl.scratch import claim_scratch
     from .store.store import ContextStore
 
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
     store = await asyncio.to_thread(ContextStore, state_dir / "contexts")
-    app = App(config=config, socket_path=socket_path, state_dir=state_dir, store=store)
     async with contextlib.AsyncExitStack() as stack:
         # Scratch files of daemons that died are removed; this one's are claimed (a lock).
         stack.enter_context(await asyncio.to_thread(claim_scratch, state_dir / "tmp"))
-        await _wire_models(app, stack)
+        models = await build_models(config, state_dir, store, stack)
+        app = App.assemble(config, socket_path, state_dir, store, models)
+        stack.push_async_callback(app.repl.aclose)
         yield app
-
-
-async def _wire_models(app: App, stack: contextlib.AsyncExitStack) -> None:
-    """Providers, pool and engine, where those parts are installed and configured."""
-    from .compose import wire_models
-
-    await wire_models(app, stack)
 
 
 async def serve(args: argparse.Namespace, config: Config) -> int:
@@ -174,7 +188,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     sock = _activated_socket()
     lock_fd = None
     if sock is None:
-        sock, lock_fd = bind_socket(socket_path)
+        sock, lock_fd = bind_socket(socket_path, config.server.listen_backlog)
     else:
         socket_path = Path(sock.getsockname() or socket_path)
     stop = asyncio.Event()
@@ -184,7 +198,13 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     try:
         async with build_app(config, socket_path, state_dir) as app:
             dispatcher = Dispatcher(build_methods(app))
-            server = Server(dispatcher, max_frame=config.limits.max_frame_bytes)
+            server = Server(
+                dispatcher,
+                max_frame=config.limits.max_frame_bytes,
+                backlog=config.server.listen_backlog,
+                max_buffered_bytes=config.server.max_buffered_bytes,
+                idle_timeout_s=config.server.idle_timeout_s,
+            )
             await server.start(sock)
             log.info("rlmd %s listening on %s (state in %s)", __version__, socket_path, state_dir)
             print(f"rlmd: listening on {socket_path}", file=sys.stderr, flush=True)
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rlmd: bad config: {exc}", file=sys.stderr)
         return 2
+    if config.server.raise_nofile:
+        raise_nofile_limit()
     import uvloop
 
     try:

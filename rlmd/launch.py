@@ -74,7 +74,7 @@ def wait_until_answering(
         if proc.poll() is not None:
             raise DaemonStartError(f"rlmd exited with status {proc.returncode}{hint}")
         try:
-            with Client(socket_path, timeout=5) as c:
+            with Client(socket_path, timeout=5, connect_retry_s=0) as c:
                 c.call("daemon/ping")
             return
         except OSError:

@@ -3,6 +3,10 @@
 Each connection is an ``asyncio.Protocol`` (no stream objects on the hot path).  Requests
 answered synchronously are written back inside ``data_received``; coroutine handlers run
 as tasks owned by the connection, so a client that disconnects cancels its work.
+
+Bounds that protect everyone from one client: the frame limit per message (framing.py),
+the unfinished bytes held across all connections together (``max_buffered_bytes``), an
+idle timeout for connections that never send anything, and the listen backlog asked for.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ import struct
 from collections.abc import Awaitable
 from typing import Any
 
-from .protocol.errors import INVALID_REQUEST, PARSE_ERROR
+from .protocol.errors import BUSY, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR
 from .protocol.framing import FrameDecoder, FrameError, Framing, encode_frame
 from .protocol.jsonrpc import Dispatcher, encode
 
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
+# The code of the one error a connection gets before it is closed, by FrameError kind.
+_FATAL_CODES = {
+    "frame_too_large": INVALID_REQUEST,
+    "idle_timeout": INVALID_REQUEST,
+    "server_busy": BUSY,
+}
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -45,6 +55,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.chain: asyncio.Future[Any] | None = None  # the last ordered request (see jsonrpc)
         self._paused_writing = False
+        self._buffered = 0  # this connection's share of server.buffered
+        self._idle: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -69,18 +81,44 @@ class Connection(asyncio.Protocol):
             self.closed = True
             return
         self.server.connections.add(self)
+        # A client that connects and never sends holds an fd forever; enough of them
+        # (1,010 were seen) exhaust the daemon's descriptors and new clients are reset.
+        self._idle = asyncio.get_running_loop().call_later(
+            self.server.idle_timeout_s, self._idle_timeout
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         try:
             bodies = self.decoder.feed(data)
         except FrameError as exc:
             self._fatal(exc)
             return
+        if not self._account(self.decoder.pending()):
+            return
         dispatch = self.server.dispatcher.dispatch
         for body in bodies:
-            out = dispatch(body, self)
+            try:
+                out = dispatch(body, self)
+            except Exception as exc:  # a bug or a hostile message: answer, keep serving
+                log.exception("internal error while dispatching")
+                self._write(
+                    encode(
+                        {
+                            "jsonrpc": "2.0",
+                            "error": {
+                                "code": INTERNAL_ERROR,
+                                "message": f"Internal error: {exc!r}",
+                            },
+                            "id": None,
+                        }
+                    )
+                )
+                continue
             if out is None:
                 continue
             if isinstance(out, bytes):
@@ -98,6 +136,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self._release()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         for task in list(self.tasks):
             task.cancel()
 
@@ -123,6 +165,49 @@ class Connection(asyncio.Protocol):
         return not self.closed
 
     # -- internals ---------------------------------------------------------------------
+
+    def _account(self, pending: int) -> bool:
+        """Track this connection's unfinished bytes in the server-wide total.
+
+        Returns False (after answering and closing) when the total would pass
+        ``server.max_buffered_bytes``: one connection's frame limit alone does not stop
+        eight clients from each holding 200 MB.
+        """
+        srv = self.server
+        grow = pending - self._buffered
+        if grow > 0 and srv.buffered + grow > srv.max_buffered_bytes:
+            others = srv.buffered - self._buffered
+            self._release()
+            self._fatal(
+                FrameError(
+                    f"the daemon already holds {others} bytes of unfinished messages from "
+                    f"other connections; this message would pass the server-wide limit of "
+                    f"{srv.max_buffered_bytes} bytes (server.max_buffered_bytes). Retry "
+                    "later, or put large text by path (context/put {name, path})",
+                    kind="server_busy",
+                )
+            )
+            return False
+        srv.buffered += grow
+        self._buffered = pending
+        return True
+
+    def _release(self) -> None:
+        self.server.buffered -= self._buffered
+        self._buffered = 0
+
+    def _idle_timeout(self) -> None:
+        self._idle = None
+        if self.closed or self.decoder.framing is not None or self.tasks:
+            return
+        log.info("closing a connection that sent nothing for %gs", self.server.idle_timeout_s)
+        self._fatal(
+            FrameError(
+                f"no request within {self.server.idle_timeout_s:g}s of connecting "
+                "(server.idle_timeout_s); connect when there is something to send",
+                kind="idle_timeout",
+            )
+        )
 
     def _write(self, body: bytes) -> None:
         t = self.transport
@@ -151,7 +236,8 @@ class Connection(asyncio.Protocol):
             self._close()
 
     def _fatal(self, exc: FrameError) -> None:
-        code = INVALID_REQUEST if exc.kind == "frame_too_large" else PARSE_ERROR
+        self._release()
+        code = _FATAL_CODES.get(exc.kind, PARSE_ERROR)
         err = {
             "jsonrpc": "2.0",
             "error": {"code": code, "message": str(exc), "data": {"kind": exc.kind}},
@@ -172,10 +258,23 @@ class Connection(asyncio.Protocol):
 class Server:
     """Accepts connections on a listening socket and tracks them for draining."""
 
-    def __init__(self, dispatcher: Dispatcher, *, max_frame: int, uid: int | None = None) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        max_frame: int,
+        uid: int | None = None,
+        backlog: int = 512,
+        max_buffered_bytes: int | None = None,
+        idle_timeout_s: float = 30.0,
+    ) -> None:
         self.dispatcher = dispatcher
         self.max_frame = max_frame
         self.uid = os.getuid() if uid is None else uid
+        self.backlog = backlog
+        self.max_buffered_bytes = max_buffered_bytes or 4 * max_frame
+        self.idle_timeout_s = idle_timeout_s
+        self.buffered = 0  # unfinished bytes held across all connections
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -183,7 +282,11 @@ class Server:
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening Unix socket."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+        # create_unix_server calls listen() again, with its own default of 100 unless told:
+        # the backlog asked for at bind time was silently lowered.
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=self.backlog
+        )
 
     async def stop_accepting(self) -> None:
         if self._server is not None:

@@ -69,3 +69,44 @@ def test_cli_starts_a_daemon_when_none_runs(short_tmp):
 def test_no_start_reports_clearly(short_tmp):
     r = rlm("--socket", str(short_tmp / "none.sock"), "--no-start", "status", check=False)
     assert r.returncode == 1 and "cannot reach the daemon" in r.stderr
+
+
+def test_client_retries_a_full_backlog(make_daemon):
+    """With the backlog full, a connect fails at once with EAGAIN; the client retries
+    briefly instead of failing (seen under 200 concurrent connects)."""
+    import socket
+    import threading
+
+    from rlmd.client import Client
+
+    d = make_daemon("[server]\nlisten_backlog = 2\n")
+    fillers = []
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        while True:  # fill the backlog until the kernel refuses
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(str(d.socket))
+            except BlockingIOError:
+                break
+            assert len(fillers) < 100, "the backlog never filled"
+        out: dict = {}
+
+        def ping() -> None:
+            try:
+                with Client(d.socket, timeout=10) as c:
+                    out["reply"] = c.call("daemon/ping")
+            except Exception as exc:
+                out["error"] = exc
+
+        t = threading.Thread(target=ping)
+        t.start()
+        t.join(0.3)  # the client's first connects meet the full backlog
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    t.join(20)
+    for s in fillers:
+        s.close()
+    assert out == {"reply": "pong"}

@@ -338,3 +338,170 @@ def test_frame_decoder_unit():
     assert dec.feed(body[3:] + b"Content-Length: 2\r\n\r\n[]") == [body, b"[]"]
     with pytest.raises(FrameError):
         FrameDecoder(10).feed(b"Content-Length: 11\r\n\r\n")
+
+
+# -- hardening (issue 14) ------------------------------------------------------------------
+
+
+def test_early_cancels_bounded_by_count_and_time():
+    from rlmd.jobs import MAX_EARLY_CANCELS, Jobs
+
+    jobs = Jobs()
+    for i in range(MAX_EARLY_CANCELS * 3):
+        assert jobs.cancel(f"never-{i}") is False
+    assert len(jobs._early) <= MAX_EARLY_CANCELS
+    # Pruned by time on every insert, not only when a job starts.
+    jobs = Jobs(early_cancel_s=0.0)
+    for i in range(50):
+        jobs.cancel(f"gone-{i}")
+    assert len(jobs._early) <= 1
+
+
+def test_long_job_id_refused_with_invalid_params(daemon):
+    with daemon.client() as c:
+        with pytest.raises(RpcError) as ei:
+            c.call("query/cancel", {"job": "j" * 100_000})
+        assert ei.value.code == -32602 and "length" in ei.value.message
+        with pytest.raises(RpcError) as ei:
+            c.call("query/run", {"query": "q", "job": "j" * 100_000})
+        assert ei.value.code == -32602 and "256" in ei.value.message
+        assert c.call("query/cancel", {"job": "j" * 256}) == {"cancelled": False}
+
+
+def test_ndjson_long_line_is_linear():
+    """One 128 MiB line fed in 64 KiB pieces: the old decoder searched the whole buffer for
+    a newline on every piece (quadratic, about 20 s here); searching only the new bytes
+    takes a fraction of a second.  The bound is loose on purpose: it separates the two."""
+    dec = FrameDecoder(256 << 20)
+    piece = b"a" * (64 << 10)
+    t0 = time.perf_counter()
+    assert dec.feed(b'{"x":"') == []
+    for _ in range(2048):
+        assert dec.feed(piece) == []
+    [line] = dec.feed(b'"}\n')
+    elapsed = time.perf_counter() - t0
+    assert len(line) == 2048 * len(piece) + 8
+    assert elapsed < 5.0, f"feeding one long line took {elapsed:.1f}s"
+    # Over the limit with no newline: refused as soon as the buffer passes the limit.
+    dec = FrameDecoder(1 << 20)
+    dec.feed(b"{" + b"a" * ((1 << 20) - 1))
+    with pytest.raises(FrameError) as ei:
+        dec.feed(b"a")
+    assert ei.value.kind == "frame_too_large"
+    # Several lines in one piece, and a line split over pieces.
+    dec = FrameDecoder(100)
+    assert dec.feed(b'{"a":1}\n\n{"b":2}\n{"c"') == [b'{"a":1}', b'{"b":2}']
+    assert dec.feed(b":3") == []
+    assert dec.feed(b"}\n") == [b'{"c":3}']
+
+
+def test_deeply_nested_json_answered_and_connection_kept(daemon):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(str(daemon.socket))
+    s.sendall(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    s.sendall(b'{"jsonrpc":"2.0","method":"daemon/ping","id":7}\n')
+    data = b""
+    while data.count(b"\n") < 2:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    s.close()
+    first, second = (json.loads(x) for x in data.split(b"\n")[:2])
+    assert first["error"]["code"] == -32700 and "deep" in first["error"]["message"]
+    assert second == {"jsonrpc": "2.0", "result": "pong", "id": 7}
+    assert daemon.call("daemon/ping") == "pong"
+
+
+def _recv_all(s: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_total_buffered_bytes_bounded_across_connections(make_daemon):
+    d = make_daemon(
+        "[limits]\nmax_frame_bytes = 67108864\n[server]\nmax_buffered_bytes = 83886080\n"
+    )
+    body = b'{"jsonrpc":"2.0","method":"daemon/ping","id":1}'
+    size = 50_000_000
+    body = body + b" " * (size - len(body))
+    a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.settimeout(30)
+    a.connect(str(d.socket))
+    a.sendall(b"Content-Length: %d\r\n\r\n" % size + body[:-1000])
+    # A second unfinished 50 MB body would pass the 80 MiB total: refused, clearly.
+    b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.settimeout(30)
+    b.connect(str(d.socket))
+    try:
+        b.sendall(b"Content-Length: %d\r\n\r\n" % size + body[:-1000])
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    data = _recv_all(b)
+    b.close()
+    assert b"server_busy" in data and b"-32008" in data and b"max_buffered_bytes" in data
+    # The first connection is unaffected and finishes its message.
+    a.sendall(body[-1000:])
+    reply = a.recv(65536)
+    a.close()
+    assert b'"result":"pong"' in reply
+    assert d.call("daemon/ping") == "pong"
+
+
+def test_listen_backlog_is_real(make_daemon):
+    import signal
+
+    d = make_daemon()
+    socks = []
+    os.kill(d.proc.pid, signal.SIGSTOP)  # nothing is accepted: connects queue in the backlog
+    try:
+        refused = 0
+        for _ in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(d.socket))
+            except BlockingIOError:
+                refused += 1
+            socks.append(s)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    for s in socks:
+        s.close()
+    assert refused == 0, f"{refused} of 200 connects found the backlog full"
+    assert d.call("daemon/ping") == "pong"
+
+
+def test_idle_connection_closed_busy_one_kept(make_daemon):
+    d = make_daemon("[server]\nidle_timeout_s = 0.5\n")
+    with d.client() as used:
+        assert used.call("daemon/ping") == "pong"
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.settimeout(20)
+        idle.connect(str(d.socket))
+        data = _recv_all(idle)  # returns when the daemon closes it
+        idle.close()
+        assert b"idle_timeout" in data
+        # The connection that sent a request stays open though it is idle longer.
+        assert used.call("daemon/ping") == "pong"
+
+
+def test_open_files_soft_limit_raised(make_daemon):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip("the hard open-files limit leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the daemon inherits it
+    try:
+        d = make_daemon()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = open(f"/proc/{d.proc.pid}/limits").read()
+    [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
+    assert line.split()[3] == str(hard), line

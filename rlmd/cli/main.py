@@ -209,6 +209,8 @@ class Progress:
         with self._lock:
             if kind == "root_delta":
                 self.state = "thinking"
+            elif kind == "queued":  # the daemon is at limits.max_concurrent_queries
+                self.state = f"queued (position {ev.get('position', '?')})"
             elif kind == "code":
                 self.state = "running code"
             elif kind == "output":

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from jsonrpcserver import Error
 
+from rlmd.handlers.query import _start_job
 from rlmd.improve.cycle import (
     ImproveJobParams,
     ImproveRejectParams,
     ImproveService,
     ImproveStartParams,
 )
-from rlmd.jobs import Job, JobExists, Jobs, Notifier
-from rlmd.protocol.errors import BAD_INPUT, CANCELLED, UNAVAILABLE, AppError
-from rlmd.protocol.jsonrpc import Request
+from rlmd.jobs import Job, Jobs, Notifier
+from rlmd.protocol.errors import CANCELLED, UNAVAILABLE, AppError
+from rlmd.protocol.jsonrpc import AFTER, FREE, Method, Request
+
+if TYPE_CHECKING:
+    from rlmd.app import App
 
 
 def _service(svc: ImproveService | None) -> ImproveService:
@@ -37,13 +42,7 @@ def _service(svc: ImproveService | None) -> ImproveService:
 async def _as_job(
     jobs: Jobs, conn: Notifier, job_id: str | None, work: Callable[[Job], Awaitable[Any]]
 ) -> Any:
-    try:
-        job = jobs.start(job_id, conn)
-    except JobExists:
-        raise AppError(
-            "job_exists", f"job {job_id!r} is already running; wait for it or cancel it",
-            code=BAD_INPUT,
-        ) from None
+    job = _start_job(jobs, job_id, conn)
     try:
         return await work(job)
     except asyncio.CancelledError:
@@ -89,13 +88,33 @@ async def improve_reject(
     return await _as_job(jobs, conn, p.job, work)
 
 
-async def improve_approve(svc: ImproveService | None, req: Request, p: ImproveJobParams) -> Any:
+async def improve_approve(
+    svc: ImproveService | None, conn: Notifier, req: Request, p: ImproveJobParams
+) -> Any:
     return await _service(svc).approve(p.job)
 
 
-async def improve_list(svc: ImproveService | None) -> Any:
+async def improve_list(svc: ImproveService | None, conn: Notifier, req: Request, p: Any) -> Any:
     return {"cycles": await _service(svc).list()}
 
 
-async def improve_show(svc: ImproveService | None, p: ImproveJobParams) -> Any:
+async def improve_show(
+    svc: ImproveService | None, conn: Notifier, req: Request, p: ImproveJobParams
+) -> Any:
     return await _service(svc).show(p.job)
+
+
+def routes(app: App) -> dict[str, Method]:
+    """The ``improve/*`` family."""
+    svc, jobs = app.improve, app.jobs
+    return {
+        "improve/start": Method.of(
+            partial(improve_start, svc, jobs), ImproveStartParams, ordering=AFTER
+        ),
+        "improve/approve": Method.of(partial(improve_approve, svc), ImproveJobParams),
+        "improve/reject": Method.of(
+            partial(improve_reject, svc, jobs), ImproveRejectParams, ordering=FREE
+        ),
+        "improve/list": Method.of(partial(improve_list, svc), ordering=FREE),
+        "improve/show": Method.of(partial(improve_show, svc), ImproveJobParams, ordering=FREE),
+    }

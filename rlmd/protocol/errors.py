@@ -23,6 +23,7 @@ BUDGET_EXCEEDED = -32004  # iterations, sub-calls, time or cost ran out
 CANCELLED = -32005  # query/cancel or the client went away
 UNAVAILABLE = -32006  # a part is not installed or not configured (embedded model)
 SHUTTING_DOWN = -32007  # the daemon is draining
+BUSY = -32008  # too many queries running and queued, or too many bytes buffered; retry later
 
 
 class AppError(Exception):

@@ -48,6 +48,9 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return every complete message body (may be empty)."""
         buf = self._buf
+        # Bytes already buffered hold no newline (every line was taken out), so only the
+        # new bytes are searched: receiving one long line stays linear in its size.
+        scan_from = len(buf)
         buf += data
         if self.framing is None:
             stripped = buf.lstrip(_WS)
@@ -56,41 +59,39 @@ class FrameDecoder:
                 return []
             self.framing = Framing.NDJSON if stripped[0] in b"{[" else Framing.CONTENT_LENGTH
         if self.framing is Framing.NDJSON:
-            return self._feed_ndjson()
+            return self._feed_ndjson(scan_from)
         return self._feed_content_length()
 
     def pending(self) -> int:
         """Bytes buffered but not yet a whole message."""
         return len(self._buf)
 
-    def _feed_ndjson(self) -> list[bytes]:
+    def _too_large(self, size: int | None) -> FrameError:
+        what = f"message of {size} bytes is" if size is not None else "message is"
+        return FrameError(
+            f"{what} larger than the frame limit of {self.max_frame} bytes "
+            "(no newline within the limit); send smaller messages, or put large text by path "
+            "(context/put {name, path})",
+            kind="frame_too_large",
+        )
+
+    def _feed_ndjson(self, scan_from: int) -> list[bytes]:
         buf = self._buf
-        end = buf.rfind(b"\n")
-        if end < 0:
-            if len(buf) > self.max_frame:
-                raise FrameError(
-                    f"message larger than the frame limit of {self.max_frame} bytes "
-                    "(no newline seen); send smaller messages, or put large text by path",
-                    kind="frame_too_large",
-                )
-            return []
-        whole = bytes(buf[:end])
-        del buf[: end + 1]
-        if len(buf) > self.max_frame:
-            raise FrameError(
-                f"message larger than the frame limit of {self.max_frame} bytes",
-                kind="frame_too_large",
-            )
-        out = []
-        for line in whole.split(b"\n"):
-            if len(line) > self.max_frame:
-                raise FrameError(
-                    f"message of {len(line)} bytes is larger than the frame limit of "
-                    f"{self.max_frame} bytes; put large text by path",
-                    kind="frame_too_large",
-                )
+        out: list[bytes] = []
+        pos = 0  # start of the current line; consumed bytes are deleted once at the end
+        nl = buf.find(b"\n", scan_from)
+        while nl >= 0:
+            if nl - pos > self.max_frame:
+                raise self._too_large(nl - pos)
+            line = bytes(buf[pos:nl])
             if line.strip(_WS):
                 out.append(line)
+            pos = nl + 1
+            nl = buf.find(b"\n", pos)
+        if pos:
+            del buf[:pos]
+        if len(buf) > self.max_frame:
+            raise self._too_large(None)
         return out
 
     def _feed_content_length(self) -> list[bytes]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -120,6 +121,18 @@ class Dispatcher:
             message = _decoder.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return encode(_error(PARSE_ERROR, f"Parse error: {exc}", None))
+        except RecursionError:
+            # msgspec stops at the interpreter's recursion limit; without this the error
+            # escaped into the transport and closed the connection with no answer.
+            return encode(
+                _error(
+                    PARSE_ERROR,
+                    "Parse error: JSON nested too deeply (more than about "
+                    f"{sys.getrecursionlimit()} levels); flatten the message",
+                    None,
+                    {"kind": "too_deep"},
+                )
+            )
         if isinstance(message, list):
             if not message:
                 return encode(_error(INVALID_REQUEST, "Invalid Request: empty batch", None))

@@ -6,7 +6,14 @@ names it rather than a silently ignored option.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from ..jobs import MAX_JOB_ID_CHARS
+
+# A client-chosen job id: bounded, because every event echoes it and the daemon keeps it.
+JobId = Annotated[str, msgspec.Meta(max_length=MAX_JOB_ID_CHARS)]
 
 
 class _Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -40,7 +47,7 @@ class ContextSearchParams(_Params):
 
 
 class JobParams(_Params):
-    job: str
+    job: JobId
 
 
 class TraceParams(_Params):
@@ -66,6 +73,8 @@ class DaemonStatus(msgspec.Struct):
     jobs: int
     sandbox: dict
     embedded: str
+    queries_running: int = 0  # admitted query/run (limits.max_concurrent_queries)
+    queries_queued: int = 0  # waiting for a slot
 
 
 # --- REPL sessions and single model calls (repl/*, llm/query) ------------------------

@@ -7,13 +7,18 @@ it opens close with it.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from rlmd.protocol.errors import BAD_INPUT, NOT_FOUND, UNAVAILABLE, AppError
-from rlmd.protocol.schema import ReplExecParams, ReplOpenParams, ReplSessionParams
+from rlmd.protocol.jsonrpc import AFTER, FREE, Method
+from rlmd.protocol.schema import LlmQueryParams, ReplExecParams, ReplOpenParams, ReplSessionParams
 from rlmd.repl.registry import ExecReply, Opened, ReplRegistry, ReplRegistryError
 from rlmd.repl.sandbox import SandboxUnavailable
 from rlmd.repl.session import WorkerError
+
+if TYPE_CHECKING:
+    from rlmd.app import App
 
 _CODES = {"not_found": NOT_FOUND, "too_many_sessions": UNAVAILABLE}
 
@@ -53,3 +58,18 @@ async def repl_close(reg: ReplRegistry, conn: Any, req: Any, p: ReplSessionParam
 def repl_list(reg: ReplRegistry, conn: Any, req: Any, p: Any) -> Any:
     """``repl/list`` → ``{sessions: [{session, context, version, idle_s, busy, execs}]}``."""
     return {"sessions": reg.list()}
+
+
+def routes(app: App) -> dict[str, Method]:
+    """The ``repl/*`` family, and ``llm/query`` (one sub-model call, as a session makes)."""
+    from rlmd.llm import llm_query
+
+    reg = app.repl
+    assert reg is not None, "App.assemble always makes the REPL registry"
+    return {
+        "repl/open": Method.of(partial(repl_open, reg), ReplOpenParams, ordering=AFTER),
+        "repl/exec": Method.of(partial(repl_exec, reg), ReplExecParams, ordering=FREE),
+        "repl/close": Method.of(partial(repl_close, reg), ReplSessionParams, ordering=FREE),
+        "repl/list": Method.of(partial(repl_list, reg), ordering=FREE),
+        "llm/query": Method.of(partial(llm_query, app.pool), LlmQueryParams, ordering=FREE),
+    }
