@@ -138,6 +138,7 @@ class Engine:
         pins = contextlib.ExitStack()
         ctx = _Context()
         started = "rlm"
+        cut = False
         sources: list[Source] = []
         supported = False
         try:
@@ -194,7 +195,8 @@ class Engine:
                                     cost=meter.cost,
                                     elapsed_s=meter.elapsed_s(),
                                 )
-                    answer, cut = _cap(answer, budget.answer_chars)  # cached, base
+                    if not cut:  # cached and base answers
+                        answer, cut = _cap(answer, budget.answer_chars)
                     if ctx.text is not None:
                         sources, supported = await asyncio.to_thread(
                             find_sources, answer, ctx.text, run.shown
