@@ -189,3 +189,23 @@ def test_the_last_chance_call_has_its_output_capped(served, script):
     assert res["finish"] == "best_effort"
     last = [c for c in srv.calls if c.model == ROOT][-1]
     assert last.body.get("options", {}).get("num_predict") == 77
+
+
+def test_the_cli_prints_sources_as_path_and_line(served, script, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    d, _srv = served
+    (tmp_path / "example.toml").write_text("[energy]\nprice_per_kwh = 0.45\n")
+    script.root.append((r"price_per_kwh = (\S+)", lambda m, c: f"FINAL({m.group(1)})"))
+    env = {**os.environ, "RLMD_SOCKET": str(d.socket)}
+    out = subprocess.run(
+        [sys.executable, "-m", "rlmd.cli.main", "query", "-c", str(tmp_path), "-q", "Price?"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.splitlines()[:2] == ["0.45", "  example.toml:2: price_per_kwh = 0.45"]

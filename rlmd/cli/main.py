@@ -250,6 +250,18 @@ def _context_param(c: Client, source: str) -> dict[str, Any]:
     raise FileNotFoundError(f"-c {source!r} is neither a file, a directory nor a context name")
 
 
+def source_lines(result: dict[str, Any]) -> list[str]:
+    """The answer's sources as ``path:line: text`` (``line N: text`` for a plain text),
+    or a note that nothing in the context backs it."""
+    out = []
+    for s in result.get("sources") or []:
+        where = f"{s['file']}:{s['file_line']}" if s.get("file") else f"line {s['line']}"
+        out.append(f"  {where}: {' '.join(str(s.get('text', '')).split())[:160]}")
+    if "supported" in result and not result["supported"]:
+        out.append("  (no source in the context backs this answer)")
+    return out
+
+
 def cmd_query(c: Client, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {
         "query": args.query,
@@ -317,6 +329,8 @@ def cmd_query(c: Client, args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(result["answer"])
+    for line in source_lines(result):
+        print(line)
     tok = result.get("tokens", {})
     if not args.quiet:
         cached = result.get("cached_calls") or 0
