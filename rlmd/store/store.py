@@ -44,6 +44,9 @@ from typing import BinaryIO, TypeVar
 import msgspec
 
 from rlmd.atomic import TMP_PREFIX, write_atomic
+from rlmd.search import Hit, Locator, Source
+from rlmd.search.grep import grep as _grep
+from rlmd.search.ranked import ranked_scan
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
 from rlmd.store.search import (
@@ -192,6 +195,22 @@ class _Handle:
     path: Path
     buf: mmap.mmap | bytes
     index: CharIndex
+    locator: Locator | None = None  # built on the first ranked search / grep / locate
+
+    def locate(self) -> Locator:
+        """Lines and file headers of this version (kept: versions are immutable)."""
+        if self.locator is None:
+            buf, idx = self.buf, self.index
+            self.locator = Locator(
+                Source(
+                    buf,
+                    to_char=lambda b: idx.char_offset(buf, b),
+                    to_byte=lambda c: idx.byte_offset(buf, min(c, idx.chars)),
+                    ascii=idx.ascii,
+                    newlines_before=lambda b: idx.line_of(buf, idx.char_offset(buf, b)) - 1,
+                )
+            )
+        return self.locator
 
 
 class _Writer:
@@ -810,3 +829,41 @@ class ContextStore:
                 f"search of {name!r} stopped after {timeout_s} s, {done}% of the text "
                 "scanned; use a more specific pattern or a longer timeout",
             ) from None
+
+    # -- ranked search, grep, locations (rlmd/search) ----------------------------------
+
+    def search_ranked(self, name: str, query: str, k: int = 10) -> list[Hit]:
+        """The ``k`` passages of context ``name`` that best match ``query`` (BM25; see
+        ``docs/search.md``), best first."""
+        if not isinstance(query, str):
+            raise StoreError("invalid_argument", "query must be a string")
+        h = self._get(name)
+        try:
+            return ranked_scan(h.locate(), query, k)
+        except ValueError as e:
+            raise StoreError("invalid_argument", str(e)) from None
+
+    def grep(self, name: str, pattern: str, max_matches: int = 100) -> list[Hit]:
+        """Every line of context ``name`` matching the regex ``pattern``, with locations."""
+        h = self._get(name)
+        try:
+            return _grep(h.locate(), pattern, max_matches)
+        except TypeError as e:
+            raise StoreError("invalid_pattern", str(e)) from None
+        except ValueError as e:
+            kind = "invalid_pattern" if "regular expression" in str(e) else "invalid_argument"
+            raise StoreError(kind, str(e)) from None
+
+    def locate(self, name: str, start: int, end: int) -> Hit:
+        """Line, file and file line of characters ``[start, end)`` of context ``name``."""
+        h = self._get(name)
+        if not (isinstance(start, int) and isinstance(end, int)) or start < 0 or end < start:
+            raise StoreError(
+                "invalid_range", f"locate needs 0 <= start <= end (characters); got {start}..{end}"
+            )
+        if start > h.meta.chars:
+            raise StoreError(
+                "invalid_range",
+                f"start {start} is past the end of {name!r} ({h.meta.chars} characters)",
+            )
+        return h.locate().locate(start, min(end, h.meta.chars))
