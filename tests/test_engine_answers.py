@@ -209,3 +209,26 @@ def test_the_cli_prints_sources_as_path_and_line(served, script, tmp_path: Path)
         check=True,
     ).stdout
     assert out.splitlines()[:2] == ["0.45", "  example.toml:2: price_per_kwh = 0.45"]
+
+
+SMALL = "tiny-coder-1.5b"  # a name that selects the small-model prompts
+
+
+def test_a_small_model_gets_the_evidence_first(make_daemon, scripted_config, script):
+    with ScriptedServer(responder=script, models=[SMALL, SUB]) as srv:
+        d = make_daemon(scripted_config(srv.url, EXTRA, root=SMALL, sub=SUB))
+        lines = [f"row {i}: the weather was mild and nothing happened" for i in range(3000)]
+        lines[2024] = "row 2024: the vault combination is 31-41-59"
+        d.call("context/put", {"name": "log", "text": "\n".join(lines)})
+        script.root.append(
+            (r"\[1\] line 2025: row 2024: the vault combination is 31-41-59", "FINAL(31-41-59)")
+        )
+        res, events = ask(d, {"query": "What is the vault combination?", "context": "log"})
+        assert not isinstance(res, Exception), res
+        assert res["answer"] == "31-41-59" and res["iterations"] == 1
+        assert res["start"] == "rlm"  # 150k characters: described, with the passages
+        first = srv.calls[0].last_user
+        assert "Passages a search for the question ranked highest" in first
+        assert first.index("Passages") < first.index("Question: What is the vault")
+        assert res["supported"] is True and res["sources"][0]["line"] == 2025
+        assert "searching" in [e.get("phase") for e in events if e["kind"] == "phase"]

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
+from rlmd.search.hit import Hit
+from rlmd.search.locate import Locator
 from rlmd.store.search import SearchMatch
 
 LINE_WINDOW = 400  # how far around a hit a line's ends are looked for
-_HEADER = r"(?m)^===== (.+) =====$"  # rlmd.store.ingest.file_header
-MAX_HEADERS = 10_000
 
 
 class Store(Protocol):
@@ -26,6 +26,8 @@ class Store(Protocol):
     def search(
         self, name: str, pattern: str, max_matches: int = 100, *, timeout_s: float | None = None
     ) -> list[SearchMatch]: ...
+
+    def locate(self, name: str, start: int, end: int) -> Hit: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class ContextText:
         self._store = store
         self._name = name
         self._text = text
-        self._headers: list[tuple[int, int, str]] | None = None  # (start, line, path)
+        self._locator: Locator | None = None  # an inline text's lines and file headers
 
     def read(self, start: int, end: int) -> str:
         end = min(end, self.chars)
@@ -91,17 +93,13 @@ class ContextText:
 
     def locate(self, start: int, line: int) -> tuple[str, int] | None:
         """``(file, file_line)`` of an offset in a directory context, else None."""
-        if self._headers is None:
-            self._headers = []
-            if self.read(0, 6) == "===== ":
-                for h in self.find(_HEADER, MAX_HEADERS):
-                    path = h.text[len("===== ") : -len(" =====")]
-                    self._headers.append((h.start, h.line, path))
-        best = None
-        for h_start, h_line, path in self._headers:
-            if h_start > start:
-                break
-            best = (path, line - h_line)
-        if best is None or best[1] < 1:
+        if self._text is not None:
+            if self._locator is None:
+                self._locator = Locator(self._text)
+            hit = self._locator.locate(start, start)
+        else:
+            assert self._store is not None
+            hit = self._store.locate(self._name, start, start)
+        if hit.file is None or hit.file_line is None:
             return None
-        return best
+        return hit.file, hit.file_line

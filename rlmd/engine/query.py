@@ -134,6 +134,7 @@ class Engine:
             sub_prompt_chars=budget.sub_prompt_chars or int(sub_window * cfg.chars_per_token),
             sub_window_tokens=sub_window,
             nosub=mode == "rlm-nosub",
+            store=self._store,
         )
         pins = contextlib.ExitStack()
         ctx = _Context()
@@ -320,7 +321,14 @@ class Engine:
         small = prompts.variant_for(run.root_model) == "small"
         if ctx.text is not None and ctx.name and (small or cfg.evidence_large):
             evidence = await self._evidence(rec, ctx.name, query)
-        start = LoopStart(query=query, context_path=ctx.path, desc=ctx.desc, ctx=ctx.text, depth=1)
+        start = LoopStart(
+            query=query,
+            context_path=ctx.path,
+            desc=ctx.desc,
+            ctx=ctx.text,
+            depth=1,
+            context_name=ctx.name,
+        )
         if ctx.desc is not None and ctx.desc.head:
             start.shown.append(ctx.desc.head)
         if evidence:

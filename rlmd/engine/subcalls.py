@@ -22,6 +22,8 @@ from rlmd.engine.budget import Meter, SubCallRefused
 from rlmd.engine.record import Recorder
 from rlmd.engine.trace import clip_for_trace
 from rlmd.providers.base import ChatRequest, ChatResult, Message, OnDelta, ProviderError
+from rlmd.search.handlers import CALLS as SEARCH_CALLS
+from rlmd.search.handlers import handle_call
 
 # A nested loop for rlm_query below the depth limit: (prompt, its context, depth) -> answer.
 Nested = Callable[[str, str | None, int], Awaitable[str]]
@@ -57,8 +59,16 @@ class SubCalls:
     nested: Nested
     caching: QueryCaching | None = None
     nosub: bool = False
+    # The REPL's ``search()`` on a mapped context asks the daemon (its index when built).
+    store: Any = None  # rlmd.store.ContextStore (read in a thread by handle_call)
+    context_name: str | None = None
 
     async def __call__(self, fn: str, args: dict[str, Any]) -> Any:
+        if fn in SEARCH_CALLS:
+            # Not a model call: no budget.  ValueError makes the worker scan the mapping.
+            if self.store is None:
+                raise ValueError("search: no stored context to ask")
+            return await asyncio.to_thread(handle_call, self.store, self.context_name, fn, args)
         if self.nosub:
             raise RuntimeError(prompts.NO_SUB_CALLS_ERROR)
         model = args.get("model") or self.sub_model

@@ -51,6 +51,7 @@ class LoopStart:
     desc: prompts.ContextDescription | None
     ctx: ContextText | None  # for the small model's not-found check
     depth: int
+    context_name: str | None = None  # the stored context's name (REPL search via the daemon)
     system: str | None = None  # None: the RLM system prompt for the model
     first: str | None = None  # None: the context described
     shown: list[str] = field(default_factory=list)  # texts shown up front (the context)
@@ -72,6 +73,7 @@ class QueryRun:
     sub_window_tokens: int
     caching: QueryCaching | None = None
     nosub: bool = False
+    store: object = None  # the context store, for the REPL's search() calls
     max_depth_seen: int = 1
     # The texts every loop's blocks printed (and what was shown up front), for sources.
     shown: list[str] = field(default_factory=list)
@@ -109,6 +111,8 @@ class RootLoop:
             nested=self._nested,
             caching=run.caching,
             nosub=run.nosub,
+            store=run.store if self.start.context_name else None,
+            context_name=self.start.context_name,
         )
         # The worker starts while the root model writes its first turn.
         session = LazyRepl(
