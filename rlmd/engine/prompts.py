@@ -80,6 +80,9 @@ The REPL gives you:
 - `llm_query_batched(prompts, model=None) -> list[str]`: many helper calls run at the same
   time; answers come back in the order of the prompts. Far faster than calling in a loop.
 - `rlm_query(prompt, context=None) -> str`: {rlm_query}
+- `search(query, k=10)`: the k passages that best match a question or keywords, best first;
+  `grep(pattern, max_matches=100)`: every whole line matching a regex. Each hit prints as
+  `[file:line @start:end] text` and has `.start`, `.end`, `.line`, `.file`, `.text`.
 - `SHOW_VARS()`: lists the variables you have made.
 - `FINAL(answer)` and `FINAL_VAR(name)`: end the work with an answer (see below).
 Variables, imports and functions persist from block to block. There is no network and no
@@ -172,14 +175,13 @@ Question: In which city is the meeting?
 
 Assistant:
 ```repl
-import re
 print(len(context))
-print(re.findall(r"[^\\n]*meeting[^\\n]*", context)[:5])
+print(grep(r"meeting", 5))
 ```
 
 User: Output:
 2000000
-['The meeting will be held in Lisbon on Monday.']
+[line 41817 @1254490:1254535] The meeting will be held in Lisbon on Monday.
 
 Assistant:
 FINAL(Lisbon)
@@ -193,7 +195,7 @@ print([a for a in answers if "yes" in a.lower()][:5])
 
 Rules:
 - One ```repl block per reply, then stop.
-- Use code (re.findall, str.find, slicing) to search the text. Print short results.
+- Use search(...), grep(...) or re to find things in the text. Print short results.
 - Print the whole line around a match, not only the word you searched: the answer is
   usually next to it.
 - If a block found nothing, try other words from the question; do not repeat it.
@@ -352,10 +354,8 @@ def search_example(query: str, key: str = "") -> str:
     key = key or max(re.findall(r"[\w-]{4,}", query), key=len, default="")
     if not key:
         return ""
-    return (
-        f'\n```repl\nimport re\nprint(re.findall(r"[^\\n]*{re.escape(key)}[^\\n]*", '
-        "context)[:5])\n```"
-    )
+    return f'\n```repl\nprint(grep(r"{re.escape(key)}", 5))\n```'
+
 
 
 def unverified_answer(answer: str, missing: list[str], query: str) -> str:
