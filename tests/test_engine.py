@@ -691,3 +691,47 @@ async def test_cancel_while_the_worker_starts_leaves_no_process(rig, script):
             break
         await asyncio.sleep(0.05)
     assert not (child_pids() - before), "a worker outlived its cancelled query"
+
+
+# ------------------------------------------------------------ issue 14, Broken 5 and 8
+
+
+@limits(sub_prompt_chars=600_000, sub_bytes_in_flight_mb=1)
+async def test_sub_call_prompts_in_flight_are_bounded_and_traced_by_reference(rig, script):
+    """Eight threads of llm_query("A" * 200 MiB) took the daemon to 1.86 GB and wrote
+    1.2 GB of trace: prompt text in flight is bounded per query, and the trace keeps a
+    long prompt by reference (length, hash, head, tail), never whole."""
+    script.on_sub(r"", "ok")
+    script.on_root(r"over the query's limit", "FINAL(bounded)")
+    script.on_root(
+        r"Question:",
+        repl(
+            "print(len(llm_query('B' * 300_000)))\n"
+            "try:\n    llm_query_batched(['A' * 400_000] * 3)\n"
+            "except Exception as e:\n    print(e)"
+        ),
+    )
+    res = await rig.run("Go", text="x\n")
+    assert res.answer == "bounded"
+    subs = [c for c in rig.srv.calls if c.model == SUB]
+    assert len(subs) == 1  # the single call ran, the batch of 1.2 M characters did not
+    out = [m.content for m in rig.srv.calls[-1].messages if m.role == "user"][-1]
+    assert "sub-call prompts of 1,200,000 characters would be in flight" in out
+    records = read_trace(rig.tmp, "job1")
+    [start] = [r for r in records if r["type"] == "subcall" and r["status"] == "start"]
+    ref = start["prompt"]
+    assert ref["chars"] == 300_000 and len(ref["sha256"]) == 64
+    assert len(ref["head"]) + len(ref["tail"]) <= 8_000
+    size = await asyncio.to_thread(os.path.getsize, res.trace)
+    assert size < 100_000
+
+
+@limits(answer_chars=1000)
+async def test_the_answer_is_cut_before_the_trace_and_cache(rig, script):
+    script.on_root(r"Question:", repl("FINAL('Z' * 1_000_000)"))
+    res = await rig.run("Zs", text="x\n")
+    assert res.answer_cut and res.answer.endswith(
+        "of 1,000,000 characters shown (limits.answer_chars)]"
+    )
+    [final] = [r for r in read_trace(rig.tmp, "job1") if r["type"] == "final"]
+    assert len(final["answer"]) < 2000

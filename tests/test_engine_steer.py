@@ -40,7 +40,7 @@ def test_printing_bare_matches_is_steered():
     key = ran(mem, "print(re.findall(r'quartz lantern', context))")
     text = bare_matches(mem, key, "['quartz lantern', 'quartz lantern']")
     assert text is not None and "not the text around them" in text
-    assert "grep(r\"quartz\\ lantern\", 5)" in text  # the block prints whole lines
+    assert 'grep(r"quartz\\ lantern", 5)' in text  # the block prints whole lines
     # A pattern that already takes the line around the match is fine.
     key = ran(mem, "print(re.findall(r'[^\\n]*quartz[^\\n]*', context))")
     assert bare_matches(mem, key, "['the quartz lantern key is 7']") is None

@@ -357,7 +357,6 @@ def search_example(query: str, key: str = "") -> str:
     return f'\n```repl\nprint(grep(r"{re.escape(key)}", 5))\n```'
 
 
-
 def unverified_answer(answer: str, missing: list[str], query: str) -> str:
     """Sent once to a small model whose short answer was shown nowhere (likely invented)."""
     words = ", ".join(repr(w) for w in missing[:3])

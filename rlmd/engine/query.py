@@ -32,7 +32,7 @@ from rlmd.engine.record import Emit, Recorder
 from rlmd.engine.sizing import ModelStates, Tokenizer, fits_whole, model_address, window_tokens
 from rlmd.engine.sources import find_sources
 from rlmd.engine.subcalls import ChatPool
-from rlmd.engine.trace import TraceWriter, prune_traces, trace_path
+from rlmd.engine.trace import TraceWriter, clip_for_trace, prune_traces, trace_path
 from rlmd.engine.turns import LoopStart, QueryRun, RootLoop
 from rlmd.engine.types import EngineError, QueryParams, QueryResult, Source
 from rlmd.protocol.errors import AppError
@@ -174,7 +174,7 @@ class Engine:
                         cached = await caching.cached_answer()
                         if cached is not None:
                             meter.cached_calls += 1
-                            rec.note("final", answer=cached, how="cached")
+                            rec.note("final", answer=clip_for_trace(cached), how="cached")
                             answer, finish = cached, "cached"
                         elif mode == "base":
                             answer, finish = await self._base(run, rec, params, ctx)
@@ -478,7 +478,7 @@ class Engine:
         )
         reply = parse_reply(result.text)
         answer = reply.final.value if reply.final is not None else result.text.strip()
-        rec.note("final", answer=answer, how="base")
+        rec.note("final", answer=clip_for_trace(answer), how="base")
         return answer, "base"
 
 

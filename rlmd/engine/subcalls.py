@@ -89,13 +89,19 @@ class SubCalls:
             results: list[str] = [""] * len(batch)
 
             async def one(i: int, p: str) -> None:
-                results[i] = await self._bounded(fn, p, model)
+                results[i] = await self.call(fn, p, model)
 
             if self.caching is not None:
                 self.caching.before_sub_calls(batch, model)
-            async with asyncio.TaskGroup() as tg:
-                for i, p in enumerate(batch):
-                    tg.create_task(one(i, p))
+            # The whole batch is in flight at once: reserve it whole, or refuse it whole.
+            total = sum(len(p) for p in batch)
+            self.meter.reserve_bytes(total)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for i, p in enumerate(batch):
+                        tg.create_task(one(i, p))
+            finally:
+                self.meter.release_bytes(total)
             if self.caching is not None and self.depth == 1:
                 # Prefetch the same template over the next chunks while the root thinks.
                 await self.caching.after_batch(batch, model)

@@ -34,6 +34,7 @@ from rlmd.engine.record import Recorder
 from rlmd.engine.small_model import SmallModelPolicy
 from rlmd.engine.steer import LoopMemory, normalize, repeated, steer
 from rlmd.engine.subcalls import ChatPool, SubCalls
+from rlmd.engine.trace import clip_for_trace
 from rlmd.engine.types import EngineError
 from rlmd.engine.worker import LazyRepl
 from rlmd.providers.base import ChatRequest, ChatResult, Message, ProviderError
@@ -173,7 +174,7 @@ class RootLoop:
                         )
                         if verdict.feedback is None:
                             answer = verdict.answer or final_text
-                            self.rec.note("final", answer=answer, how=verdict.how)
+                            self.rec.note("final", answer=clip_for_trace(answer), how=verdict.how)
                             return answer, "final"
                         run.meter.partial = final_text
                         outputs.append(verdict.feedback)
@@ -181,7 +182,7 @@ class RootLoop:
                     bare_replies += 1
                     prose = reply.prose.strip()
                     if bare_replies >= 2 and prose and non_answer_reason(prose) is None:
-                        self.rec.note("final", answer=prose, how="reply")
+                        self.rec.note("final", answer=clip_for_trace(prose), how="reply")
                         return prose, "reply"
                     outputs.append(prompts.NO_CODE_NO_FINAL)
                 feedback = "\n\n".join(outputs) if outputs else prompts.NO_CODE_NO_FINAL
@@ -403,7 +404,7 @@ class RootLoop:
         elif not reply.blocks:
             answer = reply.prose.strip()
         if answer and non_answer_reason(answer) is None:
-            self.rec.note("final", answer=answer, how="best_effort")
+            self.rec.note("final", answer=clip_for_trace(answer), how="best_effort")
             return answer, "best_effort"
         if reply.prose.strip():
             self.run_.meter.partial = reply.prose.strip()
