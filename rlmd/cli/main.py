@@ -336,8 +336,10 @@ def cmd_query(c: Client, args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(result["answer"])
-    for line in source_lines(result):
-        print(line)
+    if not args.quiet:
+        # On stderr, under the answer: stdout stays the answer alone for scripts.
+        for line in source_lines(result):
+            print(line, file=sys.stderr)
     tok = result.get("tokens", {})
     if not args.quiet:
         cached = result.get("cached_calls") or 0
