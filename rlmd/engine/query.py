@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Protocol
 
 import msgspec
 
@@ -25,7 +24,7 @@ from rlmd.cache import CacheService, QueryCaching
 from rlmd.config import Config
 from rlmd.engine import prompts
 from rlmd.engine.budget import Meter, resolve_budget
-from rlmd.engine.context_text import ContextText, Store
+from rlmd.engine.context_text import ContextText
 from rlmd.engine.followup import Earlier, FollowUps
 from rlmd.engine.parse import parse_reply
 from rlmd.engine.record import Emit, Recorder
@@ -37,16 +36,10 @@ from rlmd.engine.turns import LoopStart, QueryRun, RootLoop
 from rlmd.engine.types import EngineError, QueryParams, QueryResult, Source
 from rlmd.protocol.errors import AppError
 from rlmd.providers.base import ChatRequest, Message, ProviderError
-from rlmd.store.store import Pinned, StoreError
+from rlmd.store.store import ContextStore, StoreError
 
 HEAD_CHARS = 1200  # how much of the context is peeked for its description
 EVIDENCE_TEXT_CHARS = 240  # one evidence passage as shown
-
-
-class EngineStore(Store, Protocol):
-    """The store as the engine uses it (``rlmd.store.ContextStore``)."""
-
-    def pin(self, name: str) -> contextlib.AbstractContextManager[Pinned]: ...
 
 
 @dataclasses.dataclass
@@ -65,7 +58,7 @@ class Engine:
         *,
         config: Config,
         pool: ChatPool,
-        store: EngineStore,
+        store: ContextStore,
         state_dir: Path,
         cache: CacheService | None = None,
         tokenizer: Tokenizer | None = None,

@@ -24,6 +24,7 @@ from rlmd.engine.trace import clip_for_trace
 from rlmd.providers.base import ChatRequest, ChatResult, Message, OnDelta, ProviderError
 from rlmd.search.handlers import CALLS as SEARCH_CALLS
 from rlmd.search.handlers import handle_call
+from rlmd.store.store import ContextStore
 
 # A nested loop for rlm_query below the depth limit: (prompt, its context, depth) -> answer.
 Nested = Callable[[str, str | None, int], Awaitable[str]]
@@ -60,7 +61,7 @@ class SubCalls:
     caching: QueryCaching | None = None
     nosub: bool = False
     # The REPL's ``search()`` on a mapped context asks the daemon (its index when built).
-    store: Any = None  # rlmd.store.ContextStore (read in a thread by handle_call)
+    store: ContextStore | None = None  # read in a thread by handle_call
     context_name: str | None = None
 
     async def __call__(self, fn: str, args: dict[str, Any]) -> Any:

@@ -39,6 +39,7 @@ from rlmd.engine.types import EngineError
 from rlmd.engine.worker import LazyRepl
 from rlmd.providers.base import ChatRequest, ChatResult, Message, ProviderError
 from rlmd.repl.session import ReplSession
+from rlmd.store.store import ContextStore
 
 BlockRun = asyncio.Task[tuple[list[str], str | None]]
 
@@ -74,7 +75,7 @@ class QueryRun:
     sub_window_tokens: int
     caching: QueryCaching | None = None
     nosub: bool = False
-    store: object = None  # the context store, for the REPL's search() calls
+    store: ContextStore | None = None  # for the REPL's search() calls
     max_depth_seen: int = 1
     # The texts every loop's blocks printed (and what was shown up front), for sources.
     shown: list[str] = field(default_factory=list)
