@@ -433,12 +433,15 @@ def with_evidence(first: str, evidence: str) -> str:
     if not evidence:
         return first
     head, sep, rest = first.partition("Question: ")
-    note = (
-        evidence
-        + "\nIf a passage answers the question, answer with FINAL(...). Otherwise read the "
-        "lines around them with code.\n\n"
+    if not sep:
+        return first + "\n\n" + evidence
+    # The passages change what to do first: answer from them, or look further with code.
+    rest = rest.replace(
+        "Start by writing a ```repl block to look at the context.",
+        "If a passage above answers it, answer now with FINAL(the answer). Otherwise write "
+        "a ```repl block to read the lines around them.",
     )
-    return head + note + sep + rest if sep else first + "\n\n" + note
+    return head + evidence + "\n\n" + sep + rest
 
 
 def follow_up_preamble(question: str, answer: str, sources: list[str]) -> str:
