@@ -18,7 +18,7 @@ from .jobs import Jobs
 
 if TYPE_CHECKING:  # the concrete parts; imported lazily at runtime by compose.py
     from .cache import CacheService
-    from .engine.loop import Engine
+    from .engine.query import Engine
     from .improve import ImproveService
     from .pool.pool import Pool
     from .providers.embedded import EmbeddedProvider

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from .app import ModelParts
 from .config import Config, ConfigError, ProviderConfig
-from .engine.loop import Engine
+from .engine.query import Engine
+from .engine.sizing import LlamaCppTokenizer
 from .pool.pool import Pool
 from .providers.base import Provider
 from .providers.registry import build_provider
@@ -105,7 +106,16 @@ async def build_models(
     await pool.start()
     if cache is not None:
         cache.attach_pool(pool)
-    engine = Engine(config=config, pool=pool, store=store, state_dir=state_dir, cache=cache)
+    engine = Engine(
+        config=config,
+        pool=pool,
+        store=store,
+        state_dir=state_dir,
+        cache=cache,
+        # The embedded model's llama.cpp counts tokens exactly and tells a cold model.
+        tokenizer=LlamaCppTokenizer(embedded) if embedded is not None else None,
+        models=embedded,
+    )
     return ModelParts(
         cache=cache,
         pool=pool,

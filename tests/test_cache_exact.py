@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
     rules = [
-        Rule(pattern=r"say (\w+)", expand=True, reply=ScriptedReply(text=r"\1!", usage_in=7, usage_out=3)),
+        Rule(
+            pattern=r"say (\w+)",
+            expand=True,
+            reply=ScriptedReply(text=r"\1!", usage_in=7, usage_out=3),
+        ),
         Rule(pattern="long", reply=ScriptedReply(text="one two three four five six seven eight")),
     ]
     with ScriptedServer(rules, models=[MODEL]) as srv:

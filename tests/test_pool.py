@@ -206,7 +206,9 @@ async def test_429_retry_after_is_honoured(servers) -> None:
 
 
 async def test_429_goes_to_another_server_which_then_serves(servers) -> None:
-    a = serve(servers, Rule(reply=ScriptedReply(status=429, retry_after=5), times=1), slow("a", 0.0))
+    a = serve(
+        servers, Rule(reply=ScriptedReply(status=429, retry_after=5), times=1), slow("a", 0.0)
+    )
     b = serve(servers, slow("b", 0.0))
     pool = make_pool([pcfg("a", a, priority=0), pcfg("b", b, priority=1)])
     try:

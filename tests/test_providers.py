@@ -145,14 +145,18 @@ async def test_ollama_error_line_with_http_200(make) -> None:
         msg = str(err)
         assert "p-ollama" in msg and "/api/chat" in msg and "runner died: out of memory" in msg
         # Nothing reached a caller yet: another server may well answer.
-        srv.set_rules([Rule(reply=ScriptedReply(text="x", error_mid_stream="boom", error_after_chunks=0))])
+        srv.set_rules(
+            [Rule(reply=ScriptedReply(text="x", error_mid_stream="boom", error_after_chunks=0))]
+        )
         with pytest.raises(ProviderError) as ei:
             await p.chat(_req())
         assert ei.value.retryable and not ei.value.streamed
 
 
 async def test_openai_error_event_in_stream(make) -> None:
-    reply = ScriptedReply(text="a b", error_mid_stream="context length exceeded", error_after_chunks=0)
+    reply = ScriptedReply(
+        text="a b", error_mid_stream="context length exceeded", error_after_chunks=0
+    )
     with ScriptedServer([Rule(reply=reply)]) as srv:
         with pytest.raises(ProviderError, match="context length exceeded"):
             await make("openai", srv).chat(_req())
@@ -163,7 +167,9 @@ async def test_anthropic_ping_and_error_events(make) -> None:
     with ScriptedServer(
         [
             Rule(pattern="ok", reply=reply),
-            Rule(reply=ScriptedReply(text="x y", error_mid_stream="Overloaded", error_after_chunks=1)),
+            Rule(
+                reply=ScriptedReply(text="x y", error_mid_stream="Overloaded", error_after_chunks=1)
+            ),
         ],
         api_key=KEY,
     ) as srv:

@@ -111,7 +111,9 @@ def test_no_rule_matched_is_a_clear_400() -> None:
 
 
 def test_ollama_stream_and_usage() -> None:
-    with ScriptedServer([Rule(reply=ScriptedReply(text="one two three", usage_in=7, usage_out=3))]) as srv:
+    with ScriptedServer(
+        [Rule(reply=ScriptedReply(text="one two three", usage_in=7, usage_out=3))]
+    ) as srv:
         with httpx.stream(
             "POST", srv.url + "/api/chat", json={"model": "m", "messages": _user("q")}
         ) as r:
@@ -189,7 +191,9 @@ def test_error_status_and_retry_after() -> None:
 
 
 def test_error_mid_stream_ollama_line_with_200() -> None:
-    reply = ScriptedReply(text="a b c", error_mid_stream="model runner crashed", error_after_chunks=1)
+    reply = ScriptedReply(
+        text="a b c", error_mid_stream="model runner crashed", error_after_chunks=1
+    )
     with ScriptedServer([Rule(reply=reply)]) as srv:
         with httpx.stream(
             "POST", srv.url + "/api/chat", json={"model": "m", "messages": _user("q")}

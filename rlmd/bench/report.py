@@ -17,7 +17,7 @@ import msgspec
 
 from rlmd.bench import format_length
 
-METHOD_ORDER = ("base", "rlm", "rlm-nosub")
+METHOD_ORDER = ("base", "rlm", "rlm-nosub", "auto")
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=True):

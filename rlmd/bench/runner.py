@@ -38,7 +38,7 @@ import msgspec
 from rlmd.bench import SUITES, BenchError, Task, format_length, make_tasks, parse_lengths
 from rlmd.bench.report import Result, markdown, plot, summarize, summarize_kinds
 
-METHODS = ("base", "rlm", "rlm-nosub")
+METHODS = ("base", "rlm", "rlm-nosub", "auto")
 # Contexts larger than this go to the daemon as a file path, not inside the JSON frame.
 INLINE_LIMIT = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -260,7 +260,8 @@ class Progress:
 
 def query_options(opts: BenchOptions, method: str) -> dict[str, Any]:
     """``query/run`` options for one method; only what differs from the daemon's defaults."""
-    o: dict[str, Any] = {} if method == "rlm" else {"mode": method}
+    # Always named: the daemon's default ("auto") is itself one of the compared methods.
+    o: dict[str, Any] = {"mode": method}
     for key in ("cache", "timeout_s", "max_iterations", "root_model", "sub_model"):
         v = getattr(opts, key)
         if v is not None:

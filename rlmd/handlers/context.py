@@ -9,7 +9,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..jobs import Notifier
-from ..protocol.errors import BAD_INPUT, NOT_FOUND, AppError
+from ..protocol.errors import BAD_INPUT, DAMAGED, NOT_FOUND, AppError
 from ..protocol.jsonrpc import Method, NoParams, Request
 from ..protocol.schema import (
     ContextNameParams,
@@ -17,7 +17,7 @@ from ..protocol.schema import (
     ContextPutParams,
     ContextSearchParams,
 )
-from ..store.store import ContextInfo, ContextStore, PutResult, SearchMatch, StoreError
+from ..store.store import ContextInfo, ContextStore, PutResult, StoreError
 
 if TYPE_CHECKING:
     from ..app import App
@@ -28,7 +28,7 @@ T = TypeVar("T")
 def store_error(exc: StoreError) -> AppError:
     """The store's error as the client sees it (``not_found`` gets its own code)."""
     kind = getattr(exc, "kind", "store_error")
-    code = NOT_FOUND if kind == "not_found" else BAD_INPUT
+    code = {"not_found": NOT_FOUND, "damaged": DAMAGED}.get(kind, BAD_INPUT)
     return AppError(kind, str(getattr(exc, "message", exc)), code=code)
 
 
@@ -73,7 +73,16 @@ async def peek(
 
 async def search(
     store: ContextStore, conn: Notifier, req: Request, p: ContextSearchParams
-) -> dict[str, list[SearchMatch]]:
+) -> dict[str, list[Any]]:
+    if p.mode == "ranked" or p.pattern is None:
+        if p.query is None or p.pattern is not None:
+            raise AppError(
+                "bad_params",
+                'context/search takes `pattern` (a regex), or `mode: "ranked"` with '
+                "`query` (words or a question)",
+                code=BAD_INPUT,
+            )
+        return {"matches": await in_thread(store.search_ranked, p.name, p.query, p.k)}
     # A runaway pattern is stopped between search windows instead of holding a thread.
     matches = await in_thread(store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0)
     return {"matches": matches}

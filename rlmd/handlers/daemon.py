@@ -12,7 +12,7 @@ import msgspec
 from .. import __version__
 from ..jobs import Notifier
 from ..protocol.jsonrpc import FREE, Method, NoParams, Request
-from ..protocol.schema import DaemonStatus, ProviderBrief
+from ..protocol.schema import DaemonStatus, DamagedBrief, ProviderBrief
 
 if TYPE_CHECKING:
     from ..app import App
@@ -30,11 +30,12 @@ def status(app: App, conn: Notifier, req: Request, p: NoParams) -> DaemonStatus:
             for s in app.pool.status()
         ]
     prot: Any = msgspec.to_builtins(app.protection) if app.protection is not None else {}
+    contexts = app.store.list()
     return DaemonStatus(
         version=__version__,
         pid=os.getpid(),
         uptime_s=round(time.monotonic() - app.started, 3),
-        contexts=len(app.store.list()),
+        contexts=len(contexts),
         providers=providers,
         socket=str(app.socket_path),
         state_dir=str(app.state_dir),
@@ -43,6 +44,7 @@ def status(app: App, conn: Notifier, req: Request, p: NoParams) -> DaemonStatus:
         embedded=app.embedded.describe() if app.embedded is not None else app.embedded_note,
         queries_running=app.admission.running,
         queries_queued=app.admission.waiting,
+        damaged_contexts=[DamagedBrief(c.name, c.damaged) for c in contexts if c.damaged],
     )
 
 

@@ -24,6 +24,7 @@ CANCELLED = -32005  # query/cancel or the client went away
 UNAVAILABLE = -32006  # a part is not installed or not configured (embedded model)
 SHUTTING_DOWN = -32007  # the daemon is draining
 BUSY = -32008  # too many queries running and queued, or too many bytes buffered; retry later
+DAMAGED = -32010  # stored state is broken beyond repair here (drop the context, put it again)
 
 
 class AppError(Exception):

@@ -6,7 +6,7 @@ names it rather than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -41,9 +41,15 @@ class ContextPeekParams(_Params):
 
 
 class ContextSearchParams(_Params):
+    """``mode: "regex"`` (the default) takes ``pattern``; ``mode: "ranked"`` takes
+    ``query`` (words or a question) and returns the ``k`` best passages."""
+
     name: str
-    pattern: str
+    pattern: str | None = None
     max_matches: int = 100
+    mode: Literal["regex", "ranked"] = "regex"
+    query: str | None = None
+    k: int = 10
 
 
 class JobParams(_Params):
@@ -62,6 +68,13 @@ class ProviderBrief(msgspec.Struct):
     capacity: int
 
 
+class DamagedBrief(msgspec.Struct):
+    """A context the store cannot read, and what to do (``damaged``)."""
+
+    name: str
+    damaged: str
+
+
 class DaemonStatus(msgspec.Struct):
     version: str
     pid: int
@@ -75,6 +88,8 @@ class DaemonStatus(msgspec.Struct):
     embedded: str
     queries_running: int = 0  # admitted query/run (limits.max_concurrent_queries)
     queries_queued: int = 0  # waiting for a slot
+    damaged_contexts: list[DamagedBrief] = []
+
 
 
 # --- REPL sessions and single model calls (repl/*, llm/query) ------------------------

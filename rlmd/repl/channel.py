@@ -101,9 +101,10 @@ class Call(_Msg, tag="call"):
 
     id: int
     method: str
-    # Only what the worker's functions send (prompt, prompts, model, context): a forged
+    # Only what the worker's functions send (prompt, prompts, model, context; search's
+    # query and k; grep's pattern and max_matches): a forged
     # frame cannot smuggle deep structures past the decoder.
-    params: dict[str, str | list[str] | None]
+    params: dict[str, str | int | float | bool | list[str] | None]
 
 
 class Done(_Msg, tag="done"):

@@ -35,6 +35,7 @@ from rlmd.repl.worker_guard import (
     drop_privileges,
     install_seccomp,
 )
+from rlmd.search.repl import make_functions as _search_functions
 
 _ERROR_CAP = 100_000
 _THIS_FILE = __file__
@@ -242,6 +243,9 @@ class Worker:
             "final": FINAL,
             "final_var": FINAL_VAR,
             "context": context,
+            # search(query, k) / grep(pattern): ranked passages and whole matching lines
+            # with their locations; a mapped (large) context asks the daemon's index first.
+            **_search_functions(context, self.call, via_daemon=isinstance(context, ContextView)),
         }
         bi = dict(builtins.__dict__)
         if isinstance(context, ContextView):
