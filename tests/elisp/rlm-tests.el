@@ -178,8 +178,15 @@
         (rlm-disconnect)
         (let ((proc rlm--daemon-process))
           (when (process-live-p proc)
-            (signal-process proc 'TERM)
-            (rlm-test-wait-for (lambda () (not (process-live-p proc))) 10))
+            ;; rlm-stop-daemon says that the daemon drains, and waits.
+            (let (said)
+              (cl-letf* ((orig (symbol-function 'message))
+                         ((symbol-function 'message)
+                          (lambda (&rest args) (push (and (car args) (apply #'format args)) said)
+                            (apply orig args))))
+                (should (rlm-stop-daemon 20)))
+              (should (equal (car said) "rlm: the daemon stopped"))
+              (should (cl-some (lambda (m) (and m (string-match-p "draining" m))) said))))
           (when proc (delete-process proc)))
         (delete-directory dir t)))))
 
