@@ -15,7 +15,7 @@ from typing import Literal
 
 import msgspec
 
-ProviderKind = Literal["ollama", "openai", "anthropic", "embedded"]
+ProviderKind = Literal["ollama", "openai", "anthropic", "embedded", "command"]
 Strategy = Literal["adaptive", "round_robin", "least_loaded", "latency"]
 
 
@@ -52,16 +52,49 @@ class ProviderConfig(_Section):
     connect_timeout_s: float = 5.0
     first_token_timeout_s: float = 120.0
     total_timeout_s: float = 600.0
+    # kind = "command": the program's argv (never a shell string), the names of the
+    # environment variables it may see (nothing else of the daemon's environment is
+    # passed), and the wall-clock limit of one call.
+    command: list[str] = []
+    env: list[str] = []
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("provider name must not be empty")
         if self.capacity < 1:
             raise ValueError(f"provider {self.name!r}: capacity must be >= 1")
+        if self.kind == "command" or self.command or self.env:
+            _check_command(self)
+            return
         if self.kind != "embedded" and not self.base_url:
             raise ValueError(f"provider {self.name!r}: base_url is required for kind {self.kind!r}")
         if self.kind != "embedded" and not self.models:
             raise ValueError(f"provider {self.name!r}: list the models it serves in `models`")
+
+
+def _check_command(p: ProviderConfig) -> None:
+    """A command provider runs a local program: argv, models and env names, nothing else."""
+    who = f"provider {p.name!r}"
+    if p.kind != "command":
+        raise ValueError(f"{who}: `command` and `env` apply only to kind = \"command\"")
+    if not p.command or not all(isinstance(a, str) and a for a in p.command):
+        raise ValueError(
+            f'{who}: `command` must be a non-empty argv list, e.g. ["claude", "-p"] '
+            "(no shell string; no empty arguments)"
+        )
+    if not p.models:
+        raise ValueError(f"{who}: list the model names it answers for in `models`")
+    if p.timeout_s <= 0:
+        raise ValueError(f"{who}: timeout_s must be positive")
+    for name in p.env:
+        if not name or "=" in name or "\0" in name:
+            raise ValueError(f"{who}: `env` lists variable NAMES (got {name!r})")
+    if p.base_url or p.api_key_env is not None:
+        raise ValueError(
+            f"{who}: kind \"command\" takes no base_url or api_key_env; name the variables "
+            "the program needs (its own API key, say) in `env`"
+        )
 
 
 class ModelsConfig(_Section):
@@ -198,6 +231,19 @@ class SandboxConfig(_Section):
     seccomp: Literal["auto", "require", "off"] = "auto"
 
 
+class ReplConfig(_Section):
+    """Persistent REPL sessions (repl/open, the MCP server's execute_code)."""
+
+    max_sessions: int = 16  # open at once, over all clients
+    idle_timeout_s: float = 1800.0  # unused this long: closed (its variables are gone)
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be positive")
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -211,6 +257,7 @@ class Config(_Section):
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    repl: ReplConfig = msgspec.field(default_factory=ReplConfig)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.providers]

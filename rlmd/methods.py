@@ -61,6 +61,7 @@ class App:
     jobs: Jobs = field(default_factory=Jobs)
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
+    repl: Any = None  # the persistent REPL sessions (rlmd/repl/registry.py), made on demand
 
 
 def _store_error(exc: Exception) -> AppError:
@@ -255,7 +256,31 @@ def build_methods(app: App) -> dict[str, Method]:
         "cache/stats": Method.of(cache_stats, ordering=FREE),
         "cache/clear": Method.of(cache_clear),
     }
+    table.update(_repl_and_llm_methods(app))
     return table
+
+
+def _repl_and_llm_methods(app: App) -> dict[str, Method]:
+    """repl/* (persistent REPL sessions) and llm/query (one sub-model call)."""
+    from functools import partial
+
+    from .llm import llm_query
+    from .protocol.schema import LlmQueryParams, ReplExecParams, ReplOpenParams, ReplSessionParams
+    from .repl import handlers as rh
+    from .repl.registry import ReplRegistry
+
+    if app.repl is None:
+        app.repl = ReplRegistry(
+            config=app.config, store=app.store, pool=app.pool, state_dir=app.state_dir
+        )
+    reg = app.repl
+    return {
+        "repl/open": Method.of(partial(rh.repl_open, reg), ReplOpenParams, ordering=AFTER),
+        "repl/exec": Method.of(partial(rh.repl_exec, reg), ReplExecParams, ordering=FREE),
+        "repl/close": Method.of(partial(rh.repl_close, reg), ReplSessionParams, ordering=FREE),
+        "repl/list": Method.of(partial(rh.repl_list, reg), ordering=FREE),
+        "llm/query": Method.of(partial(llm_query, app.pool), LlmQueryParams, ordering=FREE),
+    }
 
 
 def _drop_quietly(store: Any, name: str) -> None:

@@ -7,6 +7,7 @@
     rlm trace [JOB]
     rlm cache [stats|clear]
     rlm bench --suite sniah --lengths 8k,64k --n 10
+    rlm mcp                                   (an MCP server on stdio; docs/mcp.md)
 
 If no daemon is listening, ``rlm`` starts one in the background and says so.
 """
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="print a query's trajectory (default: the latest)")
     tr.add_argument("job", nargs="?")
 
+    sub.add_parser("mcp", help="serve MCP on stdio (claude mcp add rlmd -- rlm mcp)")
+
     sub.add_parser("bench", help="run benchmark suites (see `rlm bench --help`)", add_help=False)
     return ap
 
@@ -468,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.cmd == "mcp":
+        return _serve_mcp(args)
     try:
         with connect(args) as c:
             handler = {
@@ -485,6 +490,23 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         return _die(str(exc))
     except BrokenPipeError:
+        return 0
+
+
+def _serve_mcp(args: argparse.Namespace) -> int:
+    """``rlm mcp``: stdout carries MCP only, so everything else goes to stderr."""
+    import asyncio
+    import logging
+
+    from ..mcp.server import serve
+
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="rlm mcp: %(levelname)s %(message)s"
+    )
+    path = Path(args.socket) if args.socket else default_socket_path()
+    try:
+        return asyncio.run(serve(path, autostart=not args.no_start))
+    except KeyboardInterrupt:
         return 0
 
 

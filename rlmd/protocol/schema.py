@@ -82,3 +82,25 @@ class DaemonStatus(msgspec.Struct):
     sandbox: dict
     embedded: str
     damaged_contexts: list[DamagedBrief] = []
+
+
+# --- REPL sessions and single model calls (repl/*, llm/query) ------------------------
+
+
+class ReplOpenParams(_Params):
+    context: str | None = None  # a stored context's name; None: a REPL with no context
+
+
+class ReplExecParams(_Params):
+    session: str
+    code: str
+    timeout_s: float | None = None  # default: limits.cell_timeout_s
+
+
+class ReplSessionParams(_Params):
+    session: str
+
+
+class LlmQueryParams(_Params):
+    prompt: str
+    model: str | None = None  # default: [models] sub

@@ -59,11 +59,15 @@ def build_provider(
                 "(pass embedded_factory)"
             )
         return embedded_factory(cfg)
+    if cfg.kind == "command":
+        from rlmd.providers.command import CommandProvider
+
+        return CommandProvider(cfg, env)
     cls = _KINDS.get(cfg.kind)
     if cls is None:
         raise ConfigError(
             f"provider {cfg.name!r}: unknown kind {cfg.kind!r} "
-            f"(expected one of: {', '.join([*_KINDS, 'embedded'])})"
+            f"(expected one of: {', '.join([*_KINDS, 'embedded', 'command'])})"
         )
     key = read_api_key(cfg, env)
     try:
