@@ -110,3 +110,9 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
         tokenizer=LlamaCppTokenizer(app.embedded) if app.embedded is not None else None,
         models=app.embedded,
     )
+    from .improve import ImproveService
+
+    app.improve = ImproveService(
+        config=config, engine=app.engine, store=app.store, state_dir=app.state_dir,
+        use_bwrap=prot.bwrap,
+    )

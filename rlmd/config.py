@@ -244,6 +244,23 @@ class ReplConfig(_Section):
             raise ValueError("idle_timeout_s must be positive")
 
 
+class ImproveConfig(_Section):
+    """The improvement cycle (``improve/*``): rounds and the test command's limits."""
+
+    max_rounds: int = 3
+    test_timeout_s: float = 600.0
+    memory_mb: int = 4096
+    output_bytes: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_rounds <= 10:
+            raise ValueError("max_rounds must be 1..10")
+        if self.test_timeout_s <= 0:
+            raise ValueError("test_timeout_s must be positive")
+        if self.output_bytes < 1024:
+            raise ValueError("output_bytes must be at least 1024")
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -258,6 +275,7 @@ class Config(_Section):
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     repl: ReplConfig = msgspec.field(default_factory=ReplConfig)
+    improve: ImproveConfig = msgspec.field(default_factory=ImproveConfig)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.providers]

@@ -58,6 +58,7 @@ class App:
     protection: Callable[[], Any] | None = None
     embedded_note: str = ""
     embedded: Any = None  # the embedded provider, when it serves (its describe() is live)
+    improve: Any = None  # the improvement cycle (rlmd/improve), when a model serves
     jobs: Jobs = field(default_factory=Jobs)
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
@@ -239,6 +240,24 @@ def build_methods(app: App) -> dict[str, Method]:
     def daemon_ping(conn: Any, req: Any, p: NoParams) -> Any:
         return "pong"
 
+    from .improve import handlers as imp
+    from .improve.cycle import ImproveJobParams, ImproveRejectParams, ImproveStartParams
+
+    async def improve_start(conn: Any, req: Any, p: ImproveStartParams) -> Any:
+        return await imp.improve_start(app.improve, app.jobs, conn, req, p)
+
+    async def improve_reject(conn: Any, req: Any, p: ImproveRejectParams) -> Any:
+        return await imp.improve_reject(app.improve, app.jobs, conn, req, p)
+
+    async def improve_approve(conn: Any, req: Any, p: ImproveJobParams) -> Any:
+        return await imp.improve_approve(app.improve, req, p)
+
+    async def improve_list(conn: Any, req: Any, p: NoParams) -> Any:
+        return await imp.improve_list(app.improve)
+
+    async def improve_show(conn: Any, req: Any, p: ImproveJobParams) -> Any:
+        return await imp.improve_show(app.improve, p)
+
     table = {
         "daemon/ping": Method.of(daemon_ping, ordering=FREE),
         "daemon/status": Method.of(daemon_status, ordering=FREE),
@@ -255,6 +274,11 @@ def build_methods(app: App) -> dict[str, Method]:
         "pool/status": Method.of(pool_status, ordering=FREE),
         "cache/stats": Method.of(cache_stats, ordering=FREE),
         "cache/clear": Method.of(cache_clear),
+        "improve/start": Method.of(improve_start, ImproveStartParams, ordering=AFTER),
+        "improve/approve": Method.of(improve_approve, ImproveJobParams),
+        "improve/reject": Method.of(improve_reject, ImproveRejectParams, ordering=FREE),
+        "improve/list": Method.of(improve_list, ordering=FREE),
+        "improve/show": Method.of(improve_show, ImproveJobParams, ordering=FREE),
     }
     table.update(_repl_and_llm_methods(app))
     return table

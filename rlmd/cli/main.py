@@ -457,8 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("mcp", help="serve MCP on stdio (claude mcp add rlmd -- rlm mcp)")
 
+    from .improve import add_parser as add_improve
+
+    add_improve(sub)
     sub.add_parser("bench", help="run benchmark suites (see `rlm bench --help`)", add_help=False)
     return ap
+
+
+def cmd_improve(c: Client, args: argparse.Namespace) -> int:
+    from .improve import cmd_improve as run
+
+    return run(c, args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 "query": cmd_query,
                 "trace": cmd_trace,
                 "cache": cmd_cache,
+                "improve": cmd_improve,
             }[args.cmd]
             return handler(c, args)
     except RpcError as exc:

@@ -1,0 +1,101 @@
+"""The ``improve/*`` JSON-RPC methods over an ``ImproveService``.
+
+``improve/start`` and ``improve/reject`` run rounds, so they run as jobs: their events go
+out as ``query/event`` notifications of the cycle's job id (kinds ``phase``, ``proposal``,
+``test`` plus the analysis query's own events), and ``query/cancel {job}`` stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from jsonrpcserver import Error
+
+from rlmd.improve.cycle import (
+    ImproveJobParams,
+    ImproveRejectParams,
+    ImproveService,
+    ImproveStartParams,
+)
+from rlmd.jobs import Job, JobExists, Jobs, Notifier
+from rlmd.protocol.errors import BAD_INPUT, CANCELLED, UNAVAILABLE, AppError
+from rlmd.protocol.jsonrpc import Request
+
+
+def _service(svc: ImproveService | None) -> ImproveService:
+    if svc is None:
+        raise AppError(
+            "unavailable",
+            "the improvement cycle needs a model: configure [[providers]] or install rlmd[local]",
+            code=UNAVAILABLE,
+        )
+    return svc
+
+
+async def _as_job(
+    jobs: Jobs, conn: Notifier, job_id: str | None, work: Callable[[Job], Awaitable[Any]]
+) -> Any:
+    try:
+        job = jobs.start(job_id, conn)
+    except JobExists:
+        raise AppError(
+            "job_exists", f"job {job_id!r} is already running; wait for it or cancel it",
+            code=BAD_INPUT,
+        ) from None
+    try:
+        return await work(job)
+    except asyncio.CancelledError:
+        if not job.cancel_requested:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        msg = "improvement cycle cancelled (query/cancel)"
+        job.emit({"kind": "error", "message": msg, "error_kind": "cancelled"})
+        return Error(CANCELLED, msg, {"kind": "cancelled", "job": job.id})
+    except AppError as exc:
+        job.emit({"kind": "error", "message": exc.message, "error_kind": exc.kind})
+        raise
+    finally:
+        jobs.finish(job)
+
+
+async def improve_start(
+    svc: ImproveService | None, jobs: Jobs, conn: Notifier, req: Request, p: ImproveStartParams
+) -> Any:
+    service = _service(svc)
+    await req.turn()
+
+    async def work(job: Job) -> Any:
+        point = await service.start(p, job.id, job.emit)
+        job.emit({"kind": "final", "answer": point.summary, "state": point.state})
+        return point
+
+    return await _as_job(jobs, conn, p.job, work)
+
+
+async def improve_reject(
+    svc: ImproveService | None, jobs: Jobs, conn: Notifier, req: Request, p: ImproveRejectParams
+) -> Any:
+    service = _service(svc)
+
+    async def work(job: Job) -> Any:
+        point = await service.reject(p.job, p.feedback, job.emit)
+        job.emit({"kind": "final", "answer": point.summary or point.state, "state": point.state})
+        return point
+
+    return await _as_job(jobs, conn, p.job, work)
+
+
+async def improve_approve(svc: ImproveService | None, req: Request, p: ImproveJobParams) -> Any:
+    return await _service(svc).approve(p.job)
+
+
+async def improve_list(svc: ImproveService | None) -> Any:
+    return {"cycles": await _service(svc).list()}
+
+
+async def improve_show(svc: ImproveService | None, p: ImproveJobParams) -> Any:
+    return await _service(svc).show(p.job)
