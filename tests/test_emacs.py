@@ -54,6 +54,12 @@ ELPA_SETUP = (
     " (when (file-directory-p d) (add-to-list 'load-path d)))"
 )
 
+# The improvement cycle's proposal (tests/elisp/rlm-features-tests.el makes the repository).
+IMPROVE_REPLY = (
+    "FINAL(Fix add:\n```diff\ndiff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n"
+    "@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a - b\n+    return a + b\n```\n)"
+)
+
 # The scripted model, keyed by words in the questions of tests/elisp/*.el.  The first
 # user message holds the question; later ones hold what the code printed.
 RULES = [
@@ -72,6 +78,10 @@ RULES = [
         reply=ScriptedReply(text="FINAL(src/app.py:2 changes total() without a test.)"),
     ),
     Rule(pattern=r"babeltest", reply=ScriptedReply(text="FINAL(Babel says 42.)")),
+    Rule(pattern=r"convofollow", reply=ScriptedReply(text="FINAL(Following up.)")),
+    Rule(pattern=r"convofirst", reply=ScriptedReply(text="FINAL(The secret word is pumpkin.)")),
+    Rule(pattern=r"sourcetest", reply=ScriptedReply(text="FINAL(The needle is 4242.)")),
+    Rule(pattern=r"improvetest", reply=ScriptedReply(text=IMPROVE_REPLY)),
 ]
 DEFAULT = ScriptedReply(text="FINAL(Generic answer.)")
 
@@ -141,6 +151,10 @@ def test_ert_suite(make_daemon, short_tmp: Path) -> None:
         firsts = [c.messages[-1].content for c in srv.calls if c.messages]
         assert any("streamtest" in m for m in firsts)
         assert any("Review this diff" in m for m in firsts)
+        # A follow-up's prompt holds the earlier answer.
+        follow = [c for c in srv.calls if c.messages and "convofollow" in c.messages[-1].content]
+        assert follow, out[-20000:]
+        assert all(any("pumpkin" in m.content for m in c.messages) for c in follow)
 
 
 def test_byte_compile(elisp_copy: Path) -> None:

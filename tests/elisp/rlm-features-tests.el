@@ -625,5 +625,109 @@
           (kill-buffer buf2))
         (kill-buffer buf)))))
 
+
+;;;; The same features against the real daemon (its side merged in)
+
+(ert-deftest rlm-test-daemon-follow-up-and-sources ()
+  (rlm-test-with-daemon
+    (with-temp-buffer
+      (rename-buffer "rlm-test-daemon-convo" t)
+      (insert "Some notes.\nThe needle is 4242.\nMore notes.\n")
+      (let* ((first (rlm-test-finish (rlm-query "convofirst: what is the word?")))
+             (buf (rlm-job-buffer first)))
+        (should (equal (rlm-job-answer first) "The secret word is pumpkin."))
+        (with-current-buffer buf (rlm-follow-up "convofollow: say it again"))
+        (let ((second (rlm-test-finish (with-current-buffer buf rlm--job))))
+          (should (eq (rlm-job-state second) 'done))
+          (should (equal (rlm-job-follow-up second) (rlm-job-id first)))
+          (should (equal (rlm-job-answer second) "Following up."))
+          (with-current-buffer buf
+            (should (< (string-match "pumpkin" (buffer-string))
+                       (string-match "Follow-up: convofollow" (buffer-string))
+                       (string-match "Following up\\." (buffer-string)))))))
+      ;; The daemon's sources map back into this buffer.
+      (let* ((job (rlm-test-finish (rlm-query "sourcetest: what is the needle?")))
+             (sources (rlm-job-sources job)))
+        (should (eq (rlm-job-state job) 'done))
+        (should sources)
+        (pcase-let ((`(buffer ,b ,pos ,_) (rlm-source-location job (car sources))))
+          (should (eq b (current-buffer)))
+          (should (equal (buffer-substring-no-properties
+                          pos (+ pos (- (plist-get (car sources) :end)
+                                        (plist-get (car sources) :start))))
+                         (substring (buffer-string)
+                                    (plist-get (car sources) :start)
+                                    (plist-get (car sources) :end))))
+          (should (string-match-p "4242" (buffer-substring pos (line-end-position 2)))))))))
+
+(ert-deftest rlm-test-daemon-repl ()
+  (rlm-test-with-daemon
+    (rlm-put-text "rlm-test:repl" "hello repl world")
+    (let ((buf (rlm-repl "rlm-test:repl")))
+      (with-current-buffer buf
+        (goto-char (point-max))
+        (insert "x = len(context)")
+        (comint-send-input)
+        (should (rlm-test-wait-for (lambda () (= 2 (how-many "^>>> " (point-min) (point-max)))) 30))
+        (goto-char (point-max))
+        (insert "print(x + 1)")
+        (comint-send-input)
+        (should (rlm-test-wait-for (lambda () (string-match-p "^17\n>>> " (buffer-string))) 30))
+        (goto-char (point-max))
+        (insert "undefined_name")
+        (comint-send-input)
+        (should (rlm-test-wait-for (lambda () (string-match-p "NameError" (buffer-string))) 30)))
+      (let ((session (buffer-local-value 'rlm-repl--session buf)))
+        (kill-buffer buf)
+        (should (rlm-test-wait-for
+                 (lambda () (not (cl-find session (plist-get (rlm-request 'repl/list) :sessions)
+                                          :key (lambda (s) (plist-get s :session))
+                                          :test #'equal)))
+                 10))))
+    (rlm-drop "rlm-test:repl")))
+
+(ert-deftest rlm-test-daemon-improve-cycle-and-approve ()
+  (rlm-test-with-daemon
+    (let* ((repo (make-temp-file (expand-file-name "improve" rlm-test-tmp) t))
+           (default-directory (file-name-as-directory repo))
+           (git (lambda (&rest args)
+                  (with-temp-buffer
+                    (apply #'call-process "git" nil t nil
+                           "-c" "user.email=t@e" "-c" "user.name=t" args)
+                    (buffer-string))))
+           (python (or (getenv "RLM_TEST_PYTHON") "python3")))
+      (with-temp-file "calc.py" (insert "def add(a, b):\n    return a - b\n"))
+      (with-temp-file "test_calc.py"
+        (insert "from calc import add\nassert add(2, 3) == 5\nprint('ok: add works')\n"))
+      (funcall git "init" "-q")
+      (funcall git "add" ".")
+      (funcall git "commit" "-qm" "init")
+      (let ((head (funcall git "rev-parse" "HEAD"))
+            (buf (rlm-improve "improvetest: make add add" repo
+                              (format "%s test_calc.py" python) nil 2)))
+        (with-current-buffer buf
+          (should (rlm-test-wait-for (lambda () (member rlm-improve--state
+                                                        '("awaiting_approval" "failed")))
+                                     90))
+          (should (equal rlm-improve--state "awaiting_approval"))
+          (should (string-match-p "Tests: passed" (buffer-string)))
+          (should (string-match-p "ok: add works" (buffer-string)))
+          (should (string-match-p "^\\+    return a \\+ b$" (buffer-string)))
+          ;; Nothing changed before approval.
+          (should (equal (with-temp-buffer (insert-file-contents (expand-file-name "calc.py" repo))
+                                           (buffer-string))
+                         "def add(a, b):\n    return a - b\n"))
+          (call-interactively (key-binding (kbd "C-c C-c")))
+          (should (equal rlm-improve--state "applied")))
+        (should (string-match-p "return a \\+ b"
+                                (with-temp-buffer
+                                  (insert-file-contents (expand-file-name "calc.py" repo))
+                                  (buffer-string))))
+        ;; Unstaged, never committed.
+        (should (equal (funcall git "rev-parse" "HEAD") head))
+        (should (string-match-p "^ M calc.py" (funcall git "status" "--porcelain")))
+        (kill-buffer buf))
+      (delete-directory repo t))))
+
 (provide 'rlm-features-tests)
 ;;; rlm-features-tests.el ends here

@@ -246,7 +246,7 @@
             (should-not (buffer-modified-p))
             ;; The whole answer is one undo step.
             (should (<= (cl-count nil buffer-undo-list) 1))
-            (should (string-match-p "rlm: done · m · turn [0-9]+ · [0-9]+ sub-calls? · .* tokens"
+            (should (string-match-p "rlm: done\\(?: · [a-z ]+\\)* · m · turn [0-9]+ · [0-9]+ sub-calls? · .* tokens"
                                     (rlm--header-line)))))))))
 
 (ert-deftest rlm-test-unchanged-buffer-is-sent-once ()
