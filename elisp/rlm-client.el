@@ -584,6 +584,7 @@ FUNCTION stops listening."
   "Record the phase JOB waits in before the first token (EV)."
   (setf (rlm-job-phase job) (rlm--plist :phase (plist-get ev :phase)
                                         :tokens (plist-get ev :tokens)
+                                        :model (plist-get ev :model)
                                         :message (plist-get ev :message))))
 
 (defun rlm--event-final (job ev)

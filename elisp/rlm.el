@@ -277,7 +277,9 @@ the answer, its sources (buttons into the text), the trajectory
     (let ((name (plist-get phase :phase))
           (tokens (plist-get phase :tokens)))
       (pcase name
-        ("loading_model" "loading the model")
+        ("loading_model" (if-let* ((m (plist-get phase :model)))
+                             (format "loading the model %s" m)
+                           "loading the model"))
         ("prompt" (if (numberp tokens)
                       (format "reading the prompt: %s tokens" (rlm--format-count tokens))
                     "reading the prompt"))

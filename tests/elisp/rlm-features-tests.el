@@ -729,5 +729,18 @@
         (kill-buffer buf))
       (delete-directory repo t))))
 
+;; The daemon's own phase events: the prompt phase of each turn, here
+;; followed by a model that never sends its first token.
+(ert-deftest rlm-test-daemon-phase-while-waiting-for-the-first-token ()
+  (rlm-test-with-daemon
+    (with-temp-buffer
+      (insert "a text to think about\n")
+      (let ((job (rlm-query "slowtest: first token never comes")))
+        (should (rlm-test-wait-for
+                 (lambda () (string-match-p "rlm: reading the prompt: [0-9.]+k? tokens"
+                                            (rlm-test-header job)))
+                 15))
+        (rlm-cancel-job job)))))
+
 (provide 'rlm-features-tests)
 ;;; rlm-features-tests.el ends here
