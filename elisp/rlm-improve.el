@@ -88,7 +88,20 @@ with feedback starts the next round from it.
 
 \\{rlm-improve-mode-map}"
   (setq buffer-read-only t)
-  (setq-local header-line-format '(:eval (rlm-improve--header))))
+  (setq-local header-line-format '(:eval (rlm-improve--header)))
+  (when (featurep 'magit)
+    (rlm-improve--magit-style)))
+
+(defun rlm-improve--magit-style ()
+  "Show the diff in Magit's faces, as Magit's own diff buffers do."
+  (dolist (pair '((diff-added . magit-diff-added-highlight)
+                  (diff-removed . magit-diff-removed-highlight)
+                  (diff-context . magit-diff-context-highlight)
+                  (diff-hunk-header . magit-diff-hunk-heading-highlight)
+                  (diff-file-header . magit-diff-file-heading)
+                  (diff-header . magit-diff-file-heading)))
+    (when (facep (cdr pair))
+      (face-remap-add-relative (car pair) (cdr pair)))))
 
 (defun rlm-improve--header ()
   "Return the header line of a review buffer."
@@ -237,6 +250,9 @@ MAX-ROUNDS rounds (default `rlm-improve-max-rounds')."
     (with-current-buffer buffer
       (rlm-improve-mode)
       (setq rlm-improve--job job rlm-improve--repo repo rlm-improve--goal goal)
+      ;; RET (`diff-goto-source') opens the repository's files.
+      (when (file-directory-p repo)
+        (setq default-directory (file-name-as-directory repo)))
       (let ((inhibit-read-only t))
         (insert (format "Goal: %s\nRepository: %s\n\nThe daemon is working on a proposal...\n"
                         goal (abbreviate-file-name repo))))
@@ -265,8 +281,10 @@ MAX-ROUNDS rounds (default `rlm-improve-max-rounds')."
                                                             '(:state :files))))
     (message "rlm improve: applied to %s (unstaged, not committed)"
              (mapconcat (lambda (f) (format "%s" f)) (plist-get result :files) ", "))
-    (when (featurep 'magit)
-      (save-selected-window (magit-status-setup-buffer rlm-improve--repo)))
+    ;; Magit's status shows the applied change, unstaged, ready to review.
+    (when (and (featurep 'magit) (magit-toplevel rlm-improve--repo))
+      (with-demoted-errors "rlm improve: could not show Magit's status: %S"
+        (save-selected-window (magit-status-setup-buffer rlm-improve--repo))))
     result))
 
 (defun rlm-improve-reject (&optional feedback)
@@ -320,6 +338,8 @@ MAX-ROUNDS rounds (default `rlm-improve-max-rounds')."
       (setq rlm-improve--job job
             rlm-improve--repo (plist-get decision :repo)
             rlm-improve--goal (plist-get decision :goal))
+      (when (and (stringp rlm-improve--repo) (file-directory-p rlm-improve--repo))
+        (setq default-directory (file-name-as-directory rlm-improve--repo)))
       (rlm-improve--render decision))
     (pop-to-buffer buffer)
     buffer))

@@ -556,6 +556,7 @@
   "The proposal of the scripted improvement cycle.")
 
 (ert-deftest rlm-test-improve-review-buffer-and-keys ()
+  (require 'magit)
   (let (starts)
     (rlm-with-peer peer
         (list (cons "improve/start"
@@ -571,7 +572,7 @@
                         '(:state "rejected"))))
               (cons "improve/approve"
                     (lambda (&rest _) '(:state "applied" :files ["calc.py"]))))
-      (let ((buf (rlm-improve "make add add" "/tmp/repo" "pytest -q" "python bench.py" 3)))
+      (let ((buf (rlm-improve "make add add" rlm-test-tmp "pytest -q" "python bench.py" 3)))
         (should (rlm-test-wait-for (lambda () starts) 5))
         (pcase-let ((`(,conn ,id ,job) (car starts)))
           (should (equal (plist-get (car (rlm-peer-requests-of peer "improve/start")) :test_command)
@@ -589,6 +590,8 @@
         (with-current-buffer buf
           (should (rlm-test-wait-for (lambda () (equal rlm-improve--state "awaiting_approval")) 5))
           (should (derived-mode-p 'rlm-improve-mode 'diff-mode))
+          ;; With Magit (required above), Magit's faces.
+          (should (assq 'diff-added face-remapping-alist))
           (let ((text (buffer-string)))
             (should (string-match-p "Tests: FAILED in 0.5 s" text))
             (should (string-match-p "Benchmark: 2.0 → 1.5 (-25.0%)" text))
@@ -611,7 +614,7 @@
           (should (string-match-p "Applied to the working tree (unstaged): calc.py" (buffer-string)))
           (should-error (call-interactively (key-binding (kbd "C-c C-c"))) :type 'user-error))
         ;; C-c C-k: reject.
-        (let ((buf2 (rlm-improve "another" "/tmp/repo")))
+        (let ((buf2 (rlm-improve "another" rlm-test-tmp)))
           (should (rlm-test-wait-for (lambda () (= (length starts) 2)) 5))
           (pcase-let ((`(,conn ,id ,job) (car starts)))
             (rlm-peer-reply conn id (list :job job :state "awaiting_approval" :round 1
@@ -717,6 +720,13 @@
           (should (equal (with-temp-buffer (insert-file-contents (expand-file-name "calc.py" repo))
                                            (buffer-string))
                          "def add(a, b):\n    return a - b\n"))
+          ;; RET on a hunk opens the repository's file, as in any diff.
+          (goto-char (point-min))
+          (re-search-forward "^\\+    return a \\+ b$")
+          (save-window-excursion
+            (diff-goto-source)
+            (should (equal (buffer-file-name) (expand-file-name "calc.py" repo)))
+            (kill-buffer))
           (call-interactively (key-binding (kbd "C-c C-c")))
           (should (equal rlm-improve--state "applied")))
         (should (string-match-p "return a \\+ b"
