@@ -504,6 +504,17 @@
   (rlm-test-with-daemon
     (should (equal (rlm-menu-options '("--root=m" "--iterations=3" "--no-cache" "--mode=rlm"))
                    '(:root_model "m" :mode "rlm" :max_iterations 3 :cache :json-false)))
+    ;; The menu opens with this buffer's settings as its arguments.
+    (with-temp-buffer
+      (setq-local rlm-root-model "m")
+      (setq-local rlm-max-iterations 3)
+      (unwind-protect
+          (progn
+            (rlm-menu)
+            (should (eq (oref transient--prefix command) 'rlm-menu))
+            (should (equal (transient-args 'rlm-menu) '("--root=m" "--iterations=3"))))
+        (transient--emergency-exit))
+      (should-not transient--prefix))
     (with-temp-buffer
       (insert "menu text\n")
       (rlm-menu-save '("--root=m" "--time=50"))
