@@ -750,6 +750,24 @@
         (kill-buffer buf))
       (delete-directory repo t))))
 
+(ert-deftest rlm-test-daemon-sources-of-a-directory-open-file-and-line ()
+  (rlm-test-with-daemon
+    (let ((dir (make-temp-file (expand-file-name "srcdir" rlm-test-tmp) t)))
+      (with-temp-file (expand-file-name "a.txt" dir) (insert "nothing here\n"))
+      (with-temp-file (expand-file-name "b.txt" dir)
+        (insert "first line\nsecond line\nThe needle is 4242.\n"))
+      (let* ((job (rlm-test-finish (rlm-query-files "sourcetest: where is the needle?"
+                                                    (list dir))))
+             (source (cl-find-if (lambda (s) (plist-get s :file)) (rlm-job-sources job))))
+        (should source)
+        (pcase-let ((`(file ,file ,line ,_) (rlm-source-location job source)))
+          (should (equal file (expand-file-name "b.txt" dir)))
+          (should (= line 3))
+          (save-window-excursion
+            (rlm-visit-source (rlm-source-location job source))
+            (should (looking-at-p "The needle is 4242"))
+            (kill-buffer)))))))
+
 ;; The daemon's own phase events: the prompt phase of each turn, here
 ;; followed by a model that never sends its first token.
 (ert-deftest rlm-test-daemon-phase-while-waiting-for-the-first-token ()
