@@ -110,8 +110,8 @@ Org is exporting.  The header argument :async yes|no overrides it."
       ("buffer"
        (cons (rlm-buffer-context (current-buffer)) (format "buffer %s" (buffer-name))))
       ("subtree"
-       (pcase-let ((`(,start ,end ,heading) (rlm-subtree-bounds)))
-         (cons (rlm-buffer-context (current-buffer) start end)
+       (pcase-let ((`(,start ,end ,heading ,part) (rlm-subtree-bounds)))
+         (cons (rlm-buffer-context (current-buffer) start end part)
                (format "subtree \"%s\"" heading))))
       ("region"
        (unless (use-region-p) (user-error ":context region, but no region is active"))
@@ -152,9 +152,7 @@ PARAMS are the block's header arguments."
           (goto-char location)
           (let* ((info (org-babel-get-src-block-info))
                  (result-pos (and info (org-babel-where-is-src-block-result nil info)))
-                 (text (if (eq (rlm-job-state job) 'done)
-                           (rlm-job-answer job)
-                         (format "rlm error: %s" (rlm-job-error job)))))
+                 (text (rlm-babel--outcome job)))
             (if (not (and result-pos
                           (save-excursion
                             (goto-char result-pos)
@@ -171,7 +169,19 @@ PARAMS are the block's header arguments."
                                              info nil "rlm")
                   ;; One undo step for the whole answer.
                   (undo-amalgamate-change-group group)
-                  (accept-change-group group))))))))))
+                  (accept-change-group group)))
+              ;; Org says "Code block evaluation complete." when the
+              ;; placeholder goes in; the real outcome comes now.
+              (unless (eq (rlm-job-state job) 'done)
+                (message "%s" text)))))))))
+
+(defun rlm-babel--outcome (job)
+  "Return the result text of JOB, ended: its answer, or what stopped it."
+  (pcase (rlm-job-state job)
+    ('done (rlm-job-answer job))
+    ('cancelled (format "rlm: the block was cancelled%s"
+                        (if (rlm-job-error job) (format " (%s)" (rlm-job-error job)) "")))
+    (_ (format "rlm: the block failed: %s" (or (rlm-job-error job) "unknown error")))))
 
 (defun org-babel-execute:rlm (body params)
   "Ask the question BODY of the daemon, with the header arguments PARAMS."

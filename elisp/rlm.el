@@ -30,128 +30,110 @@
 ;; larger than a model's context window: a root model writes Python code
 ;; that probes the text, and calls sub-models on pieces of it (Recursive
 ;; Language Models).  Emacs talks JSON-RPC to the daemon over its Unix
-;; socket with the built-in jsonrpc.el.
+;; socket with the built-in jsonrpc.el (see rlm-client.el).
 ;;
 ;; Commands:
 ;;
 ;;   `rlm-query'          ask about the region, the Org subtree or the buffer
+;;   `rlm-query-insert'   the same, the answer inserted at point
 ;;   `rlm-query-buffer'   ask about the whole buffer
 ;;   `rlm-query-region'   ask about the region
 ;;   `rlm-query-subtree'  ask about the current Org subtree
 ;;   `rlm-query-files'    ask about files or a directory (read by the daemon)
 ;;   `rlm-query-context'  ask about a context the daemon already holds
+;;   `rlm-add'            add the region, buffer or file to the next query
+;;   `rlm-menu'           a transient menu of every setting
 ;;   `rlm-review-diff'    review the diff in a `diff-mode' buffer
 ;;   `rlm-contexts'       list, peek at, search and drop the daemon's contexts
-;;   `rlm-cancel'         cancel a running query
+;;   `rlm-cancel'         cancel a running query (also from its source buffer)
 ;;   `rlm-status'         show the daemon and its pool of model servers
 ;;   `rlm-trace'          show the trajectory of a query
+;;   `rlm-daemon-log'     show the log of the daemon Emacs started
+;;   `rlm-repl'           a Python REPL bound to a context
+;;   `rlm-improve'        the improvement cycle, with a review buffer
 ;;
-;; Each query gets its own result buffer.  The model's work streams into a
-;; folded trajectory section while the header line shows what is going on;
-;; the answer is inserted above it when it arrives.  Point never moves and
-;; \\[rlm-cancel] (also C-g or C-c C-k in the result buffer) always stops
-;; the query.  Buffers are sent once per modification: asking twice about
-;; an unchanged buffer reuses the context the daemon already holds.
+;; Each conversation gets its own result buffer; follow-up questions
+;; (\\<rlm-result-mode-map>\\[rlm-follow-up]) append to it.  The model's
+;; work streams into a folded trajectory section while the header line
+;; shows what is going on; the answer is inserted above it when it
+;; arrives.  Point never moves and C-c C-k stops the query.
 ;;
 ;; See docs/emacs.md in the rlmd repository for the whole manual.
 
 ;;; Code:
 
 (require 'cl-lib)
-(require 'jsonrpc)
 (require 'subr-x)
 (require 'button)
-(require 'tabulated-list)
-(require 'outline)
-(require 'parse-time)
+(require 'rlm-client)
+(require 'rlm-contexts)
+(require 'rlm-views)
 
 (declare-function org-back-to-heading "org" (&optional invisible-ok))
 (declare-function org-end-of-subtree "org" (&optional invisible-ok to-heading))
 (declare-function org-before-first-heading-p "org" ())
 (declare-function org-get-heading "org" (&optional no-tags no-todo no-priority no-comment))
+(declare-function org-entry-get "org" (pom property &optional inherit literal-nil))
+(declare-function org-get-outline-path "org" (&optional with-self use-cache))
 (declare-function dired-get-marked-files "dired"
                   (&optional localp arg filter distinguish-one-marked error))
 (declare-function project-root "project" (project))
 
-;;;; Customization
-
-(defgroup rlm nil
-  "Ask a Recursive Language Model daemon (rlmd) about large texts."
-  :group 'tools
-  :prefix "rlm-"
-  :link '(url-link :tag "Home page" "https://github.com/rlmd/rlmd"))
-
-(defcustom rlm-socket-path nil
-  "Unix socket of the rlm daemon.
-nil means the daemon's own default, as computed by
-`rlm-default-socket-path': $RLMD_SOCKET, else
-$XDG_RUNTIME_DIR/rlmd/rlmd.sock, else /run/user/UID/rlmd/rlmd.sock,
-else TMPDIR/runtime-UID/rlmd/rlmd.sock."
-  :type '(choice (const :tag "The daemon's default" nil) file)
-  :group 'rlm)
-
-(defcustom rlm-daemon-command '("rlmd")
-  "Command (a program and its arguments) that starts the daemon.
-It runs when no daemon answers on the socket; \"--socket PATH\" is
-appended.  nil means never start one."
-  :type '(choice (const :tag "Never start the daemon" nil)
-                 (repeat string))
-  :group 'rlm)
-
-(defcustom rlm-daemon-start-timeout 15
-  "Seconds to wait for a daemon started by Emacs to answer."
-  :type 'number
-  :group 'rlm)
-
-(defcustom rlm-request-timeout 30
-  "Seconds to wait for short requests (status, contexts, cancel)."
-  :type 'number
-  :group 'rlm)
-
-(defcustom rlm-put-timeout 300
-  "Seconds to wait while the daemon stores a context (text or files)."
-  :type 'number
-  :group 'rlm)
+;;;; Settings (every one may be buffer-local)
 
 (defcustom rlm-query-options nil
   "Default options of every query, a plist of the daemon's option names.
 For example (:max_iterations 20 :max_depth 1 :timeout_s 600).
-Per-call options override these."
+The settings below, a preset and per-call options override these."
   :type '(plist :key-type symbol :value-type sexp)
   :group 'rlm)
 
-(defcustom rlm-display-buffer-action
-  '((display-buffer-reuse-window display-buffer-pop-up-window)
-    (inhibit-same-window . t))
-  "Action used by `display-buffer' to show a result buffer."
-  :type 'sexp
+(defcustom rlm-root-model nil
+  "Root model of queries (option root_model); nil: the daemon's."
+  :type '(choice (const :tag "The daemon's" nil) string)
+  :group 'rlm)
+
+(defcustom rlm-sub-model nil
+  "Sub-model of queries (option sub_model); nil: the daemon's."
+  :type '(choice (const :tag "The daemon's" nil) string)
+  :group 'rlm)
+
+(defcustom rlm-mode nil
+  "How the daemon answers (option mode): nil picks by size."
+  :type '(choice (const :tag "The daemon picks" nil)
+                 (const "rlm") (const "rlm-nosub") (const "base"))
+  :group 'rlm)
+
+(defcustom rlm-max-iterations nil
+  "At most this many root turns (option max_iterations); nil: the daemon's."
+  :type '(choice (const nil) integer)
+  :group 'rlm)
+
+(defcustom rlm-max-cost nil
+  "At most this cost in dollars (option max_cost); nil: the daemon's."
+  :type '(choice (const nil) number)
+  :group 'rlm)
+
+(defcustom rlm-timeout nil
+  "At most this many seconds (option timeout_s); nil: the daemon's."
+  :type '(choice (const nil) number)
+  :group 'rlm)
+
+(defcustom rlm-use-cache t
+  "Non-nil means the daemon may answer from its cache (option cache)."
+  :type 'boolean
+  :group 'rlm)
+
+(defcustom rlm-preset nil
+  "Name (a symbol) of the preset of `rlm-define-preset' in use, or nil.
+An Org entry's RLM_PRESET property overrides it there."
+  :type '(choice (const nil) symbol)
   :group 'rlm)
 
 (defcustom rlm-show-trajectory-while-running t
   "Non-nil means the trajectory is expanded while the query runs.
 It is folded when the answer arrives, unless you toggled it meanwhile."
   :type 'boolean
-  :group 'rlm)
-
-(defcustom rlm-peek-chars 8000
-  "Number of characters `rlm-contexts' shows when peeking at a context."
-  :type 'integer
-  :group 'rlm)
-
-(defcustom rlm-file-transfer-threshold (* 1024 1024)
-  "Texts of at least this many characters go to the daemon via a file.
-Emacs writes them to a private temporary file that the daemon reads
-\(much faster than sending them over the socket), then deletes it.
-When the daemon cannot read the file (another machine or a private
-/tmp), the text goes over the socket.  nil means always the socket."
-  :type '(choice (const :tag "Always over the socket" nil) integer)
-  :group 'rlm)
-
-(defcustom rlm-events-buffer-size 0
-  "Size of the jsonrpc events log buffer; 0 disables it.
-Logging pretty-prints every message, contexts included, so keep it
-small unless you debug the protocol."
-  :type '(choice (const :tag "Unlimited" nil) integer)
   :group 'rlm)
 
 (defcustom rlm-review-question
@@ -170,14 +152,6 @@ result buffer."
   :type 'hook
   :group 'rlm)
 
-(defface rlm-heading '((t :inherit bold))
-  "Face of headings in result buffers."
-  :group 'rlm)
-
-(defface rlm-label '((t :inherit font-lock-keyword-face))
-  "Face of labels (Question, Context) in result buffers."
-  :group 'rlm)
-
 (defface rlm-root-text '((t :inherit shadow))
   "Face of the root model's streamed output in the trajectory."
   :group 'rlm)
@@ -194,317 +168,57 @@ result buffer."
   "Face of sub-call lines in the trajectory."
   :group 'rlm)
 
-(defface rlm-error '((t :inherit error))
-  "Face of errors in result buffers."
+(defface rlm-added '((t :inherit highlight :extend t))
+  "Face of regions added with `rlm-add'."
   :group 'rlm)
 
-;;;; Errors and small helpers
-
-(define-error 'rlm-error "rlm" 'user-error)
-
-(defvar rlm--connection nil
-  "The jsonrpc connection to the daemon, or nil.")
-
-(defvar rlm--daemon-process nil
-  "The daemon process Emacs started last, or nil.")
-
-(defvar rlm--jobs (make-hash-table :test #'equal)
-  "Running jobs: job id (a string) to `rlm-job'.")
-
-(defvar rlm--recent-jobs nil
-  "Jobs of this session, newest first (for `rlm-trace').")
-
-(defvar rlm--job-counter 0
-  "Counter making job ids unique within this Emacs.")
+(defface rlm-flags '((t :inherit warning :weight bold))
+  "Face of the marks cached, best effort and unsupported."
+  :group 'rlm)
 
 (defvar rlm-question-history nil
   "Minibuffer history of questions.")
 
-(defvar rlm-context-history nil
-  "Minibuffer history of context names.")
+(defvar rlm--presets nil
+  "Presets: alist of name (a symbol) to a plist of daemon options.")
 
-(defun rlm--plist (&rest plist)
-  "Return PLIST without the keys whose value is nil."
-  (let (out)
-    (while plist
-      (when (cadr plist)
-        (setq out (cons (cadr plist) (cons (car plist) out))))
-      (setq plist (cddr plist)))
-    (nreverse out)))
+;;;###autoload
+(defun rlm-define-preset (name &rest options)
+  "Define the preset NAME (a symbol) as OPTIONS, daemon option names.
+For example (rlm-define-preset \\='deep :root_model \"big\"
+:max_iterations 30).  Use it with `rlm-preset' (buffer-local too),
+the Org property RLM_PRESET, or `rlm-menu'."
+  (setf (alist-get name rlm--presets) options)
+  name)
 
-(defun rlm--merge-plists (&rest plists)
-  "Merge PLISTS; later values win and nil values are dropped."
-  (let (out)
-    (dolist (pl plists)
-      (while pl
-        (setq out (plist-put out (car pl) (cadr pl)))
-        (setq pl (cddr pl))))
-    (apply #'rlm--plist out)))
+(defun rlm--org-property (property)
+  "Return the Org PROPERTY at point (inherited), or nil outside Org."
+  (when (derived-mode-p 'org-mode)
+    (require 'org)
+    (let ((v (ignore-errors (org-entry-get nil property t))))
+      (and (stringp v) (not (string-empty-p v)) v))))
 
-(defun rlm--truncate (string width)
-  "Return STRING on one line, cut to WIDTH characters."
-  (truncate-string-to-width
-   (replace-regexp-in-string "[\n\t ]+" " " (string-trim string))
-   width nil nil "…"))
+(defun rlm--preset-options (name)
+  "Return the options of preset NAME (a symbol or string)."
+  (when name
+    (let ((sym (if (stringp name) (intern name) name)))
+      (or (alist-get sym rlm--presets)
+          (user-error "No rlm preset named %s (define it with `rlm-define-preset')" sym)))))
 
-(defun rlm--format-count (n)
-  "Return N with a k or M suffix when large."
-  (cond ((not (numberp n)) "?")
-        ((>= n 1000000) (format "%.1fM" (/ n 1e6)))
-        ((>= n 1000) (format "%.1fk" (/ n 1e3)))
-        (t (format "%d" n))))
-
-(defun rlm--tokens-total (tokens)
-  "Return a number of tokens from TOKENS, a number or an input/output plist."
-  (cond ((numberp tokens) tokens)
-        ((and (consp tokens) (keywordp (car tokens)))
-         (+ (or (plist-get tokens :input) 0) (or (plist-get tokens :output) 0)))))
-
-;;;; Jobs
-
-(cl-defstruct (rlm-job (:constructor rlm--job-create) (:copier nil))
-  "One query sent to the daemon."
-  id question context description buffer connection
-  (state 'connecting) (iteration 0) (sub-calls 0) (subcall-events 0)
-  tokens cost start-time end-time answer result error partial
-  finished reply callback answer-marker overlay timer change-group
-  (last-kind nil) (turn 0) (turn-text "") (code-in-text nil) (toggled nil))
-
-;;;; Socket and connection
-
-(defun rlm-default-socket-path ()
-  "Return the default socket path, as the daemon computes it.
-This follows the daemon: $RLMD_SOCKET, else the rlmd directory in
-the user's runtime directory ($XDG_RUNTIME_DIR, else /run/user/UID
-when it is a directory we own, else TMPDIR/runtime-UID)."
-  (let ((env (getenv "RLMD_SOCKET"))
-        (xdg (getenv "XDG_RUNTIME_DIR"))
-        (run (format "/run/user/%d" (user-uid))))
-    (cond
-     ((and env (not (string-empty-p env))) env)
-     (t
-      (expand-file-name
-       "rlmd/rlmd.sock"
-       (cond ((and xdg (not (string-empty-p xdg))) xdg)
-             ;; platformdirs takes /run/user/UID only when it is a real
-             ;; directory of ours with mode 0700.
-             ((and (file-directory-p run)
-                   (not (file-symlink-p run))
-                   (eql (file-attribute-user-id (file-attributes run 'integer))
-                        (user-uid))
-                   (eql (logand (or (file-modes run) 0) #o777) #o700))
-              run)
-             (t (expand-file-name
-                 (format "runtime-%d" (user-uid))
-                 ;; Python's tempfile.gettempdir(), for writable directories.
-                 (or (cl-find-if (lambda (d) (and d (not (string-empty-p d))
-                                                  (file-directory-p d)
-                                                  (file-writable-p d)))
-                                 (list (getenv "TMPDIR") (getenv "TEMP") (getenv "TMP")))
-                     "/tmp")))))))))
-
-(defun rlm-socket ()
-  "Return the socket path in use: `rlm-socket-path' or the default."
-  (expand-file-name (or rlm-socket-path (rlm-default-socket-path))))
-
-(defun rlm--replace-nul-escapes (string)
-  "Return STRING, JSON text, with every \\u0000 escape made \\ufffd.
-Both escapes are six bytes long, so Content-Length stays right."
-  (if (not (string-search "u0000" string))
-      string
-    (replace-regexp-in-string
-     "\\\\+u0000"
-     (lambda (match)
-       ;; An odd run of backslashes ends in an escape; an even one is
-       ;; escaped backslashes followed by the letters u0000.
-       (if (cl-oddp (- (length match) 5))
-           (concat (substring match 0 -5) "ufffd")
-         match))
-     string t t)))
-
-(defun rlm--nul-safe-filter (filter)
-  "Return a process filter passing text to FILTER without \\u0000 escapes.
-Emacs 28 cannot parse JSON holding \\u0000 (jsonrpc.el then drops the
-whole message, so a reply would never arrive); U+FFFD replaces it.
-An escape split between two reads is held back until the next one."
-  (let ((pending ""))
-    (lambda (proc string)
-      (let* ((text (concat pending string))
-             (cut (if (string-match "\\\\+\\(?:u0?0?0?\\)?\\'" text)
-                      (match-beginning 0)
-                    (length text))))
-        (setq pending (substring text cut))
-        (funcall filter proc (rlm--replace-nul-escapes (substring text 0 cut)))))))
-
-(defun rlm--make-connection (process)
-  "Wrap PROCESS, a connected socket, in a jsonrpc connection."
-  (let* ((args (list :name "rlm"
-                     :process (lambda () process)
-                     :notification-dispatcher #'rlm--dispatch-notification
-                     :request-dispatcher #'ignore
-                     :on-shutdown #'rlm--on-shutdown))
-         (conn
-          ;; jsonrpc 1.0.20 (Emacs 30) renamed the log size initarg and
-          ;; warns about the old one; Emacs 28's jsonrpc knows only that.
-          (condition-case nil
-              (apply #'make-instance 'jsonrpc-process-connection
-                     :events-buffer-config (list :size rlm-events-buffer-size) args)
-            (invalid-slot-name
-             (apply #'make-instance 'jsonrpc-process-connection
-                    :events-buffer-scrollback-size rlm-events-buffer-size args)))))
-    (set-process-filter process (rlm--nul-safe-filter (process-filter process)))
-    conn))
-
-(defun rlm--try-connect (path)
-  "Connect to the daemon on PATH; return a connection or nil."
-  (when (file-exists-p path)
-    (condition-case nil
-        (rlm--make-connection
-         (make-network-process :name "rlm" :family 'local :service path
-                               :noquery t :coding 'utf-8-unix))
-      (file-error nil))))
-
-(defun rlm--daemon-output (buffer)
-  "Return the last line of BUFFER, the daemon's output."
-  (if (buffer-live-p buffer)
-      (with-current-buffer buffer
-        (let ((text (string-trim (buffer-string))))
-          (if (string-empty-p text) "no output"
-            (car (last (split-string text "\n" t))))))
-    "no output"))
-
-(defun rlm--daemon-filter (proc string)
-  "Append STRING, output of the daemon PROC, to its buffer, kept small."
-  (let ((buf (process-buffer proc)))
-    (when (buffer-live-p buf)
-      (with-current-buffer buf
-        (save-excursion
-          (goto-char (point-max))
-          (insert string)
-          ;; A long-lived daemon logs forever; keep the last 64 KiB.
-          (when (> (buffer-size) 131072)
-            (delete-region (point-min) (- (point-max) 65536))))))))
-
-(defun rlm--start-daemon (path)
-  "Start the daemon on socket PATH and return a connection to it.
-Waits at most `rlm-daemon-start-timeout' seconds; signals
-`rlm-error' saying why when the daemon does not answer."
-  (unless rlm-daemon-command
-    (signal 'rlm-error
-            (list (format "no daemon answers on %s (start one with `rlmd', or set `rlm-daemon-command')"
-                          path))))
-  (unless (executable-find (car rlm-daemon-command))
-    (signal 'rlm-error
-            (list (format "cannot start the daemon: `%s' is not an executable program (install rlmd or set `rlm-daemon-command')"
-                          (car rlm-daemon-command)))))
-  (let* ((command (append rlm-daemon-command (list "--socket" path)))
-         (out (get-buffer-create " *rlmd*"))
-         (proc
-          (condition-case err
-              ;; A local directory, even when the current buffer is remote.
-              (let ((default-directory (expand-file-name "~/")))
-                (with-current-buffer out (let ((inhibit-read-only t)) (erase-buffer)))
-                (make-process :name "rlmd" :buffer out :command command
-                              :noquery t :connection-type 'pipe
-                              :filter #'rlm--daemon-filter
-                              :sentinel #'ignore))
-            (error
-             (signal 'rlm-error
-                     (list (format "cannot start the daemon with `%s': %s (set `rlm-daemon-command')"
-                                   (string-join command " ")
-                                   (error-message-string err)))))))
-         (deadline (+ (float-time) rlm-daemon-start-timeout))
-         conn)
-    (setq rlm--daemon-process proc)
-    (message "rlm: starting the daemon (%s)..." (car command))
-    (while (and (not (setq conn (rlm--try-connect path)))
-                (process-live-p proc)
-                (< (float-time) deadline))
-      (accept-process-output proc 0.1))
-    (or conn
-        (progn
-          (setq conn (rlm--try-connect path)) ; one last look
-          conn)
-        (let ((why (if (process-live-p proc)
-                       (progn (delete-process proc)
-                              (format "no answer on %s after %s s"
-                                      path rlm-daemon-start-timeout))
-                     (format "`%s' exited with status %s: %s"
-                             (string-join command " ")
-                             (process-exit-status proc)
-                             (rlm--daemon-output out)))))
-          (signal 'rlm-error (list (format "the daemon did not start: %s" why)))))))
-
-(defun rlm-connection ()
-  "Return a live connection to the daemon.
-Connect to the socket of `rlm-socket'; when nothing answers there,
-start the daemon with `rlm-daemon-command' and wait (bounded) for it."
-  (if (and rlm--connection (jsonrpc-running-p rlm--connection))
-      rlm--connection
-    (let ((path (rlm-socket)))
-      (setq rlm--connection
-            (or (rlm--try-connect path)
-                (rlm--start-daemon path))))))
-
-(defun rlm-disconnect ()
-  "Close the connection to the daemon, leaving the daemon running."
-  (interactive)
-  (when rlm--connection
-    (let ((conn rlm--connection))
-      (setq rlm--connection nil)
-      (ignore-errors (jsonrpc-shutdown conn t)))))
-
-(defun rlm--on-shutdown (conn)
-  "Forget CONN when its socket closes and fail the jobs it carried."
-  (when (eq conn rlm--connection)
-    (setq rlm--connection nil))
-  (dolist (job (hash-table-values rlm--jobs))
-    (when (eq (rlm-job-connection job) conn)
-      (rlm--job-finish job 'error "the connection to the daemon was lost"))))
-
-(defun rlm--error-message (err)
-  "Return a readable message from ERR, a jsonrpc error plist or condition."
-  (cond
-   ((and (consp err) (keywordp (car err)))
-    (let ((msg (plist-get err :message))
-          (kind (plist-get (plist-get err :data) :kind)))
-      (concat (or msg "unknown error")
-              (if (and kind (stringp kind)) (format " [%s]" kind) ""))))
-   ((eq (car-safe err) 'jsonrpc-error)
-    (or (alist-get 'jsonrpc-error-message (cdr err))
-        (format "%s" (cdr err))))
-   (t (error-message-string err))))
-
-(defun rlm-request (method &optional params timeout)
-  "Call METHOD (a symbol such as `context/list') with PARAMS and wait.
-PARAMS is a plist; nil sends an empty object.  TIMEOUT defaults to
-`rlm-request-timeout'.  Return the result; signal `rlm-error' with
-the daemon's message on failure."
-  (let ((conn (rlm-connection)))
-    (condition-case err
-        (jsonrpc-request conn method (or params (make-hash-table))
-                         :timeout (or timeout rlm-request-timeout))
-      (jsonrpc-error
-       (signal 'rlm-error
-               (list (format "%s: %s" method (rlm--error-message err))))))))
-
-(defun rlm--new-job-id ()
-  "Return a fresh job id."
-  (format "emacs-%d-%d-%04x" (emacs-pid) (cl-incf rlm--job-counter) (random 65536)))
-
-(defun rlm-job-running-p (job)
-  "Return non-nil if JOB has not finished."
-  (not (rlm-job-finished job)))
-
-(defun rlm--dispatch-notification (_conn method params)
-  "Route notification METHOD with PARAMS to its job."
-  (when (eq method 'query/event)
-    (let ((job (gethash (plist-get params :job) rlm--jobs)))
-      (when (and job (not (rlm-job-finished job)))
-        (condition-case err
-            (rlm--job-event job params)
-          (error (message "rlm: bad event %S: %s" (plist-get params :kind)
-                          (error-message-string err))))))))
+(defun rlm-effective-options (&optional options)
+  "Return the daemon options of a query from here, OPTIONS last.
+In order, later winning: `rlm-query-options', the settings
+variables (`rlm-root-model' ...), the preset (`rlm-preset' or the
+Org property RLM_PRESET), the Org property RLM_MODEL, OPTIONS."
+  (rlm--merge-plists
+   rlm-query-options
+   (rlm--plist :root_model rlm-root-model :sub_model rlm-sub-model
+               :mode rlm-mode :max_iterations rlm-max-iterations
+               :max_cost rlm-max-cost :timeout_s rlm-timeout
+               :cache (and (not rlm-use-cache) :json-false))
+   (rlm--preset-options (or (rlm--org-property "RLM_PRESET") rlm-preset))
+   (rlm--plist :root_model (rlm--org-property "RLM_MODEL"))
+   options))
 
 ;;;; Result buffer
 
@@ -512,35 +226,43 @@ the daemon's message on failure."
   (let ((map (make-sparse-keymap)))
     (define-key map (kbd "C-c C-k") #'rlm-cancel)
     (define-key map (kbd "C-g") #'rlm-cancel-or-quit)
+    (define-key map (kbd "C-c C-c") #'rlm-follow-up)
+    (define-key map (kbd "r") #'rlm-follow-up)
+    (define-key map (kbd "g") #'rlm-regenerate)
     (define-key map (kbd "TAB") #'rlm-toggle-trajectory)
     (define-key map (kbd "t") #'rlm-trace)
     (define-key map (kbd "w") #'rlm-copy-answer)
+    (define-key map (kbd "n") #'forward-button)
+    (define-key map (kbd "p") #'backward-button)
     map)
   "Keymap of `rlm-result-mode'.")
 
-(defvar-local rlm--job nil
-  "The job whose result this buffer shows.")
+(defvar-local rlm--buffer-jobs nil
+  "The jobs this result buffer shows, oldest first.")
 
 (define-derived-mode rlm-result-mode special-mode "rlm"
   "Major mode of rlm result buffers.
-The answer is inserted under the question; the trajectory (code,
-output and sub-calls) is folded below it.
+Each question of the conversation has its section: the question,
+the answer, its sources (buttons into the text), the trajectory
+\(code, output and sub-calls) folded below it.
 
 \\{rlm-result-mode-map}"
   (setq-local header-line-format '(:eval (rlm--header-line)))
-  (setq-local revert-buffer-function #'rlm--revert-refused)
+  (setq-local revert-buffer-function #'rlm--revert-regenerates)
   (setq-local truncate-lines nil)
+  (add-hook 'kill-buffer-hook #'rlm--cancel-on-kill nil t)
   (visual-line-mode 1))
 
-(defun rlm--revert-refused (&rest _)
-  "Refuse to revert a result buffer."
-  (user-error "An rlm result buffer cannot be reverted; ask again with `rlm-query'"))
+(cl-defstruct (rlm-view (:constructor rlm--view-create) (:copier nil))
+  "What a result buffer shows of one job: markers and folding state."
+  buffer section answer-marker traj-end overlay button change-group
+  (turn 0) (turn-text "") (code-in-text nil) (toggled nil) last-kind)
 
 (defun rlm--state-text (job)
   "Return a short description of JOB's state."
   (pcase (rlm-job-state job)
     ('connecting "connecting")
-    ('thinking "thinking")
+    ('thinking (or (rlm--phase-text (rlm-job-phase job)) "thinking"))
     ('running-code "running code")
     ('sub-calls "waiting for sub-calls")
     ('cancelling "cancelling")
@@ -549,58 +271,85 @@ output and sub-calls) is folded below it.
     ('error "failed")
     (s (format "%s" s))))
 
-(defun rlm-job-elapsed (job)
-  "Return the seconds JOB has run (until now or its end)."
-  (if (rlm-job-start-time job)
-      (- (or (rlm-job-end-time job) (float-time)) (rlm-job-start-time job))
-    0))
+(defun rlm--phase-text (phase)
+  "Return the text of PHASE, a plist from a phase event, or nil."
+  (when phase
+    (let ((name (plist-get phase :phase))
+          (tokens (plist-get phase :tokens)))
+      (pcase name
+        ("loading_model" (if-let* ((m (plist-get phase :model)))
+                             (format "loading the model %s" m)
+                           "loading the model"))
+        ("prompt" (if (numberp tokens)
+                      (format "reading the prompt: %s tokens" (rlm--format-count tokens))
+                    "reading the prompt"))
+        ("searching" "searching the context")
+        ((pred stringp) (replace-regexp-in-string "_" " " name))
+        (_ nil)))))
+
+(defun rlm--flags (job)
+  "Return the flags of JOB's answer: a list of strings."
+  (delq nil (list (and (rlm-job-cached-p job) "cached")
+                  (and (rlm-job-best-effort-p job) "best effort")
+                  (and (rlm-job-unsupported-p job) "unsupported"))))
 
 (defun rlm--header-line ()
   "Return the header line of a result buffer."
-  (let ((job rlm--job))
+  (let* ((job rlm--job)
+         (view (and job (rlm-job-view job))))
     (if (not job) "rlm"
       (let ((tokens (rlm--tokens-total (rlm-job-tokens job)))
-            (cost (rlm-job-cost job)))
+            (cost (rlm-job-cost job))
+            (turn (max (rlm-job-iteration job) (if view (rlm-view-turn view) 0)))
+            (flags (rlm--flags job)))
         (concat
          (propertize (format " rlm: %s" (rlm--state-text job))
                      'face (pcase (rlm-job-state job)
                              ('error 'rlm-error)
                              ((or 'done 'cancelled) 'success)
                              (_ 'warning)))
-         (if (> (rlm-job-iteration job) 0)
-             (format " · turn %d" (rlm-job-iteration job)) "")
+         (mapconcat (lambda (f) (concat " · " (propertize f 'face 'rlm-flags))) flags "")
+         (format " · %s" (or (rlm-job-model job) "default model"))
+         (if (> turn 0) (format " · turn %d" turn) "")
          (format " · %d sub-call%s" (rlm-job-sub-calls job)
                  (if (= (rlm-job-sub-calls job) 1) "" "s"))
          (if tokens (format " · %s tokens" (rlm--format-count tokens)) "")
          (if (and (numberp cost) (> cost 0)) (format " · $%.4f" cost) "")
          (format " · %.1fs" (rlm-job-elapsed job))
-         (if (rlm-job-finished job) ""
-           (substitute-command-keys
-            "   \\<rlm-result-mode-map>\\[rlm-cancel] cancel")))))))
+         (cond ((rlm-job-running-p job)
+                (substitute-command-keys "   \\<rlm-result-mode-map>\\[rlm-cancel] cancel"))
+               ((rlm-job-cached-p job)
+                (substitute-command-keys "   \\<rlm-result-mode-map>\\[rlm-regenerate] regenerate"))
+               (t "")))))))
 
 (defun rlm--result-buffer-name (question)
   "Return a name for the result buffer of QUESTION."
   (format "*rlm: %s*" (rlm--truncate question 50)))
 
-(defmacro rlm--in-result (job &rest body)
-  "Run BODY in JOB's result buffer, writable, keeping point and windows."
+(defmacro rlm--in-view (view &rest body)
+  "Run BODY in VIEW's buffer, writable, keeping point and the unmodified flag."
   (declare (indent 1) (debug t))
   (let ((buf (make-symbol "buf")))
-    `(let ((,buf (rlm-job-buffer ,job)))
+    `(let ((,buf (and ,view (rlm-view-buffer ,view))))
        (when (buffer-live-p ,buf)
          (with-current-buffer ,buf
            (let ((inhibit-read-only t))
-             (save-excursion ,@body)))))))
+             (prog1 (save-excursion ,@body)
+               ;; A result buffer visits no file: never show it modified.
+               (set-buffer-modified-p nil))))))))
 
-(defun rlm--setup-result-buffer (job)
-  "Create and fill the result buffer of JOB; return it."
-  (let ((buf (generate-new-buffer (rlm--result-buffer-name (rlm-job-question job)))))
-    (with-current-buffer buf
-      (rlm-result-mode)
-      (setq rlm--job job)
-      (add-hook 'kill-buffer-hook #'rlm--cancel-on-kill nil t)
-      (let ((inhibit-read-only t))
-        (insert (propertize "Question: " 'face 'rlm-label)
+(defun rlm--insert-section (job buffer)
+  "Append JOB's section to BUFFER, a result buffer; return its view."
+  (with-current-buffer buffer
+    (let ((inhibit-read-only t)
+          (view (rlm--view-create :buffer buffer)))
+      (save-excursion
+        (goto-char (point-max))
+        (unless (bobp)
+          (insert "\n" (propertize (make-string 40 ?─) 'face 'shadow) "\n"))
+        (setf (rlm-view-section view) (point-marker))
+        (insert (propertize (if (rlm-job-follow-up job) "Follow-up: " "Question: ")
+                            'face 'rlm-label)
                 (rlm-job-question job) "\n")
         (when (rlm-job-description job)
           (insert (propertize "Context: " 'face 'rlm-label)
@@ -610,38 +359,64 @@ output and sub-calls) is folded below it.
           (insert "\n")
           ;; Created after the text that follows it, so that only answer
           ;; insertions push it forward.
-          (setf (rlm-job-answer-marker job) (copy-marker answer-pos t)))
-        (insert-text-button "▾ Trajectory"
-                            'face 'rlm-heading
-                            'action (lambda (_) (rlm-toggle-trajectory))
-                            'follow-link t
-                            'help-echo "Show or hide the model's work")
+          (setf (rlm-view-answer-marker view) (copy-marker answer-pos t)))
+        (setf (rlm-view-button view)
+              (copy-marker
+               (insert-text-button (if rlm-show-trajectory-while-running
+                                       "▾ Trajectory" "▸ Trajectory")
+                                   'face 'rlm-heading
+                                   'rlm-view view
+                                   'action (lambda (b) (rlm--toggle-view (button-get b 'rlm-view)))
+                                   'follow-link t
+                                   'help-echo "Show or hide the model's work")))
         (insert "\n")
+        (setf (rlm-view-traj-end view) (point-marker))
+        (set-marker-insertion-type (rlm-view-traj-end view) t)
         (let ((ov (make-overlay (point) (point) nil nil t)))
           (overlay-put ov 'rlm-trajectory t)
           (overlay-put ov 'invisible (not rlm-show-trajectory-while-running))
-          (setf (rlm-job-overlay job) ov)))
-      (goto-char (point-min))
-      (setq buffer-undo-list nil)
+          (setf (rlm-view-overlay view) ov)))
       (let ((group (prepare-change-group)))
         (activate-change-group group)
-        (setf (rlm-job-change-group job) group))
-      (set-buffer-modified-p nil))
+        (setf (rlm-view-change-group view) group))
+      (set-buffer-modified-p nil)
+      view)))
+
+(defun rlm--setup-result-buffer (job &optional buffer)
+  "Show JOB in BUFFER (a result buffer of the conversation) or a new one."
+  (let ((buf (or buffer (generate-new-buffer
+                         (rlm--result-buffer-name (rlm-job-question job))))))
+    (with-current-buffer buf
+      (unless (derived-mode-p 'rlm-result-mode)
+        (rlm-result-mode)
+        (setq buffer-undo-list nil)
+        (goto-char (point-min)))
+      (setq rlm--job job)
+      (setq rlm--buffer-jobs (append rlm--buffer-jobs (list job))))
+    (setf (rlm-job-view job) (rlm--insert-section job buf)
+          (rlm-job-on-event job) #'rlm--view-event
+          (rlm-job-on-finish job) #'rlm--view-finish)
     buf))
+
+(defun rlm-job-buffer (job)
+  "Return the result buffer showing JOB, or nil."
+  (let ((view (rlm-job-view job)))
+    (and view (rlm-view-buffer view))))
 
 (defun rlm--cancel-on-kill ()
   "Cancel the query of this result buffer, which is being killed."
-  (when (and rlm--job (rlm-job-running-p rlm--job))
-    (rlm-cancel-job rlm--job "its buffer was killed")))
+  (dolist (job rlm--buffer-jobs)
+    (when (rlm-job-running-p job)
+      (rlm-cancel-job job "its buffer was killed"))))
 
-(defun rlm--trajectory-insert (job &rest strings)
-  "Append STRINGS at the end of JOB's trajectory."
-  (rlm--in-result job
-    (goto-char (point-max))
+(defun rlm--trajectory-insert (view &rest strings)
+  "Append STRINGS at the end of VIEW's trajectory."
+  (rlm--in-view view
+    (goto-char (rlm-view-traj-end view))
     (apply #'insert strings)
-    (let ((ov (rlm-job-overlay job)))
+    (let ((ov (rlm-view-overlay view)))
       (when (overlay-buffer ov)
-        (move-overlay ov (overlay-start ov) (point-max))))))
+        (move-overlay ov (overlay-start ov) (rlm-view-traj-end view))))))
 
 (defun rlm--indent (ev text)
   "Indent TEXT by the nesting depth of event EV (2 spaces a level)."
@@ -650,132 +425,153 @@ output and sub-calls) is folded below it.
         (replace-regexp-in-string "^" (make-string (* 2 (1- depth)) ?\s) text)
       text)))
 
-(defun rlm--trajectory-fresh-line (job)
-  "Start a new line in JOB's trajectory unless at the start of one."
-  (let ((buf (rlm-job-buffer job)))
-    (when (and (buffer-live-p buf)
-               (with-current-buffer buf
-                 (and (> (buffer-size) 0)
-                      (not (eq (char-before (point-max)) ?\n)))))
-      (rlm--trajectory-insert job "\n"))))
+(defun rlm--trajectory-fresh-line (view)
+  "Start a new line in VIEW's trajectory unless at the start of one."
+  (let ((m (rlm-view-traj-end view)))
+    (when (and (buffer-live-p (marker-buffer m))
+               (with-current-buffer (marker-buffer m)
+                 (not (memq (char-before m) '(nil ?\n)))))
+      (rlm--trajectory-insert view "\n"))))
 
-(defun rlm--trajectory-heading (job text)
-  "Insert heading TEXT into JOB's trajectory."
-  (rlm--trajectory-fresh-line job)
-  (rlm--trajectory-insert job (propertize text 'face 'rlm-heading) "\n"))
+(defun rlm--trajectory-heading (view text)
+  "Insert heading TEXT into VIEW's trajectory."
+  (rlm--trajectory-fresh-line view)
+  (rlm--trajectory-insert view (propertize text 'face 'rlm-heading) "\n"))
 
-(defun rlm--insert-answer (job text &optional face)
-  "Insert TEXT as JOB's answer (at its answer marker) with FACE."
-  (rlm--in-result job
-    (goto-char (rlm-job-answer-marker job))
+(defun rlm--insert-answer (view text &optional face)
+  "Insert TEXT into VIEW's answer (at its answer marker) with FACE."
+  (rlm--in-view view
+    (goto-char (rlm-view-answer-marker view))
     (let ((start (point)))
       (insert (if face (propertize text 'face face) text))
       (unless (eq (char-before) ?\n) (insert "\n"))
       (put-text-property start (point) 'rlm-answer t))))
 
-(defun rlm-toggle-trajectory ()
-  "Show or hide the trajectory in this result buffer."
-  (interactive)
-  (let ((ov (and rlm--job (rlm-job-overlay rlm--job))))
-    (unless ov (user-error "Not in an rlm result buffer"))
+(defun rlm--view-at-point ()
+  "Return the view of the section at point, else the latest one."
+  (let ((views (delq nil (mapcar #'rlm-job-view rlm--buffer-jobs)))
+        (found nil))
+    (dolist (v views)
+      (when (<= (rlm-view-section v) (point)) (setq found v)))
+    (or found (car (last views)))))
+
+(defun rlm--toggle-view (view)
+  "Show or hide VIEW's trajectory, and turn its arrow."
+  (let ((ov (rlm-view-overlay view))
+        (pos (rlm-view-button view)))
     (overlay-put ov 'invisible (not (overlay-get ov 'invisible)))
-    (setf (rlm-job-toggled rlm--job) t)))
+    (setf (rlm-view-toggled view) t)
+    (rlm--set-arrow view)
+    (marker-position pos)))
+
+(defun rlm--set-arrow (view)
+  "Make VIEW's arrow say whether its trajectory is shown."
+  (let ((pos (rlm-view-button view))
+        (shown (not (overlay-get (rlm-view-overlay view) 'invisible))))
+    (rlm--in-view view
+      (goto-char pos)
+      (when (memq (char-after) '(?▾ ?▸))
+        (let ((props (text-properties-at (point))))
+          (delete-char 1)
+          (insert (apply #'propertize (if shown "▾" "▸") props)))))))
+
+(defun rlm-toggle-trajectory ()
+  "Show or hide the trajectory of the section at point."
+  (interactive)
+  (let ((view (and (derived-mode-p 'rlm-result-mode) (rlm--view-at-point))))
+    (unless view (user-error "Not in an rlm result buffer"))
+    (rlm--toggle-view view)))
 
 (defun rlm-copy-answer ()
-  "Copy the answer of this result buffer to the kill ring."
+  "Copy the answer of the section at point to the kill ring."
   (interactive)
-  (let ((answer (and rlm--job (rlm-job-answer rlm--job))))
+  (let* ((view (rlm--view-at-point))
+         (job (cl-find view rlm--buffer-jobs :key #'rlm-job-view))
+         (answer (and job (rlm-job-answer job))))
     (unless answer (user-error "No answer yet"))
     (kill-new answer)
     (message "rlm: answer copied")))
 
-;;;; Events
+;;;; Rendering events
 
-(defun rlm--job-event (job ev)
-  "Apply event EV (a `query/event' params plist) to JOB."
-  (let ((kind (plist-get ev :kind)))
-    (pcase kind
-      ("root_delta"
-       (let ((text (or (plist-get ev :text) "")))
-         (setf (rlm-job-state job) 'thinking)
-         ;; The model's text after anything else starts a new turn.
-         (unless (equal (rlm-job-last-kind job) "root_delta")
-           (cl-incf (rlm-job-turn job))
-           (setf (rlm-job-code-in-text job) nil
-                 (rlm-job-turn-text job) "")
-           (rlm--trajectory-heading job (format "Turn %d" (rlm-job-turn job))))
-         ;; A fence may arrive split over several deltas.
-         (setf (rlm-job-turn-text job) (concat (rlm-job-turn-text job) text))
-         (when (string-match-p "^[ \t]*```" (rlm-job-turn-text job))
-           (setf (rlm-job-code-in-text job) t))
-         (rlm--trajectory-insert job (propertize text 'face 'rlm-root-text))))
-      ("code"
-       (let ((code (or (plist-get ev :code) "")))
-         (setf (rlm-job-state job) 'running-code)
-         (rlm--trajectory-fresh-line job)
-         (rlm--trajectory-insert
-          job
-          (rlm--indent
-           ev (if (and (rlm-job-code-in-text job) (not (plist-get ev :depth)))
-                  (propertize (format "▶ running the block (%d lines)\n"
-                                      (1+ (cl-count ?\n (string-trim code))))
-                              'face 'rlm-code)
-                (concat (propertize "▶ running:\n" 'face 'rlm-heading)
-                        (propertize (string-trim-right code) 'face 'rlm-code) "\n"))))))
-      ("output"
-       (let ((text (string-trim-right (or (plist-get ev :text) ""))))
-         (setf (rlm-job-state job) 'thinking)
-         (rlm--trajectory-fresh-line job)
-         (rlm--trajectory-insert
-          job (rlm--indent
-               ev (concat (propertize "⇒ output:" 'face 'rlm-heading)
-                          (if (string-empty-p text) " (nothing)\n"
-                            (concat "\n" (propertize text 'face 'rlm-output) "\n")))))))
-      ("subcall"
-       (let* ((status (plist-get ev :status))
-              (starting (member status '(nil "start")))
-              (elapsed (plist-get ev :elapsed_s)))
-         (when starting
-           (cl-incf (rlm-job-subcall-events job))
-           (setf (rlm-job-state job) 'sub-calls))
-         (rlm--trajectory-fresh-line job)
-         (rlm--trajectory-insert
-          job (rlm--indent
-               ev (propertize
-                   (concat
-                    (format "↳ %s%s" (or (plist-get ev :fn) "sub-call")
-                            (if-let* ((id (plist-get ev :id))) (format " %s" id) ""))
-                    (if starting
-                        (concat
-                         (if-let* ((m (plist-get ev :model))) (format " to %s" m) "")
-                         (if-let* ((n (plist-get ev :prompt_chars)))
-                             (format " (%s chars)" (rlm--format-count n)) ""))
-                      (concat (format ": %s" status)
-                              (if (numberp elapsed) (format " in %.2f s" elapsed) "")
-                              (if-let* ((e (plist-get ev :error))) (format " (%s)" e) "")))
-                    "\n")
-                   'face (if (member status '("error" "failed")) 'rlm-error 'rlm-subcall))))))
-      ("progress"
-       (let ((iter (plist-get ev :iteration)))
-         (when (numberp iter)
-           (setf (rlm-job-iteration job) iter)))
-       (when (numberp (plist-get ev :sub_calls))
-         (setf (rlm-job-sub-calls job) (plist-get ev :sub_calls)))
-       (when (plist-get ev :tokens) (setf (rlm-job-tokens job) (plist-get ev :tokens)))
-       (when (numberp (plist-get ev :cost)) (setf (rlm-job-cost job) (plist-get ev :cost))))
-      ("final"
-       (let ((answer (plist-get ev :answer)))
-         (when (and (stringp answer) (not (rlm-job-answer job)))
-           (setf (rlm-job-answer job) answer)
-           (rlm--insert-answer job answer))))
-      ("error"
-       (setf (rlm-job-error job) (or (plist-get ev :message) "unknown error"))
-       (when (plist-get ev :partial)
-         (setf (rlm-job-partial job) (plist-get ev :partial)))))
-    (when (and (equal kind "subcall") (= (rlm-job-sub-calls job) 0))
-      (setf (rlm-job-sub-calls job) (rlm-job-subcall-events job)))
-    (unless (equal kind "progress")
-      (setf (rlm-job-last-kind job) kind))
+(defun rlm--render-root-delta (job view ev)
+  "Show streamed root text EV of JOB in VIEW."
+  (let ((text (or (plist-get ev :text) "")))
+    ;; The model's text after anything else starts a new turn.
+    (unless (equal (rlm-view-last-kind view) "root_delta")
+      (cl-incf (rlm-view-turn view))
+      (setf (rlm-view-code-in-text view) nil
+            (rlm-view-turn-text view) "")
+      (rlm--trajectory-heading view (format "Turn %d" (rlm-view-turn view))))
+    ;; A fence may arrive split over several deltas.
+    (setf (rlm-view-turn-text view) (concat (rlm-view-turn-text view) text))
+    (when (string-match-p "^[ \t]*```" (rlm-view-turn-text view))
+      (setf (rlm-view-code-in-text view) t))
+    (ignore job)
+    (rlm--trajectory-insert view (propertize text 'face 'rlm-root-text))))
+
+(defun rlm--render-code (_job view ev)
+  "Show the block EV about to run in VIEW."
+  (let ((code (or (plist-get ev :code) "")))
+    (rlm--trajectory-fresh-line view)
+    (rlm--trajectory-insert
+     view
+     (rlm--indent
+      ev (if (and (rlm-view-code-in-text view) (not (plist-get ev :depth)))
+             (propertize (format "▶ running the block (%d lines)\n"
+                                 (1+ (cl-count ?\n (string-trim code))))
+                         'face 'rlm-code)
+           (concat (propertize "▶ running:\n" 'face 'rlm-heading)
+                   (propertize (string-trim-right code) 'face 'rlm-code) "\n"))))))
+
+(defun rlm--render-output (_job view ev)
+  "Show what a block printed (EV) in VIEW."
+  (let ((text (string-trim-right (or (plist-get ev :text) ""))))
+    (rlm--trajectory-fresh-line view)
+    (rlm--trajectory-insert
+     view (rlm--indent
+           ev (concat (propertize "⇒ output:" 'face 'rlm-heading)
+                      (if (string-empty-p text) " (nothing)\n"
+                        (concat "\n" (propertize text 'face 'rlm-output) "\n")))))))
+
+(defun rlm--render-subcall (_job view ev)
+  "Show the sub-call event EV in VIEW."
+  (let* ((status (plist-get ev :status))
+         (starting (member status '(nil "start")))
+         (elapsed (plist-get ev :elapsed_s)))
+    (rlm--trajectory-fresh-line view)
+    (rlm--trajectory-insert
+     view (rlm--indent
+           ev (propertize
+               (concat
+                (format "↳ %s%s" (or (plist-get ev :fn) "sub-call")
+                        (if-let* ((id (plist-get ev :id))) (format " %s" id) ""))
+                (if starting
+                    (concat
+                     (if-let* ((m (plist-get ev :model))) (format " to %s" m) "")
+                     (if-let* ((n (plist-get ev :prompt_chars)))
+                         (format " (%s chars)" (rlm--format-count n)) ""))
+                  (concat (format ": %s" status)
+                          (if (numberp elapsed) (format " in %.2f s" elapsed) "")
+                          (if-let* ((e (plist-get ev :error))) (format " (%s)" e) "")))
+                "\n")
+               'face (if (member status '("error" "failed")) 'rlm-error 'rlm-subcall))))))
+
+(defconst rlm--renderers
+  '(("root_delta" . rlm--render-root-delta)
+    ("code" . rlm--render-code)
+    ("output" . rlm--render-output)
+    ("subcall" . rlm--render-subcall))
+  "How a result buffer shows each event kind; others only change the header.")
+
+(defun rlm--view-event (job ev)
+  "Show event EV of JOB in its result buffer."
+  (let* ((view (rlm-job-view job))
+         (kind (plist-get ev :kind))
+         (render (cdr (assoc kind rlm--renderers))))
+    (when (and view render) (funcall render job view ev))
+    (when (and view (not (member kind '("progress" "phase"))))
+      (setf (rlm-view-last-kind view) kind))
     (rlm--refresh-header job)))
 
 (defun rlm--refresh-header (job)
@@ -784,311 +580,307 @@ output and sub-calls) is folded below it.
     (when (buffer-live-p buf)
       (with-current-buffer buf (force-mode-line-update)))))
 
-(defun rlm--job-succeeded (job result)
-  "Finish JOB with RESULT, the response of `query/run'."
-  (setf (rlm-job-reply job) (list :result result))
-  (unless (rlm-job-finished job)
-    (setf (rlm-job-result job) result)
-    (when-let* ((tokens (plist-get result :tokens))) (setf (rlm-job-tokens job) tokens))
-    (when (numberp (plist-get result :cost)) (setf (rlm-job-cost job) (plist-get result :cost)))
-    (when (numberp (plist-get result :sub_calls))
-      (setf (rlm-job-sub-calls job) (plist-get result :sub_calls)))
-    (when (numberp (plist-get result :iterations))
-      (setf (rlm-job-iteration job) (plist-get result :iterations)))
-    (let ((answer (plist-get result :answer)))
-      (unless (rlm-job-answer job)
-        (setf (rlm-job-answer job) (if (stringp answer) answer (format "%s" answer)))
-        (rlm--insert-answer job (rlm-job-answer job))))
-    (rlm--job-finish job 'done)))
+(defun rlm--insert-sources (job view)
+  "Insert the flags and sources of JOB's answer into VIEW."
+  (let ((flags (rlm--flags job))
+        (sources (rlm-job-sources job)))
+    (when flags
+      (rlm--insert-answer
+       view
+       (concat
+        (mapconcat (lambda (f) (propertize (format "[%s]" f) 'face 'rlm-flags)) flags " ")
+        (cond ((rlm-job-cached-p job)
+               (substitute-command-keys
+                "  from the daemon's cache; \\<rlm-result-mode-map>\\[rlm-regenerate] asks again without it"))
+              ((rlm-job-best-effort-p job)
+               "  a budget (iterations or time) forced this answer")
+              (t ""))
+        (if (rlm-job-unsupported-p job)
+            "\nNo span of the context backs this answer: check it." ""))))
+    (when sources
+      (rlm--in-view view
+        (goto-char (rlm-view-answer-marker view))
+        (insert (propertize "Sources:\n" 'face 'rlm-label))
+        (let ((i 0))
+          (dolist (s sources)
+            (cl-incf i)
+            (let ((target (rlm-source-location job s)))
+              (insert (format "  %d. " i))
+              (insert-text-button
+               (rlm--source-label s target)
+               'rlm-target target 'follow-link t
+               'help-echo "Jump to this source"
+               'action (lambda (b) (rlm-visit-source (button-get b 'rlm-target))))
+              (insert "  " (propertize (rlm--truncate (or (plist-get s :text) "") 70)
+                                       'face 'shadow)
+                      "\n"))))))))
 
-(defun rlm--job-failed (job err)
-  "Finish JOB with ERR, a JSON-RPC error plist."
-  (setf (rlm-job-reply job) (list :error err))
-  (unless (rlm-job-finished job)
-    (let ((partial (plist-get (plist-get err :data) :partial)))
-      (when (stringp partial) (setf (rlm-job-partial job) partial)))
-    (rlm--job-finish job (if (eql (plist-get err :code) -32005) 'cancelled 'error)
-                     (if (eql (plist-get err :code) -1) ; jsonrpc: the socket closed
-                         "the daemon closed the connection (it stopped or died); see its log"
-                       (rlm--error-message err)))))
+(defun rlm--source-label (source target)
+  "Return the button label of SOURCE, which maps to TARGET."
+  (pcase target
+    (`(buffer ,buf ,_pos ,label)
+     (format "%s%s line %s" (if label (concat label ": ") "")
+             (if (buffer-live-p buf) (buffer-name buf) "(killed buffer)")
+             (plist-get source :line)))
+    (`(file ,file ,line ,_) (format "%s:%s" (abbreviate-file-name file) line))
+    (_ (format "line %s" (plist-get source :line)))))
 
-(defun rlm--job-finish (job status &optional message)
-  "Mark JOB finished with STATUS (done, error or cancelled) and MESSAGE.
-Does nothing when JOB already finished."
-  (unless (rlm-job-finished job)
-    (setf (rlm-job-finished job) t
-          (rlm-job-state job) status
-          (rlm-job-end-time job) (float-time))
-    (remhash (rlm-job-id job) rlm--jobs)
-    (when (rlm-job-timer job) (cancel-timer (rlm-job-timer job)))
-    (when message (setf (rlm-job-error job) message))
+(defun rlm-source-location (job source)
+  "Return where SOURCE (a plist of the answer's sources) of JOB lies.
+A list (buffer BUFFER POS LABEL), (file FILE LINE CHAR), or nil:
+offsets into a context Emacs built map back to the part of the
+buffer, region or file they came from."
+  (let* ((start (plist-get source :start))
+         (parts (rlm-job-parts job))
+         (part (and (numberp start)
+                    (cl-find-if (lambda (p) (and (<= (plist-get p :offset) start)
+                                                 (< start (+ (plist-get p :offset)
+                                                             (max 1 (plist-get p :length))))))
+                                parts))))
+    (cond
+     ((plist-get source :file)
+      (list 'file (expand-file-name (plist-get source :file)
+                                    (or (plist-get (car parts) :dir) default-directory))
+            (or (plist-get source :file_line) 1) nil))
+     ((and part (plist-get part :file))
+      (list 'file (plist-get part :file) nil (- start (plist-get part :offset))))
+     (part
+      (let ((base (plist-get part :start)))
+        (list 'buffer (if (markerp base) (marker-buffer base) (plist-get part :buffer))
+              (+ (if (markerp base) (marker-position base) (or base 1))
+                 (- start (plist-get part :offset)))
+              (plist-get part :label)))))))
+
+(defun rlm-visit-source (target)
+  "Show TARGET, a location from `rlm-source-location'."
+  (pcase target
+    (`(buffer ,buf ,pos ,_)
+     (unless (buffer-live-p buf) (user-error "That buffer was killed"))
+     (pop-to-buffer buf)
+     (goto-char pos))
+    (`(file ,file ,line ,char)
+     (find-file-other-window file)
+     (if line (progn (goto-char (point-min)) (forward-line (1- line)))
+       (goto-char (+ (point-min) (or char 0)))))
+    (_ (user-error "No location for this source"))))
+
+(defun rlm--view-finish (job)
+  "Show the end of JOB in its result buffer."
+  (let* ((view (rlm-job-view job))
+         (status (rlm-job-state job))
+         (message (rlm-job-error job)))
+    (when (and view (buffer-live-p (rlm-view-buffer view)))
+      (pcase status
+        ('done
+         (rlm--insert-answer view (rlm-job-answer job))
+         (rlm--insert-sources job view))
+        ('error
+         (rlm--insert-answer view (format "Error: %s" message) 'rlm-error)
+         (let ((partial (rlm-job-partial job)))
+           (when (and (stringp partial) (not (string-blank-p partial)))
+             (rlm--insert-answer view (concat "Partial answer:\n" partial)))))
+        ('cancelled
+         (rlm--insert-answer view (format "Cancelled%s" (if message (format ": %s" message) ""))
+                             'rlm-error)))
+      (with-current-buffer (rlm-view-buffer view)
+        (let ((ov (rlm-view-overlay view)))
+          ;; Fold the trajectory under the answer, unless the user
+          ;; chose a state meanwhile.
+          (when (and ov (eq status 'done) (not (rlm-view-toggled view)))
+            (overlay-put ov 'invisible t)
+            (rlm--set-arrow view)))
+        (rlm--trajectory-heading
+         view (format "End: %s after %.1f s" (rlm--state-text job) (rlm-job-elapsed job)))
+        (when-let* ((group (rlm-view-change-group view)))
+          ;; One undo step for the whole answer.
+          (undo-amalgamate-change-group group)
+          (accept-change-group group)
+          (setf (rlm-view-change-group view) nil))
+        (set-buffer-modified-p nil)
+        (force-mode-line-update)))
     (pcase status
-      ('error
-       (rlm--insert-answer job (format "Error: %s" message) 'rlm-error)
-       (let ((partial (rlm-job-partial job)))
-         (when (and (stringp partial) (not (string-blank-p partial)))
-           (rlm--insert-answer job (concat "Partial answer:\n" partial))))
-       (message "rlm: query failed: %s"
-                (car (split-string (or message "") "\n" t))))
-      ('cancelled
-       (rlm--insert-answer job (format "Cancelled%s" (if message (format ": %s" message) ""))
-                           'rlm-error)
-       (message "rlm: query cancelled")))
-    (let ((buf (rlm-job-buffer job)))
-      (when (buffer-live-p buf)
-        (with-current-buffer buf
-          (let ((ov (rlm-job-overlay job)))
-            ;; Fold the trajectory under the answer, unless the user
-            ;; chose a state meanwhile.
-            (when (and ov (eq status 'done) (not (rlm-job-toggled job)))
-              (overlay-put ov 'invisible t)))
-          (rlm--trajectory-heading
-           job (format "End: %s after %.1f s" (rlm--state-text job) (rlm-job-elapsed job)))
-          (when-let* ((group (rlm-job-change-group job)))
-            ;; One undo step for the whole answer.
-            (undo-amalgamate-change-group group)
-            (accept-change-group group))
-          (set-buffer-modified-p nil)
-          (force-mode-line-update))))
-    (when (rlm-job-callback job)
-      (with-demoted-errors "rlm: callback failed: %S"
-        (funcall (rlm-job-callback job) job)))
-    (when (eq status 'done)
-      (with-demoted-errors "rlm: a function of `rlm-query-finished-functions' failed: %S"
-        (run-hook-with-args 'rlm-query-finished-functions
-                            (rlm-job-answer job) (rlm-job-buffer job)))
-      (when (rlm-job-buffer job)
-        (message "rlm: answered in %.1f s" (rlm-job-elapsed job))))))
-
-;;;; Contexts
-
-(defun rlm--sanitize-name (string)
-  "Return STRING usable inside a context name."
-  ;; The daemon takes any printable name of at most 256 characters.
-  (let ((s (replace-regexp-in-string "[[:cntrl:]]+" " " string)))
-    (cond ((string-empty-p s) "_")
-          ((> (length s) 200)
-           (concat (substring s 0 150) "…" (substring (secure-hash 'sha1 s) 0 12)))
-          (t s))))
-
-(defvar-local rlm--sent-contexts nil
-  "Contexts sent from this buffer: alist of name to modification tick.")
-
-(defun rlm--context-exists-p (name)
-  "Return non-nil if a context NAME exists in the daemon."
-  (condition-case nil
-      (progn (rlm-request 'context/info (list :name name)) t)
-    (rlm-error nil)))
-
-(defun rlm-put-text (name text &optional append)
-  "Store TEXT as the daemon's context NAME (APPEND to it when non-nil).
-Return the daemon's description of the context."
-  (condition-case nil
-      (rlm-request 'context/put (rlm--plist :name name :text text :append append)
-                   rlm-put-timeout)
-    ;; JSON carries Unicode only: raw bytes (a binary file, a bad
-    ;; decoding) become U+FFFD, as a UTF-8 decoder would make them.
-    (wrong-type-argument
-     (rlm-request 'context/put
-                  (rlm--plist :name name :append append
-                              :text (replace-regexp-in-string
-                                     (format "[%c-%c]" #x3fff80 #x3fffff) "\ufffd" text t t))
-                  rlm-put-timeout))))
-
-(defun rlm--put-via-file (name start end)
-  "Store the current buffer from START to END as context NAME via a file.
-Return non-nil on success, nil when the daemon could not use the file."
-  (let ((file (make-temp-file "rlm-put-" nil ".txt")))
-    (unwind-protect
-        (condition-case err
-            (progn
-              (let ((coding-system-for-write 'utf-8-unix)
-                    (write-region-inhibit-fsync t))
-                (write-region start end file nil 'silent))
-              (rlm-request 'context/put (list :name name :path file) rlm-put-timeout)
-              t)
-          (rlm-error
-           (message "rlm: the daemon could not read %s (%s); sending the text instead"
-                    file (error-message-string err))
-           nil))
-      (delete-file file))))
-
-(defun rlm-buffer-context (&optional buffer start end)
-  "Send the text of BUFFER from START to END as a named context.
-The whole (widened) buffer when START and END are nil.  Return the
-context's name.  The text is sent only when the buffer changed since
-it was last sent (or the daemon lost it): the name is
-emacs:BUFFER (plus :START-END for a part) and the cache is keyed by
-the buffer's modification tick."
-  (with-current-buffer (or buffer (current-buffer))
-    (save-restriction
-      (widen)
-      (let* ((whole (and (or (null start) (= start (point-min)))
-                         (or (null end) (= end (point-max)))))
-             (start (or start (point-min)))
-             (end (or end (point-max)))
-             (name (concat "emacs:" (rlm--sanitize-name (buffer-name))
-                           (if whole "" (format ":%d-%d" start end))))
-             (tick (buffer-chars-modified-tick))
-             (cached (assoc name rlm--sent-contexts)))
-        (unless (and cached (eql (cdr cached) tick) (rlm--context-exists-p name))
-          (when (> (- end start) 1000000)
-            (message "rlm: sending %s (%s)..." name
-                     (file-size-human-readable (- end start))))
-          (unless (and rlm-file-transfer-threshold
-                       (>= (- end start) rlm-file-transfer-threshold)
-                       (rlm--put-via-file name start end))
-            (rlm-put-text name (buffer-substring-no-properties start end)))
-          (setf (alist-get name rlm--sent-contexts nil nil #'equal) tick))
-        name))))
-
-(defun rlm-files-context (paths)
-  "Have the daemon read PATHS (files or directories) into one context.
-Return the context's name."
-  (let* ((paths (mapcar (lambda (p) (directory-file-name (expand-file-name p))) paths))
-         (name (concat "files:"
-                       (rlm--sanitize-name
-                        (if (cdr paths)
-                            (format "%s+%d" (abbreviate-file-name (car paths))
-                                    (1- (length paths)))
-                          (abbreviate-file-name (car paths))))))
-         (first t))
-    (dolist (p paths)
-      (when (file-remote-p p)
-        (signal 'rlm-error (list (format "%s is remote; the daemon reads local files only" p))))
-      (unless (file-exists-p p)
-        (signal 'rlm-error (list (format "%s does not exist" p)))))
-    (message "rlm: the daemon is reading %s..." (string-join paths ", "))
-    (dolist (p paths)
-      (rlm-request 'context/put (rlm--plist :name name :path p :append (not first))
-                   rlm-put-timeout)
-      (setq first nil))
-    name))
-
-(defun rlm-context-names ()
-  "Return the names of the daemon's contexts."
-  (mapcar (lambda (c) (plist-get c :name)) (rlm-request 'context/list)))
-
-(defun rlm--read-context (&optional prompt)
-  "Read a context name with completion, using PROMPT."
-  (completing-read (or prompt "Context: ") (rlm-context-names) nil t nil
-                   'rlm-context-history))
+      ('error (message "rlm: query failed: %s" (car (split-string (or message "") "\n" t))))
+      ('cancelled (message "rlm: query cancelled"))
+      ('done
+       (with-demoted-errors "rlm: a function of `rlm-query-finished-functions' failed: %S"
+         (run-hook-with-args 'rlm-query-finished-functions
+                             (rlm-job-answer job) (rlm-job-buffer job)))
+       (message "rlm: answered in %.1f s%s" (rlm-job-elapsed job)
+                (let ((f (rlm--flags job))) (if f (format " (%s)" (string-join f ", ")) "")))))))
 
 ;;;; Starting queries
 
 (cl-defun rlm-start-query (question &key context description options
-                                    (display t) callback buffer-name)
+                                    (display t) callback buffer-name
+                                    follow-up result-buffer parts source-buffer)
   "Ask QUESTION of the daemon; return the `rlm-job'.
 CONTEXT is the name of a context the daemon holds (nil: none).
 DESCRIPTION says what the context is, for the result buffer.
-OPTIONS is a plist merged over `rlm-query-options'.  DISPLAY non-nil
-shows the result buffer with `rlm-display-buffer-action'.  CALLBACK,
-if non-nil, is called with the job when it ends (however it ends).
-BUFFER-NAME overrides the result buffer's name."
-  (let* ((conn (rlm-connection))
-         (job (rlm--job-create :id (rlm--new-job-id) :question question
-                               :context context :description description
-                               :connection conn :callback callback
-                               :start-time (float-time)))
-         (buf (rlm--setup-result-buffer job))
-         (options (rlm--merge-plists rlm-query-options options)))
-    (setf (rlm-job-buffer job) buf)
+OPTIONS is a plist merged over `rlm-effective-options'.  DISPLAY
+non-nil shows the result buffer with `rlm-display-buffer-action'.
+CALLBACK, if non-nil, is called with the job when it ends (however
+it ends).  BUFFER-NAME overrides the result buffer's name.
+FOLLOW-UP is the id of the earlier job this question follows, and
+RESULT-BUFFER the conversation's buffer it is appended to.  PARTS
+describe how offsets of CONTEXT map back to buffers and files (see
+`rlm-source-location'); SOURCE-BUFFER is where the query was asked."
+  (let* ((job (rlm-make-job question :context context :description description
+                            :options (rlm-effective-options options)
+                            :follow-up follow-up :callback callback
+                            :parts parts
+                            :source-buffer (or source-buffer (current-buffer))))
+         (buf (rlm--setup-result-buffer job result-buffer))
+         (timer (run-with-timer 1 1 #'rlm--refresh-header job)))
     (when buffer-name
       (with-current-buffer buf (rename-buffer buffer-name t)))
-    (puthash (rlm-job-id job) job rlm--jobs)
-    (push job rlm--recent-jobs)
-    (when (> (length rlm--recent-jobs) 50)
-      (setcdr (nthcdr 49 rlm--recent-jobs) nil))
-    (setf (rlm-job-timer job)
-          (run-with-timer 1 1 #'rlm--refresh-header job))
+    ;; The timer goes with the job, however it ends.
+    (let ((show (rlm-job-on-finish job)))
+      (setf (rlm-job-on-finish job)
+            (lambda (j) (cancel-timer timer) (funcall show j))))
     (when display (display-buffer buf rlm-display-buffer-action))
-    (setf (rlm-job-state job) 'thinking)
-    (condition-case err
-        (jsonrpc-async-request
-         conn 'query/run
-         (rlm--plist :query question :context context :job (rlm-job-id job)
-                     :options options)
-         :success-fn (lambda (result) (rlm--job-succeeded job result))
-         :error-fn (lambda (err) (rlm--job-failed job err))
-         :timeout nil)
-      (error
-       (rlm--job-finish job 'error (format "could not send the query: %s"
-                                           (error-message-string err)))))
-    job))
+    (rlm-run-job job)))
 
-(defun rlm--read-question ()
-  "Read a question in the minibuffer."
-  (let ((q (read-string "Ask rlm: " nil 'rlm-question-history)))
+(defun rlm--read-question (&optional prompt)
+  "Read a question in the minibuffer with PROMPT."
+  (let ((q (read-string (or prompt "Ask rlm: ") nil 'rlm-question-history)))
     (when (string-blank-p q) (user-error "No question"))
     q))
+
+(defun rlm-subtree-bounds ()
+  "Return (START END HEADING PART) of the Org subtree at point.
+PART is the subtree's stable label: \"#ID\" with an ID property,
+else its outline path."
+  (require 'org)
+  (save-excursion
+    (when (org-before-first-heading-p)
+      (user-error "Point is before the first heading"))
+    (org-back-to-heading t)
+    (let* ((start (point))
+           (heading (org-get-heading t t t t))
+           (id (org-entry-get nil "ID"))
+           (part (if (and id (not (string-empty-p id))) (concat "#" id)
+                   (string-join (org-get-outline-path t) "/"))))
+      (org-end-of-subtree t t)
+      (list start (point) heading part))))
+
+(defvar rlm--added-parts)
+
+(defun rlm-target (&optional whole-buffer)
+  "Return what a query from here sends, a plist with :kind.
+Parts added with `rlm-add' (kind added); else the active region
+\(region, with :start :end); else in Org mode the subtree at point
+\(subtree, with :start :end :heading :part) unless WHOLE-BUFFER or
+before the first heading; else the buffer (buffer)."
+  (cond
+   (rlm--added-parts (list :kind 'added :parts rlm--added-parts))
+   ((use-region-p) (list :kind 'region :start (region-beginning) :end (region-end)))
+   ((and (derived-mode-p 'org-mode) (not whole-buffer)
+         (progn (require 'org) (not (org-before-first-heading-p))))
+    (pcase-let ((`(,start ,end ,heading ,part) (rlm-subtree-bounds)))
+      (list :kind 'subtree :start start :end end :heading heading :part part)))
+   (t (list :kind 'buffer))))
+
+(defun rlm-target-description (target)
+  "Return a description of TARGET (see `rlm-target'), for a prompt."
+  (pcase (plist-get target :kind)
+    ('added (let ((n (length (plist-get target :parts))))
+              (format "%d added part%s" n (if (= n 1) "" "s"))))
+    ('region (format "the region (%s chars)"
+                     (rlm--format-count (- (plist-get target :end) (plist-get target :start)))))
+    ('subtree (format "subtree “%s” (%s chars)" (plist-get target :heading)
+                      (rlm--format-count (- (plist-get target :end) (plist-get target :start)))))
+    (_ (format "buffer %s (%s chars)" (buffer-name)
+               (rlm--format-count (save-restriction (widen) (buffer-size)))))))
+
+(defun rlm--target-prompt (target)
+  "Return the question prompt saying what TARGET sends."
+  (format "Ask rlm about %s: " (rlm-target-description target)))
+
+(defun rlm--send-target (question target &rest args)
+  "Ask QUESTION about TARGET (see `rlm-target'); ARGS go to `rlm-start-query'."
+  (let ((desc (format "%s%s" (rlm-target-description target)
+                      (if (eq (plist-get target :kind) 'added) ""
+                        (format " of %s" (buffer-name))))))
+    (pcase (plist-get target :kind)
+      ('added
+       (pcase-let ((`(,name . ,parts) (rlm--send-added-parts)))
+         (apply #'rlm-start-query question :context name :parts parts
+                :description desc args)))
+      ((and (or 'region 'subtree) kind)
+       (let* ((start (plist-get target :start))
+              (end (plist-get target :end))
+              (name (rlm-buffer-context (current-buffer) start end
+                                        (if (eq kind 'subtree) (plist-get target :part)))))
+         (prog1 (apply #'rlm-start-query question :context name
+                       :parts (list (list :offset 0 :length (- end start)
+                                          :start (copy-marker start)))
+                       :description desc args)
+           ;; What was sent is gone from the screen: no stale region
+           ;; goes with the next question.
+           (when (eq kind 'region) (deactivate-mark)))))
+      (_
+       (let ((name (rlm-buffer-context (current-buffer))))
+         (apply #'rlm-start-query question :context name
+                :parts (list (list :offset 0 :length (save-restriction (widen) (buffer-size))
+                                   :start (copy-marker (point-min))))
+                :description (format "buffer %s (%s chars)" (buffer-name)
+                                     (save-restriction (widen) (buffer-size)))
+                args))))))
+
+;;;###autoload
+(defun rlm-query (question &optional whole-buffer)
+  "Ask QUESTION about the text at hand; return the `rlm-job'.
+The context is what `rlm-add' collected, else the active region,
+else in Org mode the current subtree (the whole buffer with
+WHOLE-BUFFER, interactively a prefix argument, or before the first
+heading), else the buffer.  The prompt says which."
+  (interactive
+   (let ((target (rlm-target current-prefix-arg)))
+     (list (rlm--read-question (rlm--target-prompt target)) current-prefix-arg)))
+  (rlm--send-target question (rlm-target whole-buffer)))
 
 ;;;###autoload
 (defun rlm-query-buffer (question &optional buffer)
   "Ask QUESTION about BUFFER (default: the current buffer), all of it."
-  (interactive (list (rlm--read-question)))
-  (let* ((buffer (or buffer (current-buffer)))
-         (name (rlm-buffer-context buffer)))
-    (rlm-start-query question :context name
-                     :description (format "buffer %s (%s chars)" (buffer-name buffer)
-                                          (with-current-buffer buffer
-                                            (save-restriction (widen) (buffer-size)))))))
+  (interactive (list (rlm--read-question (rlm--target-prompt '(:kind buffer)))))
+  (with-current-buffer (or buffer (current-buffer))
+    (rlm--send-target question '(:kind buffer))))
 
 ;;;###autoload
 (defun rlm-query-region (question start end)
   "Ask QUESTION about the text between START and END."
   (interactive
    (if (use-region-p)
-       (list (rlm--read-question) (region-beginning) (region-end))
+       (list (rlm--read-question
+              (rlm--target-prompt (list :kind 'region :start (region-beginning)
+                                        :end (region-end))))
+             (region-beginning) (region-end))
      (user-error "No active region")))
-  (let ((name (rlm-buffer-context (current-buffer) (min start end) (max start end))))
-    (rlm-start-query question :context name
-                     :description (format "region %d-%d of %s (%d chars)"
-                                          start end (buffer-name) (abs (- end start))))))
-
-(defun rlm-subtree-bounds ()
-  "Return (START END HEADING) of the Org subtree at point."
-  (require 'org)
-  (save-excursion
-    (when (org-before-first-heading-p)
-      (user-error "Point is before the first heading"))
-    (org-back-to-heading t)
-    (let ((start (point))
-          (heading (org-get-heading t t t t)))
-      (org-end-of-subtree t t)
-      (list start (point) heading))))
+  (rlm--send-target question (list :kind 'region :start (min start end) :end (max start end))))
 
 ;;;###autoload
 (defun rlm-query-subtree (question)
   "Ask QUESTION about the Org subtree at point."
-  (interactive (list (rlm--read-question)))
+  (interactive
+   ;; Say what is wrong before asking anything.
+   (progn
+     (unless (derived-mode-p 'org-mode) (user-error "Not in an Org buffer"))
+     (pcase-let ((`(,start ,end ,heading ,part) (rlm-subtree-bounds)))
+       (list (rlm--read-question
+              (rlm--target-prompt (list :kind 'subtree :start start :end end
+                                        :heading heading :part part)))))))
   (unless (derived-mode-p 'org-mode) (user-error "Not in an Org buffer"))
-  (pcase-let* ((`(,start ,end ,heading) (rlm-subtree-bounds))
-               (name (rlm-buffer-context (current-buffer) start end)))
-    (rlm-start-query question :context name
-                     :description (format "subtree \"%s\" of %s (%d chars)"
-                                          heading (buffer-name) (- end start)))))
+  (pcase-let ((`(,start ,end ,heading ,part) (rlm-subtree-bounds)))
+    (rlm--send-target question (list :kind 'subtree :start start :end end
+                                     :heading heading :part part))))
 
-;;;###autoload
-(defun rlm-query (question &optional whole-buffer)
-  "Ask QUESTION about the text at hand; return the `rlm-job'.
-The context is the active region, else in Org mode the current
-subtree (the whole buffer with WHOLE-BUFFER, interactively a prefix
-argument, or before the first heading), else the buffer."
-  (interactive (list (rlm--read-question) current-prefix-arg))
-  (cond
-   ((use-region-p) (rlm-query-region question (region-beginning) (region-end)))
-   ((and (derived-mode-p 'org-mode) (not whole-buffer)
-         (progn (require 'org) (not (org-before-first-heading-p))))
-    (rlm-query-subtree question))
-   (t (rlm-query-buffer question))))
-
-(defun rlm--read-files ()
-  "Read files or a directory: the marked files in Dired, else one path."
+(defun rlm--read-files (&optional prompt)
+  "Read files or a directory with PROMPT: the marked files in Dired, else one path."
   (if (derived-mode-p 'dired-mode)
       (or (dired-get-marked-files) (user-error "No file here"))
     (let* ((proj (and (fboundp 'project-current) (project-current)))
            (default (if proj (project-root proj) default-directory)))
-      (list (read-file-name "Ask about file or directory: " default default t)))))
+      (list (read-file-name (or prompt "Ask about file or directory: ") default default t)))))
 
 ;;;###autoload
 (defun rlm-query-files (question files)
@@ -1097,11 +889,13 @@ The daemon reads them itself.  Interactively: the marked files in
 Dired, else a file or directory read in the minibuffer (default:
 the current project)."
   (interactive (let ((files (rlm--read-files))) (list (rlm--read-question) files)))
-  (let ((name (rlm-files-context (if (listp files) files (list files)))))
+  (let* ((files (if (listp files) files (list files)))
+         (name (rlm-files-context files))
+         (dir (and (null (cdr files)) (file-directory-p (car files))
+                   (file-name-as-directory (expand-file-name (car files))))))
     (rlm-start-query question :context name
-                     :description (format "%s" (mapconcat #'abbreviate-file-name
-                                                          (if (listp files) files (list files))
-                                                          ", ")))))
+                     :parts (and dir (list (list :offset 0 :length 0 :dir dir)))
+                     :description (mapconcat #'abbreviate-file-name files ", "))))
 
 ;;;###autoload
 (defun rlm-query-context (question name)
@@ -1110,11 +904,191 @@ the current project)."
                  (list (rlm--read-question) name)))
   (rlm-start-query question :context name :description (format "context %s" name)))
 
+(defun rlm--read-context (&optional prompt)
+  "Read a context name with completion, using PROMPT."
+  (completing-read (or prompt "Context: ") (rlm-context-names) nil t nil
+                   'rlm-context-history))
+
+(defvar rlm-context-history nil
+  "Minibuffer history of context names.")
+
+;;;; Conversations: follow-ups and regenerating
+
+(defun rlm--last-job ()
+  "Return the latest job of this result buffer, or signal."
+  (or (and (derived-mode-p 'rlm-result-mode) rlm--job)
+      (user-error "Not in an rlm result buffer")))
+
+(defun rlm--ask-again (job question &rest args)
+  "Ask QUESTION in JOB's conversation buffer, about JOB's context; ARGS as there."
+  (when (rlm-job-running-p job)
+    (user-error "The last question is still running (C-c C-k cancels it)"))
+  (apply #'rlm-start-query question
+         :context (rlm-job-context job) :description (rlm-job-description job)
+         :parts (rlm-job-parts job) :source-buffer (rlm-job-source-buffer job)
+         :result-buffer (rlm-job-buffer job) :display nil
+         (append args (list :options (rlm-job-options job)))))
+
+(defun rlm-follow-up (question)
+  "Ask QUESTION as a follow-up of this result buffer's last answer.
+The daemon shows the model the earlier questions, answers and
+sources; the answer is appended to this buffer."
+  (interactive (progn (rlm--last-job) (list (rlm--read-question "Follow-up: "))))
+  (let ((job (rlm--last-job)))
+    (rlm--ask-again job question :follow-up (rlm-job-id job))))
+
+(defun rlm-regenerate ()
+  "Ask the last question of this buffer again, bypassing the daemon's cache."
+  (interactive)
+  (let ((job (rlm--last-job)))
+    (rlm--ask-again job (rlm-job-question job)
+                    :follow-up (rlm-job-follow-up job)
+                    :options (rlm--merge-plists (rlm-job-options job)
+                                                '(:cache :json-false)))))
+
+(defun rlm--revert-regenerates (&rest _)
+  "Regenerate the last answer (`revert-buffer' in a result buffer)."
+  (rlm-regenerate))
+
+;;;; Several sources in one question: `rlm-add'
+
+(defvar rlm--added-parts nil
+  "Parts the next query sends.
+Plists with :label and :buffer :start :end (markers) or :file, and
+:overlay.")
+
+(defcustom rlm-add-keep nil
+  "Non-nil means parts added with `rlm-add' stay for later queries.
+nil: the next query sends them and forgets them."
+  :type 'boolean
+  :group 'rlm)
+
+;;;###autoload
+(defun rlm-add (&optional file)
+  "Add a part to the next query: the region, else the buffer.
+In Dired, the marked files.  With FILE (interactively a prefix
+argument, read in the minibuffer), that file.  The next query
+sends the parts as one context, each under a header, and its
+sources point back into the parts."
+  (interactive (list (and current-prefix-arg (read-file-name "Add file: " nil nil t))))
+  (cond
+   (file (rlm--add-part (list :label (abbreviate-file-name file)
+                              :file (expand-file-name file))))
+   ((derived-mode-p 'dired-mode)
+    (dolist (f (dired-get-marked-files))
+      (rlm--add-part (list :label (abbreviate-file-name f) :file f))))
+   ((use-region-p)
+    (let* ((start (copy-marker (region-beginning)))
+           (end (copy-marker (region-end) t))
+           (ov (make-overlay start end nil t nil)))
+      (overlay-put ov 'face 'rlm-added)
+      (overlay-put ov 'rlm-added t)
+      (rlm--add-part (list :label (format "region of %s, line %d" (buffer-name)
+                                          (line-number-at-pos start))
+                           :buffer (current-buffer) :start start :end end :overlay ov))
+      (deactivate-mark)))
+   (t (rlm--add-part (list :label (format "buffer %s" (buffer-name))
+                           :buffer (current-buffer)))))
+  (message "rlm: %d part%s for the next query (%s clears)" (length rlm--added-parts)
+           (if (cdr rlm--added-parts) "s" "")
+           (substitute-command-keys "\\[rlm-add-clear]"))
+  rlm--added-parts)
+
+(defun rlm--add-part (part)
+  "Append PART to `rlm--added-parts'."
+  (setq rlm--added-parts (append rlm--added-parts (list part))))
+
+(defun rlm-add-clear ()
+  "Forget the parts added with `rlm-add'."
+  (interactive)
+  (dolist (p rlm--added-parts)
+    (when (plist-get p :overlay) (delete-overlay (plist-get p :overlay))))
+  (setq rlm--added-parts nil))
+
+(defun rlm--part-text (part)
+  "Return (TEXT . START-MARKER-OR-NIL) of PART."
+  (cond
+   ((plist-get part :file)
+    (with-temp-buffer
+      (insert-file-contents (plist-get part :file))
+      (cons (buffer-string) nil)))
+   ((not (buffer-live-p (plist-get part :buffer)))
+    (rlm--signal "the buffer of the part “%s” was killed" (plist-get part :label)))
+   (t
+    (with-current-buffer (plist-get part :buffer)
+      (save-restriction
+        (widen)
+        (let ((start (or (plist-get part :start) (point-min)))
+              (end (or (plist-get part :end) (point-max))))
+          (cons (buffer-substring-no-properties start end) (copy-marker start))))))))
+
+(defun rlm--send-added-parts ()
+  "Send the added parts as one context; return (NAME . PARTS).
+Each part is under a header line; PARTS say where each one's text
+starts in the context, for `rlm-source-location'."
+  (let ((chunks nil) (parts nil) (offset 0) (i 0)
+        (n (length rlm--added-parts)))
+    (dolist (p rlm--added-parts)
+      (cl-incf i)
+      (pcase-let* ((`(,text . ,start) (rlm--part-text p))
+                   (header (format "===== Part %d of %d: %s =====\n" i n (plist-get p :label))))
+        (push header chunks)
+        (cl-incf offset (length header))
+        (push (rlm--plist :offset offset :length (length text) :label (plist-get p :label)
+                          :start start :file (plist-get p :file))
+              parts)
+        (push text chunks)
+        (push "\n\n" chunks)
+        (cl-incf offset (+ (length text) 2))))
+    (let ((name "emacs:added"))
+      (rlm-put-text name (apply #'concat (nreverse chunks)))
+      (unless rlm-add-keep (rlm-add-clear))
+      (cons name (nreverse parts)))))
+
+;;;; Answer at point
+
+;;;###autoload
+(defun rlm-query-insert (question &optional whole-buffer target)
+  "Ask QUESTION as `rlm-query' does; insert the answer at point.
+The answer goes where point was when you asked (after the region,
+when one was sent), as one undo step; point does not move.  The
+trajectory is kept aside in the result buffer.  WHOLE-BUFFER is as
+in `rlm-query'; TARGET, from `rlm-target', overrides the choice."
+  (interactive
+   (let ((target (rlm-target current-prefix-arg)))
+     (list (rlm--read-question (rlm--target-prompt target)) current-prefix-arg)))
+  (let* ((target (or target (rlm-target whole-buffer)))
+         (marker (copy-marker (if (eq (plist-get target :kind) 'region)
+                                  (plist-get target :end)
+                                (point))))
+         (job (rlm--send-target question target :display nil
+                                :callback (lambda (job) (rlm--insert-at-marker job marker)))))
+    (message "rlm: the answer will be inserted here (%s cancels)"
+             (substitute-command-keys "\\[rlm-cancel]"))
+    job))
+
+(defun rlm--insert-at-marker (job marker)
+  "Insert JOB's answer at MARKER as one undo step, if JOB succeeded."
+  (let ((buf (marker-buffer marker)))
+    (when (and (eq (rlm-job-state job) 'done) (buffer-live-p buf))
+      (with-current-buffer buf
+        (let ((group (prepare-change-group)))
+          (activate-change-group group)
+          (unwind-protect
+              (save-excursion
+                (goto-char marker)
+                (insert (rlm-job-answer job)))
+            (undo-amalgamate-change-group group)
+            (accept-change-group group)))))
+    (set-marker marker nil)))
+
+;;;; Synchronous use
+
 (defun rlm-query-sync (question &rest args)
   "Ask QUESTION and wait for the answer; return it as a string.
 ARGS are those of `rlm-start-query' plus :text (a string to ask about)
 and :timeout (seconds, default none).  Signals `rlm-error' when the
-query fails; \\[keyboard-quit] cancels it."
+query fails or is cancelled; \\[keyboard-quit] cancels it."
   (let* ((text (plist-get args :text))
          (timeout (plist-get args :timeout))
          (start-args (rlm--plist-without args '(:text :timeout)))
@@ -1126,16 +1100,9 @@ query fails; \\[keyboard-quit] cancels it."
     (rlm-wait job timeout)
     (pcase (rlm-job-state job)
       ('done (rlm-job-answer job))
-      (_ (signal 'rlm-error (list (format "query failed: %s" (rlm-job-error job))))))))
-
-(defun rlm--plist-without (plist keys)
-  "Return PLIST without KEYS."
-  (let (out)
-    (while plist
-      (unless (memq (car plist) keys)
-        (setq out (cons (cadr plist) (cons (car plist) out))))
-      (setq plist (cddr plist)))
-    (nreverse out)))
+      ('cancelled (rlm--signal "query cancelled%s"
+                               (if (rlm-job-error job) (format " (%s)" (rlm-job-error job)) "")))
+      (_ (rlm--signal "query failed: %s" (rlm-job-error job))))))
 
 (defun rlm--text-context (text)
   "Store TEXT as a context named by its hash; return the name."
@@ -1144,376 +1111,37 @@ query fails; \\[keyboard-quit] cancels it."
       (rlm-put-text name text))
     name))
 
-(defun rlm-wait (job &optional timeout)
-  "Wait until JOB finishes, at most TIMEOUT seconds (nil: no limit).
-Quitting or timing out cancels JOB."
-  (let ((deadline (and timeout (+ (float-time) timeout)))
-        (ok nil))
-    (unwind-protect
-        (progn
-          (while (and (rlm-job-running-p job)
-                      (or (not deadline) (< (float-time) deadline)))
-            (accept-process-output nil 0.05))
-          (setq ok t))
-      (when (rlm-job-running-p job)
-        (rlm-cancel-job job (if ok "timed out" "quit"))))
-    job))
-
 ;;;; Cancel
-
-(defun rlm--tell-daemon-cancel (job attempts)
-  "Send `query/cancel' for JOB; ask again up to ATTEMPTS times while unknown.
-A cancel can overtake its own `query/run' inside the daemon, which
-then does not know the job yet; asking again shortly after settles it."
-  (let ((conn (rlm-job-connection job)))
-    (when (and conn (jsonrpc-running-p conn) (not (rlm-job-reply job)))
-      (condition-case err
-          (jsonrpc-async-request
-           conn 'query/cancel (list :job (rlm-job-id job))
-           :success-fn
-           (lambda (result)
-             (when (and (not (eq (plist-get result :cancelled) t))
-                        (not (rlm-job-reply job))
-                        (> attempts 0))
-               (run-with-timer 0.5 nil #'rlm--tell-daemon-cancel job (1- attempts))))
-           :error-fn #'ignore
-           :timeout-fn #'ignore)
-        (error (message "rlm: could not tell the daemon: %s" (error-message-string err)))))))
-
-(defun rlm-cancel-job (job &optional reason)
-  "Cancel JOB, telling the daemon; REASON is shown in its buffer.
-The job ends at once on the Emacs side, whatever the daemon does."
-  (when (rlm-job-running-p job)
-    (rlm--tell-daemon-cancel job 10)
-    (rlm--job-finish job 'cancelled reason)))
-
-(defun rlm--running-jobs ()
-  "Return the running jobs, newest first."
-  (cl-remove-if-not #'rlm-job-running-p rlm--recent-jobs))
 
 ;;;###autoload
 (defun rlm-cancel (&optional job)
-  "Cancel JOB: this buffer's query, else a running query chosen by the user."
+  "Cancel JOB: this result buffer's query, else the query asked from this buffer.
+Else a running query chosen in the minibuffer (newest first)."
   (interactive)
-  (let ((job (or job
-                 (and rlm--job (rlm-job-running-p rlm--job) rlm--job)
-                 (let ((running (rlm--running-jobs)))
-                   (cond
-                    ((null running) (user-error "No rlm query is running"))
-                    ((null (cdr running)) (car running))
-                    (t (let* ((alist (mapcar (lambda (j)
-                                               (cons (format "%s  %s" (rlm-job-id j)
-                                                             (rlm--truncate (rlm-job-question j) 60))
-                                                     j))
-                                             running))
-                              (choice (completing-read "Cancel query: " alist nil t)))
-                         (cdr (assoc choice alist)))))))))
-    (if (rlm-job-running-p job)
+  (let* ((running (rlm--running-jobs))
+         (job (or job
+                  (and (derived-mode-p 'rlm-result-mode) rlm--job
+                       (rlm-job-running-p rlm--job) rlm--job)
+                  (cl-find (current-buffer) running :key #'rlm-job-source-buffer)
+                  (cond
+                   ((null running) (user-error "No rlm query is running"))
+                   ((null (cdr running)) (car running))
+                   (t (rlm-read-job "Cancel query: " running))))))
+    (if (and (rlm-job-p job) (rlm-job-running-p job))
         (rlm-cancel-job job)
       (message "rlm: that query already ended"))))
 
 (defun rlm-cancel-or-quit ()
-  "Cancel the query of this buffer if running, else `keyboard-quit'."
+  "Quit; if this buffer's query is running, offer to cancel it.
+A reflexive \\[keyboard-quit] never kills a long query: it asks first."
   (interactive)
   (if (and rlm--job (rlm-job-running-p rlm--job))
-      (rlm-cancel-job rlm--job "quit")
+      (if (y-or-n-p "Cancel the running rlm query? ")
+          (rlm-cancel-job rlm--job "quit")
+        (deactivate-mark)
+        (message "rlm: the query goes on (%s cancels it)"
+                 (substitute-command-keys "\\<rlm-result-mode-map>\\[rlm-cancel]")))
     (keyboard-quit)))
-
-;;;; Status and trace
-
-;;;###autoload
-(defun rlm-status ()
-  "Show the daemon's status and its pool of model servers.
-Return the daemon's status (a plist)."
-  (interactive)
-  (let* ((st (rlm-request 'daemon/status))
-         (pool (condition-case nil
-                   (append (plist-get (rlm-request 'pool/status) :providers) nil)
-                 (rlm-error nil)))
-         (providers (or pool (append (plist-get st :providers) nil)))
-         (num (lambda (v fmt) (if (numberp v) (format fmt v) "-")))
-         (buf (get-buffer-create "*rlm status*")))
-    (with-current-buffer buf
-      (let ((inhibit-read-only t))
-        (erase-buffer)
-        (special-mode)
-        (setq-local revert-buffer-function (lambda (&rest _) (rlm-status)))
-        (insert (propertize "rlm daemon" 'face 'rlm-heading) "\n\n")
-        (dolist (key '(:version :pid :uptime_s :contexts :jobs :socket :state_dir :embedded))
-          (let ((v (plist-get st key)))
-            (when (and v (not (equal v "")))
-              (insert (propertize (format "%-10s " (substring (symbol-name key) 1))
-                                  'face 'rlm-label)
-                      (format "%s" v) "\n"))))
-        (insert "\n" (propertize
-                      (format "%-16s %-9s %-6s %6s %6s %7s %7s %6s %8s %9s  %s\n"
-                              "Provider" "Kind" "Health" "Load" "Queue" "TTFT" "tok/s"
-                              "Errors" "Requests" "Cost" "Models")
-                      'face 'rlm-heading))
-        (dolist (p providers)
-          (insert (format "%-16s %-9s %-6s %6s %6s %7s %7s %6s %8s %9s  %s\n"
-                          (plist-get p :name) (plist-get p :kind)
-                          (if (eq (plist-get p :healthy) t) "up"
-                            (propertize "DOWN" 'face 'rlm-error))
-                          (format "%s/%s" (plist-get p :in_flight) (plist-get p :capacity))
-                          (funcall num (plist-get p :queued) "%d")
-                          (funcall num (plist-get p :ewma_ttft_s) "%.2fs")
-                          (funcall num (plist-get p :ewma_tokens_per_s) "%.0f")
-                          (funcall num (and (numberp (plist-get p :error_rate))
-                                            (* 100 (plist-get p :error_rate)))
-                                   "%.0f%%")
-                          (funcall num (plist-get p :requests) "%d")
-                          (funcall num (plist-get p :cost) "$%.4f")
-                          (mapconcat (lambda (m) (format "%s" m))
-                                     (plist-get p :models) ","))))
-        (when (null providers) (insert "(no providers)\n"))
-        (goto-char (point-min))
-        (set-buffer-modified-p nil)))
-    (display-buffer buf)
-    (message "rlm: daemon %s, pid %s, %d/%d providers healthy, %d in flight"
-             (plist-get st :version) (plist-get st :pid)
-             (cl-count-if (lambda (p) (eq (plist-get p :healthy) t)) providers)
-             (length providers)
-             (apply #'+ (mapcar (lambda (p) (or (plist-get p :in_flight) 0)) providers)))
-    st))
-
-(defun rlm--read-job-id ()
-  "Read a job id, offering this session's jobs."
-  (if (and rlm--job (derived-mode-p 'rlm-result-mode))
-      (rlm-job-id rlm--job)
-    (let ((alist (mapcar (lambda (j)
-                           (cons (format "%s  %s" (rlm-job-id j)
-                                         (rlm--truncate (rlm-job-question j) 60))
-                                 (rlm-job-id j)))
-                         rlm--recent-jobs)))
-      (let ((choice (completing-read "Trace of job: " alist)))
-        (or (cdr (assoc choice alist)) choice)))))
-
-(defvar rlm-trace-mode-map
-  (let ((map (make-sparse-keymap)))
-    (define-key map (kbd "TAB") #'outline-toggle-children)
-    (define-key map (kbd "<backtab>") #'outline-show-all)
-    (define-key map (kbd "n") #'outline-next-visible-heading)
-    (define-key map (kbd "p") #'outline-previous-visible-heading)
-    map)
-  "Keymap of `rlm-trace-mode'.")
-
-(define-derived-mode rlm-trace-mode special-mode "rlm-trace"
-  "Major mode showing a query's trace: one heading per record.
-\\<rlm-trace-mode-map>\\[outline-toggle-children] shows or hides a record, \\[outline-show-all] shows all.
-
-\\{rlm-trace-mode-map}"
-  (setq-local outline-regexp "\\*+ ")
-  (setq-local outline-level (lambda () 1))
-  (outline-minor-mode 1))
-
-(defun rlm--trace-summary (rec)
-  "Return a one-line summary of trace record REC."
-  (let ((kind (or (plist-get rec :type) (plist-get rec :kind) "record"))
-        (first-line (lambda (key)
-                      (let ((v (plist-get rec key)))
-                        (and (stringp v) (rlm--truncate v 70))))))
-    (concat
-     (propertize (format "%-8s" kind) 'face 'rlm-heading)
-     (if (numberp (plist-get rec :t)) (format " %7.2fs " (plist-get rec :t)) " ")
-     (pcase kind
-       ("message" (format "%s: %s" (plist-get rec :role) (funcall first-line :content)))
-       ("code" (or (funcall first-line :code) ""))
-       ("output" (or (funcall first-line :text) (funcall first-line :output) ""))
-       ("final" (or (funcall first-line :answer) ""))
-       ("start" (or (funcall first-line :query) ""))
-       ("error" (or (funcall first-line :message) ""))
-       ("subcall" (format "%s %s" (or (plist-get rec :model) "")
-                          (or (plist-get rec :status) "")))
-       (_ "")))))
-
-(defun rlm--insert-trace-record (rec)
-  "Insert REC, one trace record (a plist): a summary line, then its fields."
-  (insert "* " (rlm--trace-summary rec) "\n")
-  (let ((rest rec))
-    (while rest
-      (let ((k (car rest)) (v (cadr rest)))
-        (unless (memq k '(:kind :type :t))
-          (let ((s (if (stringp v) v (format "%S" v))))
-            (insert (propertize (format "  %s:" (substring (symbol-name k) 1)) 'face 'rlm-label)
-                    (if (string-match-p "\n" s)
-                        (concat "\n" (replace-regexp-in-string
-                                      "^" "    " (string-trim-right s)))
-                      (concat " " s))
-                    "\n"))))
-      (setq rest (cddr rest)))))
-
-;;;###autoload
-(defun rlm-trace (job-id)
-  "Show the trajectory of the query JOB-ID as the daemon recorded it.
-In a result buffer, that buffer's query; else one of this session's
-queries (or any job id) read in the minibuffer."
-  (interactive (list (rlm--read-job-id)))
-  (let* ((res (rlm-request 'query/trace (list :job job-id)))
-         (records (append (plist-get res :records) nil))
-         (buf (get-buffer-create (format "*rlm trace: %s*" job-id))))
-    (with-current-buffer buf
-      (let ((inhibit-read-only t))
-        (erase-buffer)
-        (rlm-trace-mode)
-        (insert (propertize (format "Trace of %s (%d records)\n" job-id (length records))
-                            'face 'rlm-heading))
-        (dolist (rec records)
-          (rlm--insert-trace-record rec))
-        (goto-char (point-min))
-        (outline-hide-body)
-        (set-buffer-modified-p nil)))
-    (display-buffer buf rlm-display-buffer-action)
-    buf))
-
-;;;; Contexts list
-
-(defvar rlm-contexts-mode-map
-  (let ((map (make-sparse-keymap)))
-    (define-key map (kbd "RET") #'rlm-contexts-peek)
-    (define-key map (kbd "v") #'rlm-contexts-peek)
-    (define-key map (kbd "s") #'rlm-contexts-search)
-    (define-key map (kbd "d") #'rlm-contexts-drop)
-    (define-key map (kbd "a") #'rlm-contexts-query)
-    (define-key map (kbd "+") #'rlm-contexts-add-files)
-    map)
-  "Keymap of `rlm-contexts-mode'.")
-
-(defun rlm--time-string (v)
-  "Format V, seconds since the epoch or a string, as a time."
-  (cond ((numberp v) (format-time-string "%F %T" (seconds-to-time v)))
-        ((stringp v)
-         (condition-case nil
-             (format-time-string "%F %T" (parse-iso8601-time-string v))
-           (error v)))
-        (t "")))
-
-(defun rlm--sort-by (key)
-  "Return a predicate sorting tabulated entries by KEY of their data."
-  (lambda (a b)
-    (< (or (plist-get (car a) key) 0) (or (plist-get (car b) key) 0))))
-
-(define-derived-mode rlm-contexts-mode tabulated-list-mode "rlm-contexts"
-  "Major mode listing the daemon's contexts.
-\\{rlm-contexts-mode-map}"
-  (setq tabulated-list-format
-        (vector '("Name" 44 t)
-                (list "Size" 10 (rlm--sort-by :bytes) :right-align t)
-                (list "Tokens" 9 (rlm--sort-by :tokens_est) :right-align t)
-                '("Updated" 20 t)))
-  (setq tabulated-list-sort-key '("Name" . nil))
-  (setq tabulated-list-padding 1)
-  (add-hook 'tabulated-list-revert-hook #'rlm--contexts-refresh nil t)
-  (tabulated-list-init-header))
-
-(defun rlm--contexts-refresh ()
-  "Fetch the contexts from the daemon into this buffer."
-  (setq tabulated-list-entries
-        (mapcar (lambda (c)
-                  (list c
-                        (vector (plist-get c :name)
-                                (file-size-human-readable (or (plist-get c :bytes) 0))
-                                (rlm--format-count (plist-get c :tokens_est))
-                                (rlm--time-string (plist-get c :updated)))))
-                (append (rlm-request 'context/list) nil))))
-
-;;;###autoload
-(defun rlm-contexts ()
-  "List the daemon's contexts.
-\\<rlm-contexts-mode-map>\\[rlm-contexts-peek] peeks, \\[rlm-contexts-search] searches, \
-\\[rlm-contexts-drop] drops, \\[rlm-contexts-query] asks a question."
-  (interactive)
-  (let ((buf (get-buffer-create "*rlm contexts*")))
-    (with-current-buffer buf
-      (rlm-contexts-mode)
-      (rlm--contexts-refresh)
-      (tabulated-list-print))
-    (pop-to-buffer buf)
-    buf))
-
-(defun rlm--contexts-name ()
-  "Return the name of the context at point."
-  (or (plist-get (tabulated-list-get-id) :name)
-      (user-error "No context on this line")))
-
-(defun rlm-peek (name &optional start end)
-  "Show the text of context NAME from START to END in a buffer."
-  (interactive (list (rlm--read-context "Peek at context: ")))
-  (let* ((start (or start 0))
-         (end (or end (+ start rlm-peek-chars)))
-         (text (plist-get (rlm-request 'context/peek (list :name name :start start :end end))
-                          :text))
-         (buf (get-buffer-create (format "*rlm peek: %s*" name))))
-    (with-current-buffer buf
-      (let ((inhibit-read-only t))
-        (erase-buffer)
-        (insert text)
-        (when (>= (length text) (- end start))
-          (insert (propertize (format "\n[… characters %d-%d shown]\n" start end)
-                              'face 'shadow)))
-        (goto-char (point-min))
-        (special-mode)
-        (set-buffer-modified-p nil)))
-    (pop-to-buffer buf)
-    buf))
-
-(defun rlm-contexts-peek (&optional arg)
-  "Peek at the context at point; with ARG, read the character range."
-  (interactive "P")
-  (let ((name (rlm--contexts-name)))
-    (if arg
-        (rlm-peek name (read-number "Start: " 0) (read-number "End: " rlm-peek-chars))
-      (rlm-peek name))))
-
-(defun rlm-search (name pattern)
-  "Show the matches of PATTERN (a Python regexp) in context NAME."
-  (interactive (list (rlm--read-context "Search context: ")
-                     (read-string "Python regexp: ")))
-  (let* ((res (rlm-request 'context/search (list :name name :pattern pattern)))
-         (matches (append (plist-get res :matches) nil))
-         (buf (get-buffer-create (format "*rlm search: %s*" name))))
-    (with-current-buffer buf
-      (let ((inhibit-read-only t))
-        (erase-buffer)
-        (insert (format "%d match%s of /%s/ in %s\n\n" (length matches)
-                        (if (= (length matches) 1) "" "es") pattern name))
-        (dolist (m matches)
-          (insert (propertize (format "%6d: " (plist-get m :line)) 'face 'rlm-label)
-                  (rlm--truncate (or (plist-get m :text) "") 200) "\n"))
-        (goto-char (point-min))
-        (special-mode)
-        (set-buffer-modified-p nil)))
-    (pop-to-buffer buf)
-    matches))
-
-(defun rlm-contexts-search (pattern)
-  "Search the context at point for PATTERN."
-  (interactive (list (read-string "Python regexp: ")))
-  (rlm-search (rlm--contexts-name) pattern))
-
-(defun rlm-drop (name)
-  "Drop the daemon's context NAME."
-  (interactive (list (rlm--read-context "Drop context: ")))
-  (plist-get (rlm-request 'context/drop (list :name name)) :dropped))
-
-(defun rlm-contexts-drop ()
-  "Drop the context at point, after confirmation."
-  (interactive)
-  (let ((name (rlm--contexts-name)))
-    (when (yes-or-no-p (format "Drop context %s? " name))
-      (rlm-drop name)
-      (revert-buffer))))
-
-(defun rlm-contexts-query (question)
-  "Ask QUESTION about the context at point."
-  (interactive (list (rlm--read-question)))
-  (rlm-query-context question (rlm--contexts-name)))
-
-(defun rlm-contexts-add-files (files)
-  "Have the daemon read FILES into a new context, then refresh."
-  (interactive (list (rlm--read-files)))
-  (rlm-files-context files)
-  (revert-buffer))
 
 ;;;; Diff review
 

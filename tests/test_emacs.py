@@ -13,6 +13,7 @@ elpa-package-lint``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,17 @@ from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer
 REPO = Path(__file__).resolve().parents[1]
 ELISP = REPO / "elisp"
 ERT_DIR = REPO / "tests" / "elisp"
-FILES = ["rlm.el", "ob-rlm.el", "rlm-magit.el"]
+FILES = [
+    "rlm-client.el",
+    "rlm-contexts.el",
+    "rlm-views.el",
+    "rlm.el",
+    "rlm-menu.el",
+    "rlm-repl.el",
+    "rlm-improve.el",
+    "ob-rlm.el",
+    "rlm-magit.el",
+]
 EMACS = shutil.which("emacs")
 
 pytestmark = [
@@ -41,6 +52,12 @@ pytestmark = [
 ELPA_SETUP = (
     '(dolist (d (file-expand-wildcards "/usr/share/emacs/site-lisp/elpa/*"))'
     " (when (file-directory-p d) (add-to-list 'load-path d)))"
+)
+
+# The improvement cycle's proposal (tests/elisp/rlm-features-tests.el makes the repository).
+IMPROVE_REPLY = (
+    "FINAL(Fix add:\n```diff\ndiff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n"
+    "@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a - b\n+    return a + b\n```\n)"
 )
 
 # The scripted model, keyed by words in the questions of tests/elisp/*.el.  The first
@@ -61,6 +78,10 @@ RULES = [
         reply=ScriptedReply(text="FINAL(src/app.py:2 changes total() without a test.)"),
     ),
     Rule(pattern=r"babeltest", reply=ScriptedReply(text="FINAL(Babel says 42.)")),
+    Rule(pattern=r"convofollow", reply=ScriptedReply(text="FINAL(Following up.)")),
+    Rule(pattern=r"convofirst", reply=ScriptedReply(text="FINAL(The secret word is pumpkin.)")),
+    Rule(pattern=r"sourcetest", reply=ScriptedReply(text="FINAL(The needle is 4242.)")),
+    Rule(pattern=r"improvetest", reply=ScriptedReply(text=IMPROVE_REPLY)),
 ]
 DEFAULT = ScriptedReply(text="FINAL(Generic answer.)")
 
@@ -107,8 +128,11 @@ def test_ert_suite(make_daemon, short_tmp: Path) -> None:
             "ob-rlm-tests",
             "-l",
             "rlm-magit-tests",
-            "-f",
-            "ert-run-tests-batch-and-exit",
+            "-l",
+            "rlm-features-tests",
+            "--eval",
+            # RLM_ERT_SELECTOR (a regexp of test names) runs a few tests while developing.
+            f"(ert-run-tests-batch-and-exit {json.dumps(os.environ.get('RLM_ERT_SELECTOR', ''))})",
             env={
                 "RLM_TEST_SOCKET": str(daemon.socket),
                 "RLM_TEST_TMP": str(short_tmp),
@@ -123,9 +147,14 @@ def test_ert_suite(make_daemon, short_tmp: Path) -> None:
         # Every test ran: none may skip when the daemon is there.
         assert "skipped" not in summary[-1], out[-20000:]
         # The questions really reached the model server.
-        firsts = [c.messages[-1].content for c in srv.calls]
+        # (Health probes carry no messages.)
+        firsts = [c.messages[-1].content for c in srv.calls if c.messages]
         assert any("streamtest" in m for m in firsts)
         assert any("Review this diff" in m for m in firsts)
+        # A follow-up's prompt holds the earlier answer.
+        follow = [c for c in srv.calls if c.messages and "convofollow" in c.messages[-1].content]
+        assert follow, out[-20000:]
+        assert all(any("pumpkin" in m.content for m in c.messages) for c in follow)
 
 
 def test_byte_compile(elisp_copy: Path) -> None:
@@ -167,7 +196,7 @@ def test_package_lint() -> None:
         line for line in main if not (line.startswith("rlm.el:8:") and KNOWN_FALSE_POSITIVE in line)
     ]
     assert problems == [], "\n".join(main)
-    others = _lint(["ob-rlm.el", "rlm-magit.el"], main_file="rlm.el")
+    others = _lint([f for f in FILES if f != "rlm.el"], main_file="rlm.el")
     assert others == [], "\n".join(others)
 
 
