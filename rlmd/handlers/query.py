@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..store.store import ContextStore
 
 
-def _start_job(jobs: Jobs, job_id: str | None, conn: Notifier) -> Job:
+def start_job(jobs: Jobs, job_id: str | None, conn: Notifier) -> Job:
     try:
         return jobs.start(job_id, conn)
     except JobIdTooLong as exc:
@@ -43,6 +43,17 @@ def _start_job(jobs: Jobs, job_id: str | None, conn: Notifier) -> Job:
             f"a job named {job_id!r} is already running; choose another id",
             code=BAD_INPUT,
         ) from None
+
+
+def cancelled(job: Job, what: str) -> Result:
+    """The answer to a job stopped by ``query/cancel`` (the current task keeps running to
+    send it): the job's last event, ``error`` of kind ``cancelled``, and the error result."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    msg = f"{what} cancelled (query/cancel)"
+    job.emit({"kind": "error", "message": msg, "error_kind": "cancelled"})
+    return Error(CANCELLED, msg, {"kind": "cancelled", "job": job.id})
 
 
 async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> QueryResult | Result:
@@ -59,7 +70,7 @@ async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> QueryRe
         )
     if p.context is not None and p.text is not None:
         raise AppError("bad_params", "give `context` (a name) or `text`, not both", code=BAD_INPUT)
-    job = _start_job(app.jobs, p.job, conn)
+    job = start_job(app.jobs, p.job, conn)
     adm = app.admission
     temp_name = None
     try:
@@ -93,12 +104,7 @@ async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> QueryRe
     except asyncio.CancelledError:
         if not job.cancel_requested or app.draining:
             raise
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        msg = "query cancelled (query/cancel)"
-        job.emit({"kind": "error", "message": msg, "error_kind": "cancelled"})
-        return Error(CANCELLED, msg, {"kind": "cancelled", "job": job.id})
+        return cancelled(job, "query")
     except AppError as exc:  # engine errors included: they carry kind and partial
         job.emit({"kind": "error", "message": exc.message, "error_kind": exc.kind, **exc.data})
         raise

@@ -12,9 +12,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from jsonrpcserver import Error
-
-from rlmd.handlers.query import _start_job
+from rlmd.handlers.query import cancelled, start_job
 from rlmd.improve.cycle import (
     ImproveJobParams,
     ImproveRejectParams,
@@ -22,7 +20,7 @@ from rlmd.improve.cycle import (
     ImproveStartParams,
 )
 from rlmd.jobs import Job, Jobs, Notifier
-from rlmd.protocol.errors import CANCELLED, UNAVAILABLE, AppError
+from rlmd.protocol.errors import UNAVAILABLE, AppError
 from rlmd.protocol.jsonrpc import AFTER, FREE, Method, Request
 
 if TYPE_CHECKING:
@@ -42,18 +40,13 @@ def _service(svc: ImproveService | None) -> ImproveService:
 async def _as_job(
     jobs: Jobs, conn: Notifier, job_id: str | None, work: Callable[[Job], Awaitable[Any]]
 ) -> Any:
-    job = _start_job(jobs, job_id, conn)
+    job = start_job(jobs, job_id, conn)
     try:
         return await work(job)
     except asyncio.CancelledError:
         if not job.cancel_requested:
             raise
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        msg = "improvement cycle cancelled (query/cancel)"
-        job.emit({"kind": "error", "message": msg, "error_kind": "cancelled"})
-        return Error(CANCELLED, msg, {"kind": "cancelled", "job": job.id})
+        return cancelled(job, "improvement cycle")
     except AppError as exc:
         job.emit({"kind": "error", "message": exc.message, "error_kind": exc.kind})
         raise
