@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from rlmd.client import RpcError
+
 log = logging.getLogger(__name__)
 
 _enc = msgspec.json.Encoder()
@@ -27,18 +29,9 @@ MAX_LINE = 1 << 30
 OnEvent = Callable[[dict[str, Any]], None]
 
 
-class DaemonError(Exception):
-    """The daemon answered with a JSON-RPC error (or the connection was lost: ``code`` 0)."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-
-    @property
-    def kind(self) -> str | None:
-        return self.data.get("kind") if isinstance(self.data, dict) else None
+#: The daemon answered with a JSON-RPC error (or the connection was lost: ``code`` 0);
+#: the synchronous client's error, so both clients' callers catch one type.
+DaemonError = RpcError
 
 
 class DaemonLink:
