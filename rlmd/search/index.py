@@ -150,13 +150,16 @@ def ranked_indexed(loc: Locator, index: SearchIndex, query: str, k: int = 10) ->
     for i, t in enumerate(order):
         new = [b for b in index.blocks_with(t) if b not in read]
         cost = sum(index.block_range(b)[1] - index.block_range(b)[0] for b in new)
-        if scored and len(scored) >= k and cost > budget:
+        if len(found) >= k and cost > budget:
             break  # the best passages with rarer words are in; the rest would cost a scan
         for b in sorted(new):
+            if budget <= 0 and len(found) >= k:
+                break  # only common words left: the first k passages in text order do
             lo, hi = index.block_range(b)
             scan_passages(loc, terms, lo, hi, found)
-        budget -= cost
-        read.update(new)
+            loc.src.release(lo, hi)
+            budget -= hi - lo
+            read.add(b)
         scored = score(loc, found, weights)
         rest = sum((K1 + 1) * weights[u] for u in order[i + 1 :])
         if len(scored) >= k and -scored[k - 1][0] >= rest:
@@ -168,7 +171,6 @@ def main(argv: list[str]) -> int:
     """``python -m rlmd.search.index TEXT OUT PARENT_PID``: build one index (a child of
     the daemon, so that its CPU and memory stay out of the daemon process)."""
     text, out, parent = Path(argv[0]), Path(argv[1]), int(argv[2])
-    os.nice(10)  # the daemon's own work (and its event loop) comes first
     t0 = time.monotonic()
     blocks = build(text, out, parent=parent)
     print(f"{blocks} blocks in {time.monotonic() - t0:.2f} s", flush=True)

@@ -2,7 +2,7 @@
 
 The store asks for an index after a put of a large context (and at startup, for large
 contexts without one, or with a damaged one).  The work runs in a child process
-(``python -m rlmd.search.index``, niced) so that neither the daemon's event loop (no GIL
+(``python -m rlmd.search.index``) so that neither the daemon's event loop (no GIL
 held by tokenizing) nor its resident size (no tokens in the daemon's heap) feel it; the
 thread only waits for the child.  The child writes a temp file; ``install`` moves it into
 place atomically if the version is still current.  A child exits by itself when the

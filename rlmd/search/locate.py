@@ -14,6 +14,8 @@ This module runs in REPL workers too: standard library and msgspec only.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import mmap
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -104,6 +106,19 @@ class Source:
             return self._text()
         return bytes(self.buf[:]).decode("utf-8", "replace")
 
+    def release(self, b0: int, b1: int) -> None:
+        """Let the kernel drop this process's pages of bytes ``[b0, b1)`` of a mapping (the
+        page cache keeps them), so that a scan does not grow the resident size."""
+        madvise = getattr(self.buf, "madvise", None)
+        if madvise is None or b1 <= b0:
+            return
+        align = 2 * 1024 * 1024  # whole large folios (see rlmd/store/search.py dontneed)
+        start = b0 - b0 % align
+        stop = min(self.nbytes, b1 + (-b1) % align)
+        if stop > start:
+            with contextlib.suppress(OSError, ValueError):
+                madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def decode(self, b0: int, b1: int, cap: int = MAX_HIT_TEXT) -> str:
         """Characters of bytes ``[b0, b1)``, at most ``cap`` of them."""
         return self.buf[b0 : min(b1, b0 + 4 * cap)].decode("utf-8", "ignore")[:cap]
@@ -159,6 +174,7 @@ class Locator:
             nl = array("q", [0])
             for p in range(0, self.src.nbytes, _NL_BLOCK):
                 nl.append(nl[-1] + buf[p : p + _NL_BLOCK].count(b"\n"))
+                self.src.release(p, p + _NL_BLOCK)
             self._nl = nl
         k = b // _NL_BLOCK
         return self._nl[k] + buf[k * _NL_BLOCK : b].count(b"\n")
@@ -197,6 +213,7 @@ class Locator:
                 pos = -1 if nxt < 0 else nxt + 1
             self._heads = heads
             self._head_bytes = [h[0] for h in heads]
+            self.src.release(0, n)  # the find loop touched every page
         return self._heads
 
     def file_of_byte(self, b: int, line: int) -> tuple[str | None, int | None]:

@@ -32,6 +32,7 @@ from rlmd.search.locate import Locator
 PASSAGE_BYTES = 1000
 BLOCK_MODE_BYTES = 8 * 1024 * 1024
 BLOCK_BYTES = 64 * 1024
+SCAN_WINDOW = 16 * 1024 * 1024
 MAX_K = 1000
 MAX_TERMS = 32
 K1, B = 1.2, 0.75
@@ -186,7 +187,13 @@ def ranked_scan(loc: Locator, query: str, k: int = 10) -> list[Hit]:
     """The ``k`` best passages for ``query`` found by scanning the whole text."""
     k = check_k(k)
     terms = query_terms(query)
-    found = scan_passages(loc, terms)
+    found: Found = {}
+    lo = 0
+    for hi in block_ends(loc.src.buf):  # window by window, each let go once scanned
+        if hi - lo >= SCAN_WINDOW or hi == loc.src.nbytes:
+            scan_passages(loc, terms, lo, hi, found)
+            loc.src.release(lo, hi)
+            lo = hi
     if loc.src.nbytes >= BLOCK_MODE_BYTES:
         n, df = block_df(loc, found)
     else:
