@@ -21,6 +21,7 @@ needle line at 50 % and an outdated distractor at 20 %) and measures over the so
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import signal
 import statistics
@@ -55,10 +56,10 @@ def generate(path: Path, size: int) -> int:
         "".join(rng.choices("abcdefghiklmnoprstuvy", k=rng.randint(3, 10))) for _ in range(60000)
     ]
     vocab[10:10] = ["the", "a", "of", "is", "for", "number", "special"]
-    weights = [1 / (r + 1) for r in range(len(vocab))]  # Zipf, as words in prose are
+    cum = list(itertools.accumulate(1 / (r + 1) for r in range(len(vocab))))  # Zipf-like
     lines, n = [], 0
     while n < 8 * 2**20:
-        line = " ".join(rng.choices(vocab, weights, k=rng.randint(5, 18))) + "\n"
+        line = " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(5, 18))) + "\n"
         lines.append(line)
         n += len(line)
     block = "".join(lines).encode()

@@ -23,6 +23,7 @@ from typing import Any
 from rlmd.search.hit import MAX_HIT_TEXT, Hit
 
 _NL_BLOCK = 1 << 20
+_HEAD_WINDOW = 64 << 20
 _CHAR_BLOCK = 1 << 16
 _CONTINUATION = bytes(range(0x80, 0xC0))
 _HEAD_OPEN = b"===== "
@@ -197,23 +198,26 @@ class Locator:
         if self._heads is None:
             buf, n = self.src.buf, self.src.nbytes
             heads: list[tuple[int, int, str]] = []
-            if buf[: len(_HEAD_OPEN)] == _HEAD_OPEN:
-                pos = 0
-            else:
-                pos = buf.find(b"\n" + _HEAD_OPEN)
-                pos = -1 if pos < 0 else pos + 1
-            while 0 <= pos < n:
+            starts = [0] if buf[: len(_HEAD_OPEN)] == _HEAD_OPEN else []
+            pat = b"\n" + _HEAD_OPEN
+            # Window by window, letting go of each one: one pass, a small resident size.
+            for w0 in range(0, n, _HEAD_WINDOW):
+                w1 = min(n, w0 + _HEAD_WINDOW + len(pat))
+                pos = buf.find(pat, w0, w1)
+                while pos >= 0:
+                    if pos < w0 + _HEAD_WINDOW:
+                        starts.append(pos + 1)
+                    pos = buf.find(pat, pos + 1, w1)
+                self.src.release(w0, w1)
+            for pos in starts:
                 e = buf.find(b"\n", pos)
                 e = n if e < 0 else e
                 line = buf[pos:e]
                 if line.endswith(_HEAD_CLOSE) and len(line) > len(_HEAD_OPEN) + len(_HEAD_CLOSE):
                     rel = line[len(_HEAD_OPEN) : -len(_HEAD_CLOSE)].decode("utf-8", "replace")
                     heads.append((pos, self.line_of_byte(pos), rel))
-                nxt = buf.find(b"\n" + _HEAD_OPEN, e)
-                pos = -1 if nxt < 0 else nxt + 1
             self._heads = heads
             self._head_bytes = [h[0] for h in heads]
-            self.src.release(0, n)  # the find loop touched every page
         return self._heads
 
     def file_of_byte(self, b: int, line: int) -> tuple[str | None, int | None]:
