@@ -30,7 +30,8 @@ def haystack(seed: int, nbytes: int, depth: float) -> tuple[str, str]:
         size += len(row) + 1
     needle = f"The special magic number for zephyr-aurora is {rng.randint(10**6, 10**7)}."
     rows.insert(int(depth * len(rows)), needle)
-    return "\n".join(rows) + "\n", needle
+    rows.insert(int(0.6 * len(rows)), "===== docs/b.txt =====")  # laid out as a directory
+    return "===== a.txt =====\n" + "\n".join(rows) + "\n", needle
 
 
 def wait_for(pred, timeout: float = 120.0) -> None:
@@ -54,6 +55,11 @@ def test_index_is_built_after_put_and_answers_like_a_scan(
         assert indexed and hits[0].text == needle
         assert text[hits[0].start : hits[0].end] == needle
         assert hits[0].line == text[: hits[0].start].count("\n") + 1
+        head = text.rfind("\n===== ", 0, hits[0].start)
+        assert hits[0].file == ("a.txt" if head < 0 else "docs/b.txt")
+        assert hits[0].file_line == hits[0].line - (
+            text[: head + 1].count("\n") + 1 if head >= 0 else 1
+        )
         scan = ranked_scan(store._get("h").locate(), QUERY, 5)
         assert hits[0] == scan[0]
         assert hits == scan or all(h.score <= scan[0].score for h in hits[1:])

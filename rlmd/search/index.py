@@ -20,6 +20,7 @@ answers in microseconds.  Passage-level BM25 stays ours, so index and scan agree
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -28,7 +29,7 @@ from array import array
 from pathlib import Path
 
 from rlmd.search.hit import Hit
-from rlmd.search.locate import Locator
+from rlmd.search.locate import Locator, Source
 from rlmd.search.ranked import (
     K1,
     Found,
@@ -41,7 +42,7 @@ from rlmd.search.ranked import (
     score,
 )
 
-FORMAT = 1
+FORMAT = 2
 MAX_CANDIDATE_BYTES = 8 * 1024 * 1024
 
 
@@ -68,7 +69,7 @@ def build(text_path: Path, out_path: Path, *, parent: int | None = None) -> int:
             "columnsize=0, detail=none)"
         )
         db.execute("create virtual table v using fts5vocab(p, row)")
-        db.execute("create table meta(format int, nbytes int, ends blob)")
+        db.execute("create table meta(format int, nbytes int, ends blob, heads text)")
         ends = array("Q")
 
         def rows():
@@ -83,7 +84,12 @@ def build(text_path: Path, out_path: Path, *, parent: int | None = None) -> int:
         db.executemany("insert into p(rowid, t) values (?, ?)", rows())
         if sys.byteorder == "big":  # pragma: no cover
             ends.byteswap()
-        db.execute("insert into meta values (?, ?, ?)", (FORMAT, size, ends.tobytes()))
+        # The file headers too, so that the first query need not find them in the text.
+        heads = Locator(Source(buf, ascii=True)).headers() if size else []
+        db.execute(
+            "insert into meta values (?, ?, ?, ?)",
+            (FORMAT, size, ends.tobytes(), json.dumps(heads)),
+        )
         db.commit()
         db.execute("insert into p(p) values ('optimize')")
         db.commit()
@@ -100,8 +106,12 @@ class SearchIndex:
     def __init__(self, path: Path, nbytes: int) -> None:
         try:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            fmt, size, ends = self.db.execute("select format, nbytes, ends from meta").fetchone()
+            fmt, size, ends, heads = self.db.execute(
+                "select format, nbytes, ends, heads from meta"
+            ).fetchone()
             ok = fmt == FORMAT and size == nbytes and len(ends) % 8 == 0
+            #: (byte offset, line, relative path) of the file headers (see Locator.headers)
+            self.heads = [(int(b), int(ln), str(rel)) for b, ln, rel in json.loads(heads)]
         except (sqlite3.Error, TypeError, ValueError) as e:
             raise IndexError_(f"search index {path.name} is unreadable: {e}") from None
         if not ok:

@@ -220,6 +220,12 @@ class Locator:
             self._head_bytes = [h[0] for h in heads]
         return self._heads
 
+    def set_headers(self, heads: list[tuple[int, int, str]]) -> None:
+        """Take the header list from elsewhere (the search index found it at build time)."""
+        if self._heads is None:
+            self._heads = list(heads)
+            self._head_bytes = [h[0] for h in self._heads]
+
     def file_of_byte(self, b: int, line: int) -> tuple[str | None, int | None]:
         """(file, file_line) of byte ``b`` on ``line``; the header line itself has no
         file line (None), text before the first header has no file."""

@@ -1060,6 +1060,7 @@ class ContextStore:
                 h.search = index
             elif h.search is not index:
                 index.close()
+        h.locate().set_headers(h.search.heads)
         return h.search
 
     def close(self) -> None:
