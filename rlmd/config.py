@@ -297,6 +297,16 @@ class ReplConfig(_Section):
             raise ValueError("idle_timeout_s must be positive")
 
 
+class SearchConfig(_Section):
+    """Ranked search over contexts (``rlmd/search``)."""
+
+    index_min_mb: float = 50.0  # contexts this large get a search index after a put
+
+    def __post_init__(self) -> None:
+        if self.index_min_mb < 0:
+            raise ValueError("index_min_mb must be >= 0")
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -313,6 +323,7 @@ class Config(_Section):
     improve: ImproveConfig = msgspec.field(default_factory=ImproveConfig)
     repl: ReplConfig = msgspec.field(default_factory=ReplConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    search: SearchConfig = msgspec.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.providers]

@@ -172,8 +172,13 @@ async def build_app(config: Config, socket_path: Path, state_dir: Path) -> Async
     from .store.store import ContextStore
 
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
-    store = await asyncio.to_thread(ContextStore, state_dir / "contexts")
+    store = await asyncio.to_thread(
+        ContextStore,
+        state_dir / "contexts",
+        search_index_min_bytes=int(config.search.index_min_mb * 1024 * 1024),
+    )
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(store.close)  # stops a search index build still running
         # Scratch files of daemons that died are removed; this one's are claimed (a lock).
         stack.enter_context(await asyncio.to_thread(claim_scratch, state_dir / "tmp"))
         models = await build_models(config, state_dir, store, stack)

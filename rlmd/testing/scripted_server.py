@@ -241,7 +241,9 @@ def load_rules(path: str | os.PathLike[str]) -> tuple[list[Rule], list[str], Scr
     return parse_rules(raw, source=str(path))
 
 
-def parse_rules(raw: Any, source: str = "<rules>") -> tuple[list[Rule], list[str], ScriptedReply | None]:
+def parse_rules(
+    raw: Any, source: str = "<rules>"
+) -> tuple[list[Rule], list[str], ScriptedReply | None]:
     """Validate already-parsed JSON rules (a list of rules or an object, see module doc)."""
     if isinstance(raw, list):
         raw = {"rules": raw}
