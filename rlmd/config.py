@@ -198,6 +198,16 @@ class SandboxConfig(_Section):
     seccomp: Literal["auto", "require", "off"] = "auto"
 
 
+class SearchConfig(_Section):
+    """Ranked search over contexts (``rlmd/search``)."""
+
+    index_min_mb: float = 50.0  # contexts this large get a search index after a put
+
+    def __post_init__(self) -> None:
+        if self.index_min_mb < 0:
+            raise ValueError("index_min_mb must be >= 0")
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -211,6 +221,7 @@ class Config(_Section):
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    search: SearchConfig = msgspec.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.providers]

@@ -151,9 +151,14 @@ async def build_app(config: Config, socket_path: Path, state_dir: Path) -> Async
     from .store.store import ContextStore
 
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
-    store = await asyncio.to_thread(ContextStore, state_dir / "contexts")
+    store = await asyncio.to_thread(
+        ContextStore,
+        state_dir / "contexts",
+        search_index_min_bytes=int(config.search.index_min_mb * 1024 * 1024),
+    )
     app = App(config=config, socket_path=socket_path, state_dir=state_dir, store=store)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(store.close)  # stops a search index build still running
         await _wire_models(app, stack)
         yield app
 

@@ -138,7 +138,8 @@ def build_methods(app: App) -> dict[str, Method]:
                     "`query` (words or a question)",
                     code=BAD_INPUT,
                 )
-            return {"matches": await in_thread(app.store.search_ranked, p.name, p.query, p.k)}
+            hits, indexed = await in_thread(app.store.search_ranked_ex, p.name, p.query, p.k)
+            return {"matches": hits, "indexed": indexed}
         # A runaway pattern is stopped between search windows instead of holding a thread.
         matches = await in_thread(
             app.store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0

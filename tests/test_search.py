@@ -174,3 +174,13 @@ def test_store_ranked_grep_and_locate_for_a_directory(tmp_path: Path) -> None:
         check_hit(text, h)
     h = store.locate("d", hits[0].start + 2, hits[0].start + 7)
     assert h.text == text[hits[0].start + 2 : hits[0].start + 7] and h.file == expect["file"]
+
+
+def test_headers_found_across_scan_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlmd.search.locate as locate
+
+    text, _ = directory_text(random.Random(12))
+    want = Locator(text).headers()
+    for w in (7, 64, 1000):
+        monkeypatch.setattr(locate, "_HEAD_WINDOW", w)
+        assert Locator(text).headers() == want and len(want) == 12

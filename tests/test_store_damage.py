@@ -5,6 +5,8 @@ repairs, and a garbage or missing char index is rebuilt.  A real daemon over the
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,11 @@ def test_missing_text_is_listed_as_damaged_and_a_reput_repairs(daemon) -> None:
     assert "missing" in rows["broken"]["damaged"] and "put it again" in rows["broken"]["damaged"]
     st = daemon.call("daemon/status")
     assert [d["name"] for d in st["damaged_contexts"]] == ["broken"]
+    out = subprocess.run(
+        [sys.executable, "-m", "rlmd.cli.main", "--socket", str(daemon.socket), "status"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert "DAMAGED context broken:" in out.stdout and "missing" in out.stdout, out
     for method, params in [
         ("context/peek", {"name": "broken", "start": 0, "end": 5}),
         ("context/search", {"name": "broken", "pattern": "beta"}),

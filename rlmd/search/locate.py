@@ -14,6 +14,8 @@ This module runs in REPL workers too: standard library and msgspec only.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import mmap
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from rlmd.search.hit import MAX_HIT_TEXT, Hit
 
 _NL_BLOCK = 1 << 20
+_HEAD_WINDOW = 64 << 20
 _CHAR_BLOCK = 1 << 16
 _CONTINUATION = bytes(range(0x80, 0xC0))
 _HEAD_OPEN = b"===== "
@@ -104,6 +107,19 @@ class Source:
             return self._text()
         return bytes(self.buf[:]).decode("utf-8", "replace")
 
+    def release(self, b0: int, b1: int) -> None:
+        """Let the kernel drop this process's pages of bytes ``[b0, b1)`` of a mapping (the
+        page cache keeps them), so that a scan does not grow the resident size."""
+        madvise = getattr(self.buf, "madvise", None)
+        if madvise is None or b1 <= b0:
+            return
+        align = 2 * 1024 * 1024  # whole large folios (see rlmd/store/search.py dontneed)
+        start = b0 - b0 % align
+        stop = min(self.nbytes, b1 + (-b1) % align)
+        if stop > start:
+            with contextlib.suppress(OSError, ValueError):
+                madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def decode(self, b0: int, b1: int, cap: int = MAX_HIT_TEXT) -> str:
         """Characters of bytes ``[b0, b1)``, at most ``cap`` of them."""
         return self.buf[b0 : min(b1, b0 + 4 * cap)].decode("utf-8", "ignore")[:cap]
@@ -159,6 +175,7 @@ class Locator:
             nl = array("q", [0])
             for p in range(0, self.src.nbytes, _NL_BLOCK):
                 nl.append(nl[-1] + buf[p : p + _NL_BLOCK].count(b"\n"))
+                self.src.release(p, p + _NL_BLOCK)
             self._nl = nl
         k = b // _NL_BLOCK
         return self._nl[k] + buf[k * _NL_BLOCK : b].count(b"\n")
@@ -181,20 +198,24 @@ class Locator:
         if self._heads is None:
             buf, n = self.src.buf, self.src.nbytes
             heads: list[tuple[int, int, str]] = []
-            if buf[: len(_HEAD_OPEN)] == _HEAD_OPEN:
-                pos = 0
-            else:
-                pos = buf.find(b"\n" + _HEAD_OPEN)
-                pos = -1 if pos < 0 else pos + 1
-            while 0 <= pos < n:
+            starts = [0] if buf[: len(_HEAD_OPEN)] == _HEAD_OPEN else []
+            pat = b"\n" + _HEAD_OPEN
+            # Window by window, letting go of each one: one pass, a small resident size.
+            for w0 in range(0, n, _HEAD_WINDOW):
+                w1 = min(n, w0 + _HEAD_WINDOW + len(pat))
+                pos = buf.find(pat, w0, w1)
+                while pos >= 0:
+                    if pos < w0 + _HEAD_WINDOW:
+                        starts.append(pos + 1)
+                    pos = buf.find(pat, pos + 1, w1)
+                self.src.release(w0, w1)
+            for pos in starts:
                 e = buf.find(b"\n", pos)
                 e = n if e < 0 else e
                 line = buf[pos:e]
                 if line.endswith(_HEAD_CLOSE) and len(line) > len(_HEAD_OPEN) + len(_HEAD_CLOSE):
                     rel = line[len(_HEAD_OPEN) : -len(_HEAD_CLOSE)].decode("utf-8", "replace")
                     heads.append((pos, self.line_of_byte(pos), rel))
-                nxt = buf.find(b"\n" + _HEAD_OPEN, e)
-                pos = -1 if nxt < 0 else nxt + 1
             self._heads = heads
             self._head_bytes = [h[0] for h in heads]
         return self._heads

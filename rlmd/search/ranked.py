@@ -8,11 +8,12 @@ same rule as SQLite FTS5's ``ascii`` tokenizer, so the index (``rlmd/search/inde
 and this scan see the same words.  Query words in ``STOPWORDS`` are dropped (unless
 nothing else is left).
 
-BM25 (k1 = 1.2, b = 0.75) with a passage's length in bytes, and collection figures that
-both the scan and the index can compute from the text's size alone: ``N = newlines + 1 +
-nbytes // PASSAGE_BYTES`` passages of ``nbytes / N`` bytes on average.  Document
-frequencies are exact: the number of passages that hold the word.  Equal scores rank by
-position.
+BM25 (k1 = 1.2, b = 0.75) with a passage's length in bytes and an average length that
+both the scan and the index compute from the text's size alone: ``nbytes / N`` with
+``N = newlines + 1 + nbytes // PASSAGE_BYTES``.  A word's weight (IDF) counts the units
+that hold it: passages in a text under ``BLOCK_MODE_BYTES``; in a larger one, blocks of
+whole lines of about ``BLOCK_BYTES`` (the unit the index stores, so that the index and
+a scan weigh words the same, exactly).  Equal scores rank by position.
 
 This module runs in REPL workers too: standard library and msgspec only.
 """
@@ -29,6 +30,9 @@ from rlmd.search.hit import Hit
 from rlmd.search.locate import Locator
 
 PASSAGE_BYTES = 1000
+BLOCK_MODE_BYTES = 8 * 1024 * 1024
+BLOCK_BYTES = 64 * 1024
+SCAN_WINDOW = 16 * 1024 * 1024
 MAX_K = 1000
 MAX_TERMS = 32
 K1, B = 1.2, 0.75
@@ -72,6 +76,17 @@ def pieces(buf: Any, ls: int, le: int) -> list[tuple[int, int]]:
     return out
 
 
+def block_ends(buf: Any, start: int = 0) -> Any:
+    """The end (exclusive) of each block from ``start`` on: the first line end at or after
+    ``BLOCK_BYTES`` into the block."""
+    n = len(buf)
+    s = start
+    while s < n:
+        e = buf.find(b"\n", min(n, s + BLOCK_BYTES) - 1)
+        s = n if e < 0 else e + 1
+        yield s
+
+
 def collection(nbytes: int, newlines: int) -> tuple[int, float]:
     """(N, average passage length in bytes) of a text (see the module docstring)."""
     n = newlines + 1 + nbytes // PASSAGE_BYTES
@@ -100,16 +115,27 @@ def check_k(k: Any) -> int:
     return min(k, MAX_K)
 
 
-def scan_passages(loc: Locator, terms: list[bytes]) -> dict[int, tuple[int, Counter[bytes]]]:
-    """Every passage holding a query word: start byte -> (end byte, word counts)."""
+Found = dict[int, tuple[int, Counter[bytes]]]
+
+
+def scan_passages(
+    loc: Locator,
+    terms: list[bytes],
+    lo: int = 0,
+    hi: int | None = None,
+    found: Found | None = None,
+) -> Found:
+    """Every passage in bytes ``[lo, hi)`` (whole lines) holding a query word, added to
+    ``found``: start byte -> (end byte, word counts)."""
     buf = loc.src.buf
-    found: dict[int, tuple[int, Counter[bytes]]] = {}
+    found = {} if found is None else found
     if not terms or loc.src.nbytes == 0:
         return found
+    hi = loc.src.nbytes if hi is None else hi
     line_end = -1
     cur: list[tuple[int, int]] = []
     starts: list[int] = []
-    for m in term_regex(terms).finditer(buf):
+    for m in term_regex(terms).finditer(buf, lo, hi):
         b = m.start()
         if b >= line_end:  # a new line: find it and its passages once
             ls, line_end = loc.line_bounds(b)
@@ -127,32 +153,55 @@ def newline_count(loc: Locator) -> int:
     return loc.line_of_byte(loc.src.nbytes) - 1
 
 
-def rank(
-    loc: Locator,
-    found: dict[int, tuple[int, Counter[bytes]]],
-    df: dict[bytes, int],
-    k: int,
-) -> list[Hit]:
-    """Score the passages ``found`` with document frequencies ``df``; the best ``k``."""
-    n, avgdl = collection(loc.src.nbytes, newline_count(loc))
-    weights = {t: idf(n, d) for t, d in df.items()}
+def score(loc: Locator, found: Found, weights: dict[bytes, float]) -> list[tuple[float, int, int]]:
+    """(-score, start, end) of every passage ``found``, best first."""
+    _, avgdl = collection(loc.src.nbytes, newline_count(loc))
     scored = []
     for ps, (pe, tfs) in found.items():
         s = sum(bm25(tf, pe - ps, weights.get(t, 0.0), avgdl) for t, tf in tfs.items())
         scored.append((-s, ps, pe))
     scored.sort()
+    return scored
+
+
+def hits(loc: Locator, scored: list[tuple[float, int, int]], k: int) -> list[Hit]:
     return [loc.hit_bytes(ps, pe, score=round(-neg, 6)) for neg, ps, pe in scored[:k]]
+
+
+def block_df(loc: Locator, found: Found) -> tuple[int, Counter[bytes]]:
+    """(number of blocks, blocks holding each word) of a large text, from its passages."""
+    df: Counter[bytes] = Counter()
+    starts = sorted(found)
+    i, nblocks = 0, 0
+    for end in block_ends(loc.src.buf):
+        nblocks += 1
+        seen: set[bytes] = set()
+        while i < len(starts) and starts[i] < end:
+            seen.update(found[starts[i]][1])
+            i += 1
+        df.update(seen)
+    return max(1, nblocks), df
 
 
 def ranked_scan(loc: Locator, query: str, k: int = 10) -> list[Hit]:
     """The ``k`` best passages for ``query`` found by scanning the whole text."""
     k = check_k(k)
     terms = query_terms(query)
-    found = scan_passages(loc, terms)
-    df: Counter[bytes] = Counter()
-    for _, tfs in found.values():
-        df.update(tfs.keys())
-    return rank(loc, found, dict(df), k)
+    found: Found = {}
+    lo = 0
+    for hi in block_ends(loc.src.buf):  # window by window, each let go once scanned
+        if hi - lo >= SCAN_WINDOW or hi == loc.src.nbytes:
+            scan_passages(loc, terms, lo, hi, found)
+            loc.src.release(lo, hi)
+            lo = hi
+    if loc.src.nbytes >= BLOCK_MODE_BYTES:
+        n, df = block_df(loc, found)
+    else:
+        n, _ = collection(loc.src.nbytes, newline_count(loc))
+        df = Counter()
+        for _, tfs in found.values():
+            df.update(tfs.keys())
+    return hits(loc, score(loc, found, {t: idf(n, d) for t, d in df.items()}), k)
 
 
 def ranked(text: Any, query: str, k: int = 10) -> list[Hit]:

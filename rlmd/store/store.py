@@ -8,6 +8,7 @@ Layout of ``root`` (``<state_dir>/contexts``)::
         meta.json                the commit point: name, version, sizes, times
         <version>.txt            the text, UTF-8; immutable once written
         <version>.idx            its character index (see ``charindex.py``)
+        <version>.fts            its search index, large contexts only (``rlmd/search/index.py``)
         .tmp-*                   a write in progress (removed at startup if left over)
 
 ``version`` is the SHA-256 (hex) of the UTF-8 text, computed while writing (what
@@ -48,7 +49,9 @@ import msgspec
 from rlmd.atomic import TMP_PREFIX, write_atomic
 from rlmd.search import Hit, Locator, Source
 from rlmd.search.grep import grep as _grep
-from rlmd.search.ranked import ranked_scan
+from rlmd.search.index import IndexError_, SearchIndex, ranked_indexed
+from rlmd.search.indexer import Indexer
+from rlmd.search.ranked import BLOCK_MODE_BYTES, ranked_scan
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
 from rlmd.store.search import (
@@ -82,6 +85,8 @@ DEFAULT_MAX_PEEK_CHARS = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 _COPY_CHUNK = 4 << 20
 _MAX_OPEN = 64
+_INDEX_TMP = ".search-tmp"
+DEFAULT_SEARCH_INDEX_MIN_BYTES = 50 * 1024 * 1024
 _META = "meta.json"
 _TMP = TMP_PREFIX
 _FORMAT = 1
@@ -139,6 +144,7 @@ class ContextInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     updated: str
     version: str
     damaged: str | None = None
+    search_index: str | None = None  # large contexts: "ready", "building", "failed: ..."
 
 
 class _Meta(msgspec.Struct, kw_only=True):
@@ -243,6 +249,7 @@ class _Handle:
     buf: mmap.mmap | bytes
     index: CharIndex
     locator: Locator | None = None  # built on the first ranked search / grep / locate
+    search: SearchIndex | None = None  # opened on the first ranked search, if built
 
     def locate(self) -> Locator:
         """Lines and file headers of this version (kept: versions are immutable)."""
@@ -380,8 +387,13 @@ class ContextStore:
         max_peek_chars: int = DEFAULT_MAX_PEEK_CHARS,
         search_window_chars: int = 4 * 1024 * 1024,
         search_overlap_chars: int = 512 * 1024,
+        search_index_min_bytes: int | None = DEFAULT_SEARCH_INDEX_MIN_BYTES,
     ) -> None:
+        """``search_index_min_bytes``: contexts this large get a search index, built in the
+        background after a put (None: never)."""
         self.root = Path(root)
+        self.index_min_bytes = search_index_min_bytes
+        self._indexer = Indexer(self.root / _INDEX_TMP, self._install_index)
         self.max_peek_chars = max_peek_chars
         self._window = search_window_chars
         self._overlap = search_overlap_chars
@@ -441,7 +453,8 @@ class ContextStore:
 
     def _recover(self) -> None:
         """Remove what crashed writes left: temp files, unreferenced versions, dirs
-        without a committed meta."""
+        without a committed meta; queue the search indexes that large contexts lack."""
+        shutil.rmtree(self.root / _INDEX_TMP, ignore_errors=True)
         for d in self.root.iterdir():
             if d.name.startswith(".") or not d.is_dir():
                 continue
@@ -450,8 +463,11 @@ class ContextStore:
                     continue
                 try:
                     self._clean_dir(d.name)
+                    meta = self._read_meta(d.name)
                 except StoreError:
                     continue  # damaged metadata: keep the files; info() reports it
+            if meta is not None:
+                self._want_index(d.name, meta)
 
     def _clean_dir(self, key: str) -> None:
         """Under the key's lock: delete everything but the current, or pinned, version."""
@@ -467,7 +483,7 @@ class ContextStore:
         for p in entries:
             if p.name == _META and meta is not None:
                 continue
-            if p.stem in keep and p.suffix in (".txt", ".idx"):
+            if p.stem in keep and p.suffix in (".txt", ".idx", ".fts"):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 if p.is_dir() and not p.is_symlink():
@@ -570,7 +586,8 @@ class ContextStore:
             with self._mutex:
                 self._handles.pop(key, None)
             self._clean_dir(key)
-            return meta, extra
+        self._want_index(key, meta)
+        return meta, extra
 
     def put_text(self, name: str, text: str, *, append: bool = False) -> PutResult:
         """Store ``text`` as context ``name`` (replacing it, or appending to it)."""
@@ -832,11 +849,14 @@ class ContextStore:
         )  # fmt: skip
 
     def info(self, name: str) -> ContextInfo:
-        """Sizes, times and version of context ``name``."""
-        meta = self._read_meta(self._key(name))
+        """Sizes, times and version of context ``name`` (and its search index's state)."""
+        key = self._key(name)
+        meta = self._read_meta(key)
         if meta is None:
             raise _not_found(name)
-        return meta.info()
+        info = meta.info()
+        info.search_index = self._index_state(key, meta)
+        return info
 
     def version(self, name: str) -> str:
         """The content hash of the current text (changes exactly when the text does)."""
@@ -960,14 +980,91 @@ class ContextStore:
 
     def search_ranked(self, name: str, query: str, k: int = 10) -> list[Hit]:
         """The ``k`` passages of context ``name`` that best match ``query`` (BM25; see
-        ``docs/search.md``), best first."""
+        ``docs/search.md``), best first; through the search index when it is built."""
+        return self.search_ranked_ex(name, query, k)[0]
+
+    def search_ranked_ex(self, name: str, query: str, k: int = 10) -> tuple[list[Hit], bool]:
+        """:meth:`search_ranked` and whether the index answered (else: a scan)."""
         if not isinstance(query, str):
             raise StoreError("invalid_argument", "query must be a string")
         h = self._get(name)
         try:
-            return ranked_scan(h.locate(), query, k)
+            index = self._open_index(self._key(name), h)
+            if index is not None:
+                return ranked_indexed(h.locate(), index, query, k), True
+            return ranked_scan(h.locate(), query, k), False
         except ValueError as e:
             raise StoreError("invalid_argument", str(e)) from None
+
+    # -- the search index ---------------------------------------------------------------
+
+    def _index_path(self, key: str, version: str) -> Path:
+        return self.root / key / f"{version}.fts"
+
+    def _indexable(self, nbytes: int) -> bool:
+        # Under BLOCK_MODE_BYTES a scan weighs words by passage, which the index cannot.
+        m = self.index_min_bytes
+        return m is not None and nbytes >= max(m, BLOCK_MODE_BYTES)
+
+    def _want_index(self, key: str, meta: _Meta) -> None:
+        """Queue a build if this version is large enough and has no index yet."""
+        if not self._indexable(meta.bytes):
+            return
+        if not self._index_path(key, meta.version).exists():
+            self._indexer.schedule(key, meta.version, self.root / key / f"{meta.version}.txt")
+
+    def _index_state(self, key: str, meta: _Meta) -> str | None:
+        if not self._indexable(meta.bytes):
+            return None
+        if self._indexer.building(key, meta.version):
+            return "building"
+        failed = self._indexer.failed.get((key, meta.version))
+        if failed is not None:
+            return f"failed: {failed}"
+        return "ready" if self._index_path(key, meta.version).exists() else "missing"
+
+    def _install_index(self, key: str, version: str, built: Path) -> None:
+        """Move a built index into place if its version is still the current one."""
+        with self._locked(key):
+            try:
+                meta = self._read_meta(key)
+            except StoreError:
+                return
+            if meta is None or meta.version != version:
+                return  # replaced or dropped meanwhile
+            os.replace(built, self._index_path(key, version))
+            _fsync_dir(self.root / key)
+
+    def _open_index(self, key: str, h: _Handle) -> SearchIndex | None:
+        """The version's index if built (opened once per handle); a damaged one is
+        removed and built again, and the search scans meanwhile."""
+        if h.search is not None:
+            return h.search
+        if not self._indexable(h.meta.bytes):
+            return None
+        path = self._index_path(key, h.meta.version)
+        if not path.exists():
+            self._want_index(key, h.meta)
+            return None
+        try:
+            index = SearchIndex(path, h.meta.bytes)
+        except IndexError_ as e:
+            log.warning("context %r: %s; building it again", h.meta.name, e)
+            with self._locked(key):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._want_index(key, h.meta)
+            return None
+        with self._mutex:
+            if h.search is None:
+                h.search = index
+            elif h.search is not index:
+                index.close()
+        return h.search
+
+    def close(self) -> None:
+        """Stop background index builds (the daemon calls this on shutdown)."""
+        self._indexer.close()
 
     def grep(self, name: str, pattern: str, max_matches: int = 100) -> list[Hit]:
         """Every line of context ``name`` matching the regex ``pattern``, with locations."""
