@@ -36,7 +36,11 @@ def test_fresh_daemon_answers_with_the_embedded_model(make_daemon):
     assert res["root_model"] == "qwen2.5-coder-1.5b"
     assert res["tokens"]["input"] > 0 and res["iterations"] >= 1
     kinds = [e["kind"] for e in events]
-    assert "code" in kinds and "root_delta" in kinds  # it looked with code and streamed
+    # It streamed; it may answer from the evidence passages of the first message without
+    # code (issue 10), and the answer's source is the needle's line either way.
+    assert "root_delta" in kinds
+    assert res["supported"] and any("TANGERINE-7" in s["text"] for s in res["sources"])
+    print(f"\nneedle 1.4M: {res['iterations']} turns, {res['tokens']}, {res['elapsed_s']} s")
     assert kinds[-1] == "final"
     assert "ready" in d.call("daemon/status")["embedded"]
     # The cold model's load was announced before the first token (issue 12, bug 11).
@@ -66,6 +70,7 @@ def test_embedded_model_finds_a_long_context_needle_with_its_source(make_daemon)
         )
     trace = d.call("query/trace", {"job": "vault"})["records"]
     assert "OKAPI-3141" in res["answer"], trace
+    print(f"\nneedle 500k: {res['iterations']} turns, {res['tokens']}, {res['elapsed_s']} s")
     assert res["start"] == "rlm"  # far too long to show whole
     assert res["supported"] is True
     assert any(s["line"] == depth + 1 and "OKAPI-3141" in s["text"] for s in res["sources"])

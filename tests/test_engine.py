@@ -422,7 +422,7 @@ def test_a_repeated_empty_search_is_not_an_invitation_to_answer() -> None:
     for empty in ("", "[]", "1048533\n[]", "-1"):
         assert "Search differently" in prompts.repeated_code(empty)
     hint = prompts.repeated_code("[]", "What is the code for hollow-wombat?")
-    assert 'print(grep(r"hollow\\-wombat", 5))' in hint  # whole lines, with locations
+    assert 'print(grep(r"(?i)hollow\\-wombat", 5))' in hint  # whole lines, with locations
     assert "Use that output" in prompts.repeated_code("['the code is 7']", "q")
 
 

@@ -40,7 +40,7 @@ def test_printing_bare_matches_is_steered():
     key = ran(mem, "print(re.findall(r'quartz lantern', context))")
     text = bare_matches(mem, key, "['quartz lantern', 'quartz lantern']")
     assert text is not None and "not the text around them" in text
-    assert 'grep(r"quartz\\ lantern", 5)' in text  # the block prints whole lines
+    assert 'grep(r"(?i)quartz\\ lantern", 5)' in text  # the block prints whole lines
     # A pattern that already takes the line around the match is fine.
     key = ran(mem, "print(re.findall(r'[^\\n]*quartz[^\\n]*', context))")
     assert bare_matches(mem, key, "['the quartz lantern key is 7']") is None
@@ -94,3 +94,16 @@ def test_slice_reading_steer_reaches_the_model(make_daemon, scripted_config):
         assert res["answer"] == "steered" and res["iterations"] == 4
         last = srv.calls[-1].last_user
         assert re.search(r"slice by slice.*quartz\\-lantern", last, re.S)
+
+
+def test_a_repeated_empty_search_after_a_hit_quotes_the_hit():
+    # The 1.4M-character needle trace (embedded model): grep printed the needle's line,
+    # then a lowercased grep found nothing, re-sent turn after turn.
+    mem = LoopMemory(question="What is the secret password?")
+    mem.outputs += ["1399965\n[line 13580 @950530:950565] The secret password is TANGERINE-7."]
+    key = normalize('print(grep(r"tangerine-7", 5))')
+    mem.outputs.append("[] (no hits)")
+    mem.ran[key] = "[] (no hits)"
+    text = repeated(mem, key)
+    assert text is not None and "It found nothing" in text
+    assert "The secret password is TANGERINE-7." in text and "FINAL(the answer) now" in text

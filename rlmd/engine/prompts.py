@@ -299,14 +299,33 @@ def question_reminder(query: str) -> str:
     )
 
 
-# A printed line that says a search found nothing.
-_EMPTY_RESULTS = {"[]", "()", "{}", "none", "set()", "-1"}
+# A printed line that says a search found nothing (``[] (no hits)``: rlmd.search's HitList).
+_EMPTY_RESULTS = {"[]", "()", "{}", "none", "set()", "-1", "[] (no hits)"}
 
 
-def repeated_code(first_output: str, query: str = "") -> str:
-    """Sent instead of running a block the model already ran, unchanged."""
+def is_empty_output(text: str) -> bool:
+    """What a block printed says it found nothing."""
+    shown = text.strip()
+    return not shown or any(line.strip().lower() in _EMPTY_RESULTS for line in shown.splitlines())
+
+
+def repeated_code(first_output: str, query: str = "", earlier: str = "") -> str:
+    """Sent instead of running a block the model already ran, unchanged.
+
+    ``earlier``: the last output that did find something.  Trace (1.4M-character needle,
+    embedded model): grep printed the needle's line, then the model re-ran a lowercased
+    grep that found nothing, turn after turn; it needs the line it already had.
+    """
     shown = first_output.strip()
-    if not shown or any(line.strip().lower() in _EMPTY_RESULTS for line in shown.splitlines()):
+    if is_empty_output(shown):
+        if earlier.strip():
+            return (
+                "You already ran exactly this code; it was not run again. It found nothing:\n"
+                f"{shown or '(nothing)'}\n"
+                f"An earlier block printed:\n{truncate_head(earlier, 800)}\n"
+                "If that answers the question, write FINAL(the answer) now. Otherwise "
+                "search for other words."
+            )
         # Told "use that output" after an empty search, small models answered from memory;
         # told to search differently, they re-ran the same block.  A concrete block works.
         example = search_example(query)
@@ -322,6 +341,11 @@ def repeated_code(first_output: str, query: str = "") -> str:
         f"{shown}\n"
         "Use that output: answer with FINAL(the answer), or write different code."
     )
+
+
+def truncate_head(text: str, limit: int) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def repeated_failure(error: str) -> str:
@@ -354,7 +378,8 @@ def search_example(query: str, key: str = "") -> str:
     key = key or max(re.findall(r"[\w-]{4,}", query), key=len, default="")
     if not key:
         return ""
-    return f'\n```repl\nprint(grep(r"{re.escape(key)}", 5))\n```'
+    # (?i): small models lowercase what they search for.
+    return f'\n```repl\nprint(grep(r"(?i){re.escape(key)}", 5))\n```'
 
 
 def unverified_answer(answer: str, missing: list[str], query: str) -> str:

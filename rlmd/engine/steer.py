@@ -27,6 +27,8 @@ class LoopMemory:
     history: list[str] = field(default_factory=list)
     # What the blocks printed: the evidence a small model's answer is checked against.
     printed: list[str] = field(default_factory=list)
+    # What the blocks alone printed, in order.
+    outputs: list[str] = field(default_factory=list)
     steered: set[str] = field(default_factory=set)
 
 
@@ -38,7 +40,8 @@ def normalize(code: str) -> str:
 def repeated(memory: LoopMemory, key: str) -> str | None:
     """A block the model already ran: not run again (small models loop on one block)."""
     if key in memory.ran:
-        return prompts.repeated_code(memory.ran[key], memory.question)
+        found = [p for p in memory.outputs if not prompts.is_empty_output(p)]
+        return prompts.repeated_code(memory.ran[key], memory.question, found[-1] if found else "")
     if memory.last is not None and memory.last[0] == key and memory.last[1]:
         # Trace: the same failing block re-sent unchanged, turn after turn.
         return prompts.repeated_failure(memory.last[1])

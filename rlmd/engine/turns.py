@@ -334,6 +334,7 @@ class RootLoop:
             error = truncate_output(res.error, self.output_chars // 4) if res.error else None
             seen = shown + (f"\n{error}" if error else "")
             mem.printed.append(seen)
+            mem.outputs.append(seen)
             self.run_.shown.append(seen)
             if seen.strip():
                 meter.last_output = seen
