@@ -383,3 +383,16 @@ def test_cli_shows_the_gate_and_applies_only_on_approve(served, root, repo):
     assert r3.returncode == 0, r3.stderr
     assert "applied to the working tree (not committed): calc.py" in r3.stdout
     assert (repo / "calc.py").read_text() == BUGGY.replace("a - b", "a + b")
+
+
+def test_a_test_command_under_tmp_runs(served, root, repo, short_tmp):
+    """A CI clone and its virtualenv may live under /tmp: the sandbox must not hide it
+    (a tmpfs over /tmp did: "/tmp/…/python: not found")."""
+    tool = short_tmp / "tool.sh"
+    tool.write_text('#!/bin/sh\necho "tool ran in $(pwd)"; echo tmp=$TMPDIR; touch "$TMPDIR/x"\n')
+    tool.chmod(0o755)
+    root.rules = [(r"round 1 of", as_fenced(RIGHT))]
+    res = start(served, repo, job="undertmp", max_rounds=1, test_command=str(tool))
+    assert res["state"] == "awaiting_approval", res["tests"]["output"]
+    assert "tool ran in" in res["tests"]["output"]
+    assert not list((served.state_dir / "tmp").glob("improve-*"))

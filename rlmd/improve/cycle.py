@@ -406,6 +406,7 @@ class ImproveService:
                 rnd.bench.after = await run_command(rec.bench_command, copy, **run)
         finally:
             await asyncio.to_thread(remove_tree, copy)
+            await asyncio.to_thread(remove_tree, copy.with_name(copy.name + ".tmp"))
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -44,14 +44,14 @@ class RunnerError(Exception):
         self.message = message
 
 
-def clean_env(home: str) -> dict[str, str]:
+def clean_env(tmp: str) -> dict[str, str]:
     """The environment a test command sees: a fixed set, nothing of the daemon's."""
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": home,
+        "HOME": tmp,
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
-        "TMPDIR": "/tmp",
+        "TMPDIR": tmp,
         "PYTHONDONTWRITEBYTECODE": "1",
         "CI": "true",
     }
@@ -64,17 +64,23 @@ def _hidden_dirs(state_dir: Path) -> list[str]:
     return [d for d in out if Path(d).is_dir() and d != "/"]
 
 
-def bwrap_command(tree: Path, shell_cmd: list[str], *, state_dir: Path) -> list[str]:
-    """The bubblewrap argv that runs ``shell_cmd`` with ``tree`` as its writable cwd."""
+def bwrap_command(tree: Path, tmp: Path, shell_cmd: list[str], *, state_dir: Path) -> list[str]:
+    """The bubblewrap argv that runs ``shell_cmd`` with ``tree`` as its writable cwd and
+    ``tmp`` as its writable TMPDIR and HOME; everything else is read-only.
+
+    /tmp is not replaced by a tmpfs: the project (or its virtualenv) may live under it,
+    as a CI clone does; the command writes its temp files to ``tmp`` instead.
+    """
     bw = shutil.which("bwrap") or "bwrap"
     argv = [
         bw, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
     ]
     for d in _hidden_dirs(state_dir):
         argv += ["--tmpfs", d]
-    # After the tmpfs mounts, so a copy kept under the (hidden) state dir or /tmp shows.
-    argv += ["--bind", str(tree), str(tree), "--chdir", str(tree), "--"]
+    # After the tmpfs mounts, so a copy kept under the (hidden) state dir shows.
+    argv += ["--bind", str(tree), str(tree), "--bind", str(tmp), str(tmp)]
+    argv += ["--chdir", str(tree), "--"]
     return argv + shell_cmd
 
 
@@ -96,8 +102,11 @@ async def run_command(
 ) -> CommandResult:
     """Run ``command`` (a shell command line) in ``tree``; never raises for its failure."""
     shell_cmd = _limited_shell(command, memory_mb)
+    # Beside the copy (not in it, so the tests see the tree as it is); removed with it.
+    tmp = tree.with_name(tree.name + ".tmp")
+    await asyncio.to_thread(tmp.mkdir, exist_ok=True)
     if use_bwrap:
-        argv = bwrap_command(tree, shell_cmd, state_dir=state_dir)
+        argv = bwrap_command(tree, tmp, shell_cmd, state_dir=state_dir)
         protection = "bwrap (no network, own namespaces, no capabilities), clean env, limits"
     else:
         argv = shell_cmd
@@ -106,7 +115,7 @@ async def run_command(
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=str(tree),
-        env=clean_env(home=str(tree) if not use_bwrap else "/tmp"),
+        env=clean_env(str(tmp)),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
