@@ -19,6 +19,7 @@ from .pool.pool import Pool
 from .providers.base import Provider
 from .providers.registry import build_provider
 from .repl.session import protection_async
+from .secrets import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,13 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
             app.embedded_note or f"serving {', '.join(cfg.models)} (starts on first use)"
         )
     try:
-        pool = Pool(config, providers, cache=cache.exact if cache else None, extra_configs=extra)
+        pool = Pool(
+            config,
+            providers,
+            cache=cache.exact if cache else None,
+            extra_configs=extra,
+            redactor=Redactor.from_config(config, os.environ),
+        )
     except ConfigError:
         for p in providers:
             await p.aclose()

@@ -19,6 +19,10 @@ model is blocked for longer than ``[pool] max_retry_after_s``, a call fails at o
 :class:`AllCoolingError` naming each server, its reason and when it is back, instead of
 waiting silently until the query's own timeout.
 
+Known secrets (``redactor``: the API keys the daemon holds) are masked here, at the one
+boundary every answer crosses: streamed deltas (a key split over two pieces included),
+the result's text, cache hits, what goes into the cache, and error messages.
+
 Cancelling a ``chat()`` frees its slot or its queue place at once.
 """
 
@@ -40,6 +44,7 @@ from rlmd.pool.accounting import Ledger
 from rlmd.pool.health import Health, HealthProbe, health_loop
 from rlmd.pool.strategies import Chooser
 from rlmd.providers.base import ChatRequest, ChatResult, OnDelta, Provider, ProviderError, Usage
+from rlmd.secrets import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +192,14 @@ class Pool:
         *,
         cache: CallCache | None = None,
         extra_configs: Mapping[str, ProviderConfig] | None = None,
+        redactor: Redactor | None = None,
         affinity_wait_s: float = 2.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._cache = cache
+        self._redactor = redactor or Redactor()
         self._affinity_wait_s = affinity_wait_s
         self._rng = rng or random.Random()
         self._clock = clock
@@ -352,24 +359,44 @@ class Pool:
         :class:`ProviderError` when the call failed (after retries where allowed).
         """
         self._servers_for(req.model)
+        red = self._redactor
         cacheable = self._cacheable(req)
         if cacheable:
             assert self._cache is not None
             hit = await self._cache.get(req)
             if hit is not None:
-                if on_delta is not None and hit.text:
-                    on_delta(hit.text)
-                return msgspec.structs.replace(hit, cached=True, cost=0.0, energy_wh=0.0)
+                text = red.redact(hit.text) if red else hit.text  # rows from before a key was known
+                if on_delta is not None and text:
+                    on_delta(text)
+                return msgspec.structs.replace(hit, text=text, cached=True, cost=0.0, energy_wh=0.0)
+
+        streamer = red.stream(on_delta) if red and on_delta is not None else None
 
         async def call(server: _Server, deliver: OnDelta) -> ChatResult:
             return await server.provider.chat(req, deliver)
 
-        result, server, busy_s = await self._dispatch_call(
-            req.model, call, on_delta=on_delta, priority=priority, affinity=affinity, stream=True
-        )
+        try:
+            result, server, busy_s = await self._dispatch_call(
+                req.model,
+                call,
+                on_delta=streamer or on_delta,
+                priority=priority,
+                affinity=affinity,
+                stream=True,
+            )
+        except ProviderError as err:
+            if red:
+                err.args = (red.redact(str(err)),)
+            raise
+        if streamer is not None and not result.stopped:
+            streamer.flush()
         charge = server.ledger.charge(result.usage, busy_s)
         result = msgspec.structs.replace(
-            result, provider=server.name, cost=charge.cost, energy_wh=charge.energy_wh
+            result,
+            text=red.redact(result.text) if red else result.text,
+            provider=server.name,
+            cost=charge.cost,
+            energy_wh=charge.energy_wh,
         )
         if cacheable:
             assert self._cache is not None
