@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from typing import Any
@@ -58,7 +59,9 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
     from .cache import CacheError, CacheService
 
     try:
-        cache = await asyncio.to_thread(CacheService.open, config, app.state_dir)
+        cache = await asyncio.to_thread(
+            functools.partial(CacheService.open, config, app.state_dir, versions=app.store)
+        )
     except CacheError as exc:
         log.warning("running without the call cache: %s", exc)
         cache = None
