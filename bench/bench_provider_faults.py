@@ -155,11 +155,13 @@ def retry_after(tmp: Path, tree: Path | None) -> list[str]:
     ]
 
 
-def soak(tmp: Path, tree: Path | None, n: int, cache: bool) -> list[str]:
+def soak(tmp: Path, tree: Path | None, n: int, cache: bool, index_bytes: int = 0) -> list[str]:
     def answer(call: ChatCall) -> ScriptedReply:
         return ScriptedReply(text="FINAL(ok)")
 
     extra = "" if cache else "[cache]\nenabled = false\n"
+    if cache and index_bytes:
+        extra = f"[cache]\nsemantic_index_bytes = {index_bytes}\n"
     with ScriptedServer(responder=answer, models=[MODEL]) as srv:
         d = _Daemon(tmp, _config(srv.url, extra), tree)
         try:
@@ -175,7 +177,7 @@ def soak(tmp: Path, tree: Path | None, n: int, cache: bool) -> list[str]:
             d.stop()
     per = (end - start) / (n - warm)
     return [
-        f"| {'on' if cache else 'off'} | {n} | {start / 1024:.0f} | {end / 1024:.0f} "
+        f"| {'on' if cache else 'off'}{f' (index {index_bytes // 1024} KiB)' if index_bytes else ''} | {n} | {start / 1024:.0f} | {end / 1024:.0f} "
         f"| {per:.1f} |"
     ]
 
@@ -239,6 +241,8 @@ def run(
             ]
             for cache in (True, False):
                 out += soak(fresh(), tree, queries, cache)
+            if tree is None:  # the bound at work: a small index stops growing
+                out += soak(fresh(), tree, queries, True, index_bytes=1024 * 1024)
             out += [""]
     return "\n".join(out)
 

@@ -188,8 +188,8 @@ def guard_allows(a: str, b: str) -> bool:
 class _Group:
     """The questions of one (context version, model, embedding model), as a matrix.
 
-    The matrix grows by doubling from a few rows: a version asked about once costs a few
-    KB, not a preallocated block (16 rows of 512 floats each was 32 KB per version).
+    The matrix grows by doubling from one row: a version asked about once costs one vector
+    (2-3.5 KB), not a preallocated block (16 rows, 32-57 KB per version, as it used to).
     """
 
     def __init__(self, dims: int) -> None:
@@ -209,7 +209,7 @@ class _Group:
 
     def add(self, row_id: int, question: str, vec: np.ndarray) -> None:
         if self.n == self.matrix.shape[0]:
-            grown = np.zeros((max(4, self.n * 2), self.matrix.shape[1]), dtype=np.float32)
+            grown = np.zeros((max(1, self.n * 2), self.matrix.shape[1]), dtype=np.float32)
             grown[: self.n] = self.matrix[: self.n]
             self.matrix = grown
         self.matrix[self.n] = vec
