@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .pool.pool import Pool
 from .providers.base import Provider
 from .providers.registry import build_provider
 from .repl.session import protection_async
+from .secrets import Redactor
 
 if TYPE_CHECKING:
     from .cache import CacheService
@@ -67,7 +69,9 @@ async def build_models(
     from .cache import CacheError, CacheService
 
     try:
-        cache: CacheService | None = await asyncio.to_thread(CacheService.open, config, state_dir)
+        cache: CacheService | None = await asyncio.to_thread(
+            functools.partial(CacheService.open, config, state_dir, versions=store)
+        )
     except CacheError as exc:
         log.warning("running without the call cache: %s", exc)
         cache = None
@@ -97,7 +101,13 @@ async def build_models(
         extra[emb_cfg.name] = emb_cfg
         note = note or f"serving {', '.join(emb_cfg.models)} (starts on first use)"
     try:
-        pool = Pool(config, providers, cache=cache.exact if cache else None, extra_configs=extra)
+        pool = Pool(
+            config,
+            providers,
+            cache=cache.exact if cache else None,
+            extra_configs=extra,
+            redactor=Redactor.from_config(config, os.environ),
+        )
     except ConfigError:
         for p in providers:
             await p.aclose()

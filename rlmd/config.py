@@ -58,8 +58,16 @@ class ProviderConfig(_Section):
     command: list[str] = []
     env: list[str] = []
     timeout_s: float = 600.0
+    # What one answer may hold in memory: a server streaming bytes with no newline (or an
+    # endless body) fails the call instead of growing the daemon without limit.
+    max_line_bytes: int = 4 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if min(self.max_line_bytes, self.max_response_bytes) < 1024:
+            raise ValueError(
+                f"provider {self.name!r}: max_line_bytes and max_response_bytes must be >= 1024"
+            )
         if not self.name:
             raise ValueError("provider name must not be empty")
         if self.capacity < 1:
@@ -178,6 +186,16 @@ class PoolConfig(_Section):
     backoff_base_s: float = 0.5
     cooldown_s: float = 30.0
     error_window: int = 20
+    # A Retry-After takes a server out for at most this long (a 3600 would take a lone
+    # server out for an hour).
+    max_cooldown_s: float = 120.0
+    # A call waits for a rate-limited server only when it is back within this; otherwise
+    # it fails at once, naming the servers, the reason and when they are back.
+    max_retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_cooldown_s <= 0 or self.max_retry_after_s < 0:
+            raise ValueError("max_cooldown_s must be > 0 and max_retry_after_s >= 0")
 
 
 class CacheConfig(_Section):
@@ -195,8 +213,13 @@ class CacheConfig(_Section):
     # "auto": minilm when installed, else lexical.
     embedder: Literal["auto", "minilm", "lexical"] = "auto"
     speculation: bool = True
+    # The semantic tier's in-memory index of questions (vectors per context version);
+    # least recently used versions are dropped beyond it and reloaded from SQLite on use.
+    semantic_index_bytes: int = 32 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if self.semantic_index_bytes < 64 * 1024:
+            raise ValueError("semantic_index_bytes must be at least 65536")
         t = self.semantic_threshold
         if t is not None and not 0.0 < t <= 1.0:
             raise ValueError("semantic_threshold must be in (0, 1]")

@@ -169,19 +169,26 @@ async def test_unreachable_embedder_is_a_miss_not_an_error(db) -> None:
 
 
 async def test_query_caching_keys_on_the_stored_version(tmp_path) -> None:
-    """What the engine calls: the version comes from the store's pinned text file."""
-    from rlmd.cache import QueryCaching, context_version
+    """What the engine calls: the version is the store's ``version(name)``, used only
+    while the pinned file is still the current text (the service gets the store)."""
+    from rlmd.cache import QueryCaching
     from rlmd.engine.types import QueryParams
     from rlmd.store.store import ContextStore
 
     store = ContextStore(tmp_path / "contexts")
     store.put_text("notes", "alpha beta gamma\n" * 100)
+    svc = CacheService.open(Config(), tmp_path / "state", versions=store)
     with store.pin("notes") as pinned:
-        assert context_version(None, pinned.path) == store.version("notes")
-    assert context_version("abc", None) == text_version("abc")
-    assert context_version(None, tmp_path / "context.txt") == ""
-
-    svc = CacheService.open(Config(), tmp_path / "state")
+        assert svc.stored_version("notes", pinned.path) == store.version("notes")
+        old_path = pinned.path
+        store.put_text("notes", "changed meanwhile\n")
+        # The query pinned the old text: its answer must not be filed under the new one.
+        assert svc.stored_version("notes", old_path) == ""
+    assert svc.stored_version("missing", None) == ""
+    store.put_text("notes", "alpha beta gamma\n" * 100)
+    plain = CacheService.open(Config(), tmp_path / "state2")  # no store: nothing to key on
+    assert plain.stored_version("notes", None) == ""
+    await plain.aclose()
     events: list[dict] = []
 
     def caching(question: str, **opts: object) -> QueryCaching:
@@ -220,3 +227,20 @@ async def test_query_caching_keys_on_the_stored_version(tmp_path) -> None:
             assert await qc.cached_answer() is None
     finally:
         await svc.aclose()
+
+
+async def test_in_memory_index_is_bounded_in_bytes_and_reloads(db) -> None:
+    """One query per distinct text used to leave a 16-row matrix per version in memory
+    for good (~32 KB each, the soak's ~23 KB/query); the index is now LRU-bounded in bytes
+    and an evicted version's questions come back from SQLite on use."""
+    bound = 256 * 1024
+    sem = SemanticCache(db, LexicalEmbedder(), embed_model="lex", index_bytes=bound)
+    versions = [f"{i:064x}" for i in range(300)]
+    for i, v in enumerate(versions):
+        assert await sem.lookup(f"What does file number {i} say?", v, ROOT) is None
+        await sem.store(f"What does file number {i} say?", v, ROOT, answer(str(i)))
+    size = await db.run(sem.index_nbytes)
+    assert size <= bound, size
+    assert len(sem._groups) < len(versions)  # some were dropped...
+    hit = await sem.lookup("what does file number 0 say", versions[0], ROOT)
+    assert hit is not None and hit.answer.answer == "0"  # ...and reload on use

@@ -644,3 +644,76 @@ def test_strategies_choose() -> None:
     assert Chooser("least_loaded").choose(MODEL, [a, b, c]).name == "a"
     assert Chooser("latency").choose(MODEL, [a, b, c]).name == "c"
     assert Chooser("adaptive").choose(MODEL, [a, b, c]).name == "c"  # tier 0, then latency
+
+
+# --------------------------------------------------------------------------- long Retry-After
+
+
+async def test_long_retry_after_is_capped_reported_and_fails_fast(servers) -> None:
+    """``Retry-After: 3600`` on a lone server: the call fails at once naming the server,
+    the reason and when it is back; status says rate_limited (not plain healthy) with
+    the block capped; the next call fails at once too (it used to hang until the
+    query's own timeout); after the cap the server serves again."""
+    srv = serve(
+        servers,
+        Rule(reply=ScriptedReply(status=429, retry_after=3600, error="slow down"), times=1),
+        slow("back", 0.0),
+    )
+    pool = make_pool([pcfg("only", srv)], max_cooldown_s=1.0, max_retry_after_s=0.2)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(ProviderError) as first:
+                await pool.chat(ask("q"))
+        st = pool.status()[0]
+        assert not st.healthy and st.state == "rate_limited"
+        assert 0 < st.cooldown_s <= 1.0 and st.cooling_until is not None
+        assert st.cooling_reason == "HTTP 429 Retry-After 3600s (capped at 1s)"
+        t0 = time.monotonic()
+        async with asyncio.timeout(5):
+            with pytest.raises(ProviderError) as second:
+                await pool.chat(ask("q"))
+        assert time.monotonic() - t0 < 0.5 and used(srv) == 1  # nothing was sent
+        for err in (first.value, second.value):
+            msg = str(err)
+            assert "'only'" in msg or "only (" in msg, msg
+            assert "Retry-After 3600s" in msg and "back in" in msg, msg
+        await wait_for(lambda: pool.status()[0].state == "ok", within_s=3.0)
+        assert (await pool.chat(ask("q"))).text == "back"
+    finally:
+        await pool.aclose()
+
+
+async def test_waiting_call_fails_when_its_last_server_gets_a_long_block(servers) -> None:
+    """A call queued behind a busy lone server is failed as soon as that server answers
+    429 with a long Retry-After, instead of waiting for the block to end."""
+    srv = serve(
+        servers,
+        Rule(pattern="first", reply=ScriptedReply(status=429, retry_after=3600, delay_s=0.3)),
+        slow("never", 0.0),
+    )
+    pool = make_pool([pcfg("only", srv, capacity=1)], max_cooldown_s=60, max_retry_after_s=5)
+    try:
+        async with asyncio.timeout(5):
+            a = asyncio.create_task(pool.chat(ask("first")))
+            await wait_for(lambda: srv.in_flight == 1)
+            b = asyncio.create_task(pool.chat(ask("second")))
+            results = await asyncio.gather(a, b, return_exceptions=True)
+    finally:
+        await pool.aclose()
+    assert all(isinstance(r, ProviderError) for r in results), results
+    assert "rate-limited" in str(results[1]) and "back in" in str(results[1])
+    assert used(srv) == 1
+
+
+async def test_short_retry_after_is_still_waited_for_by_new_calls(servers) -> None:
+    srv = serve(
+        servers, Rule(reply=ScriptedReply(status=429, retry_after=0.4), times=1), slow("ok", 0.0)
+    )
+    pool = make_pool([pcfg("only", srv)], retries=0)
+    try:
+        with pytest.raises(ProviderError):
+            await pool.chat(ask("q"))  # no retries: the 429 is reported
+        assert pool.status()[0].state == "rate_limited"
+        assert (await pool.chat(ask("q"))).text == "ok"  # waits the 0.4 s block out
+    finally:
+        await pool.aclose()

@@ -469,3 +469,41 @@ async def test_stop_sequences_reach_the_server(kind: str, make) -> None:
         res = await make(kind, srv).chat(_req(stop=("```", "never")))
         assert srv.calls[0].stop == ["```", "never"]
         assert res.text == "print(1)\n"
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_line_without_newline_is_bounded(kind: str, make) -> None:
+    """A server answering 200 and then bytes with no newline ends the call with a clear
+    error once a line passes max_line_bytes (it used to be buffered without limit)."""
+    flood = ScriptedReply(flood_bytes=48 * 1024 * 1024)
+    with ScriptedServer([Rule(reply=flood)], api_key=KEY) as srv:
+        p = make(kind, srv, max_line_bytes=1024 * 1024)
+        t0 = time.monotonic()
+        with pytest.raises(ProviderError) as info:
+            await p.chat(_req())
+        took = time.monotonic() - t0
+    msg = str(info.value)
+    assert f"line over {1024 * 1024} bytes from provider 'p-{kind}'" in msg, msg
+    assert "max_line_bytes" in msg and info.value.retryable and not info.value.streamed
+    assert took < 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_whole_json_body_is_bounded(kind: str, make) -> None:
+    flood = ScriptedReply(flood_bytes=16 * 1024 * 1024)
+    with ScriptedServer([Rule(reply=flood)], api_key=KEY) as srv:
+        p = make(kind, srv, stream=False, max_response_bytes=2 * 1024 * 1024)
+        with pytest.raises(ProviderError, match=r"answer over 2097152 bytes from provider"):
+            await p.chat(_req())
+
+
+async def test_stream_total_is_bounded_even_with_short_lines(make) -> None:
+    # Many short lines: no line is long, the whole answer is.
+    reply = ScriptedReply(text="word " * 50_000)
+    with ScriptedServer([Rule(reply=reply)]) as srv:
+        p = make("ollama", srv, max_line_bytes=4096, max_response_bytes=1024 * 1024)
+        with pytest.raises(ProviderError, match=r"answer over 1048576 bytes"):
+            await p.chat(_req())

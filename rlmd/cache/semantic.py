@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -39,6 +40,12 @@ MAX_CANDIDATES = 8
 # would hold a thread (the lexical embedder: the event loop) for seconds.  The exact
 # tier still serves their repeated calls.
 MAX_QUESTION_CHARS = 4000
+# Default bound of the in-memory index ([cache] semantic_index_bytes).
+DEFAULT_INDEX_BYTES = 32 * 1024 * 1024
+# Bytes counted per group and per question besides the vectors and the text (the Python
+# objects holding them), so that many empty or tiny groups are bounded too.
+GROUP_OVERHEAD = 512
+ROW_OVERHEAD = 120
 
 
 class SemanticAnswer(msgspec.Struct, kw_only=True):
@@ -179,25 +186,36 @@ def guard_allows(a: str, b: str) -> bool:
 
 
 class _Group:
-    """The questions of one (context version, model, embedding model), as a matrix."""
+    """The questions of one (context version, model, embedding model), as a matrix.
+
+    The matrix grows by doubling from one row: a version asked about once costs one vector
+    (2-3.5 KB), not a preallocated block (16 rows, 32-57 KB per version, as it used to).
+    """
 
     def __init__(self, dims: int) -> None:
         self.ids: list[int] = []
         self.questions: list[str] = []
-        self.matrix = np.zeros((16, dims), dtype=np.float32)
+        self.matrix = np.zeros((0, dims), dtype=np.float32)
+        self.text_bytes = 0
 
     @property
     def n(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        """What this group holds in memory, roughly (vectors, questions, objects)."""
+        return self.matrix.nbytes + self.text_bytes + GROUP_OVERHEAD + ROW_OVERHEAD * self.n
+
     def add(self, row_id: int, question: str, vec: np.ndarray) -> None:
         if self.n == self.matrix.shape[0]:
-            grown = np.zeros((self.matrix.shape[0] * 2, self.matrix.shape[1]), dtype=np.float32)
-            grown[: self.n] = self.matrix
+            grown = np.zeros((max(1, self.n * 2), self.matrix.shape[1]), dtype=np.float32)
+            grown[: self.n] = self.matrix[: self.n]
             self.matrix = grown
         self.matrix[self.n] = vec
         self.ids.append(row_id)
         self.questions.append(question)
+        self.text_bytes += len(question)
 
 
 def _unit(vec: list[float]) -> np.ndarray:
@@ -222,6 +240,7 @@ class SemanticCache:
         embed_model: str,
         threshold: float = DEFAULT_THRESHOLD,
         guard: bool = True,
+        index_bytes: int = DEFAULT_INDEX_BYTES,
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"semantic_threshold must be in (0, 1], got {threshold}")
@@ -230,8 +249,10 @@ class SemanticCache:
         self.embed_model = embed_model
         self.threshold = threshold
         self.guard = guard
-        # Touched only on the cache thread.
-        self._groups: dict[tuple[str, str], _Group] = {}
+        # Touched only on the cache thread.  Least recently used first; bounded by
+        # ``index_bytes`` (an evicted group reloads from SQLite on its next use).
+        self.index_bytes = index_bytes
+        self._groups: OrderedDict[tuple[str, str], _Group] = OrderedDict()
 
     async def lookup(self, question: str, context_version: str, model: str) -> Hit | None:
         """The answer of an earlier, equivalent question on this exact text, or None."""
@@ -268,7 +289,9 @@ class SemanticCache:
     def _group(self, context_version: str, model: str, dims: int) -> _Group:
         key = (context_version, model)
         g = self._groups.get(key)
-        if g is None:
+        if g is not None:
+            self._groups.move_to_end(key)
+        else:
             g = _Group(dims)
             rows = self.db.conn().execute(
                 "SELECT id, question, vector FROM semantic "
@@ -280,7 +303,19 @@ class SemanticCache:
                 if v.shape[0] == dims:
                     g.add(row_id, q, v)
             self._groups[key] = g
+            self._bound()
         return g
+
+    def index_nbytes(self) -> int:
+        """Bytes the in-memory index holds now (cache thread)."""
+        return sum(g.nbytes for g in self._groups.values())
+
+    def _bound(self) -> None:
+        """Drop least recently used groups until the index fits (the newest stays)."""
+        total = self.index_nbytes()
+        while total > self.index_bytes and len(self._groups) > 1:
+            _key, g = self._groups.popitem(last=False)
+            total -= g.nbytes
 
     def _lookup_sync(
         self, question: str, context_version: str, model: str, vec: np.ndarray
@@ -344,6 +379,7 @@ class SemanticCache:
             c.execute("UPDATE meta SET v = v + ? WHERE k = 'total_bytes'", (size,))
         if cur.lastrowid is not None:
             g.add(cur.lastrowid, question, vec)
+            self._bound()
 
     def forget_sync(self) -> None:
         """Drop the in-memory index (after ``cache/clear``); it reloads from the file."""

@@ -7,7 +7,9 @@ Three separate signals, because they mean different things:
 * cooldown: a call failed (connect error, timeout, 5xx).  The server is avoided while
   another one can serve, but still used when it is the only one (soft).
 * blocked: the server said 429 with ``Retry-After``; nothing is sent to it before then
-  (hard), even if it is the only server.
+  (hard), even if it is the only server.  The block is capped (``[pool] max_cooldown_s``)
+  so that a ``Retry-After: 3600`` cannot take a lone server out for an hour, and it keeps
+  its reason ("HTTP 429 Retry-After 3600s") for status and errors.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Health:
         self._window: deque[bool] = deque(maxlen=max(1, error_window))
         self.cooldown_until = 0.0
         self.blocked_until = 0.0
+        self.block_reason = ""  # why the current block (or the last one) was set
         self.ewma_ttft_s: float | None = None
         self.ewma_tokens_per_s: float | None = None
 
@@ -58,6 +61,22 @@ class Health:
         now = self._clock()
         return max(0.0, self.cooldown_until - now, self.blocked_until - now)
 
+    def block_remaining(self, now: float | None = None) -> float:
+        """Seconds until the Retry-After block ends (0 when not blocked)."""
+        return max(0.0, self.blocked_until - (self._clock() if now is None else now))
+
+    def state(self, now: float | None = None) -> str:
+        """``down`` (probe failed), ``rate_limited`` (blocked), ``cooling`` (recent
+        errors: avoided while another server can serve) or ``ok``."""
+        now = self._clock() if now is None else now
+        if not self.healthy:
+            return "down"
+        if self.blocked(now):
+            return "rate_limited"
+        if self.cooling(now):
+            return "cooling"
+        return "ok"
+
     def good(self, now: float) -> bool:
         """Preferred for new calls: probed healthy, not cooling down, not blocked."""
         return self.healthy and not self.cooling(now) and not self.blocked(now)
@@ -71,13 +90,25 @@ class Health:
         if tokens_out > 0 and gen_s > 0:
             self.ewma_tokens_per_s = ewma(self.ewma_tokens_per_s, tokens_out / gen_s)
 
-    def record_error(self, *, cooldown: bool, retry_after_s: float | None = None) -> None:
+    def record_error(
+        self,
+        *,
+        cooldown: bool,
+        retry_after_s: float | None = None,
+        max_block_s: float = float("inf"),
+        reason: str = "",
+    ) -> None:
+        """Count a failed call; ``retry_after_s`` blocks the server for that long, but
+        never more than ``max_block_s`` from now (a longer block only ever shrinks)."""
         self._window.append(True)
         now = self._clock()
         if cooldown:
-            self.cooldown_until = max(self.cooldown_until, now + self.cooldown_s)
+            self.cooldown_until = max(self.cooldown_until, now + min(self.cooldown_s, max_block_s))
         if retry_after_s is not None and retry_after_s > 0:
-            self.blocked_until = max(self.blocked_until, now + retry_after_s)
+            until = now + min(retry_after_s, max_block_s)
+            if until >= self.blocked_until:
+                self.block_reason = reason
+            self.blocked_until = min(max(self.blocked_until, until), now + max_block_s)
 
 
 class HealthProbe:

@@ -14,6 +14,15 @@ retried, on another server where one exists, with jittered exponential backoff;
 ``Retry-After`` blocks that server until then.  Once text has streamed, an error is
 reported and never retried, so the caller never sees an answer twice.
 
+A ``Retry-After`` block is capped at ``[pool] max_cooldown_s``.  When every server of a
+model is blocked for longer than ``[pool] max_retry_after_s``, a call fails at once with
+:class:`AllCoolingError` naming each server, its reason and when it is back, instead of
+waiting silently until the query's own timeout.
+
+Known secrets (``redactor``: the API keys the daemon holds) are masked here, at the one
+boundary every answer crosses: streamed deltas (a key split over two pieces included),
+the result's text, cache hits, what goes into the cache, and error messages.
+
 Cancelling a ``chat()`` frees its slot or its queue place at once.
 """
 
@@ -35,20 +44,22 @@ from rlmd.pool.accounting import Ledger
 from rlmd.pool.health import Health, HealthProbe, health_loop
 from rlmd.pool.strategies import Chooser
 from rlmd.providers.base import ChatRequest, ChatResult, OnDelta, Provider, ProviderError, Usage
+from rlmd.secrets import Redactor
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Retry-After longer than this is reported instead of waited for (nobody wants a query
-# to sit silently for an hour).
-MAX_RETRY_AFTER_S = 60.0
 # Affinity keys remembered (one per running query, so this is plenty).
 MAX_AFFINITY_KEYS = 4096
 
 
 class NoProviderError(ProviderError):
     """No configured provider serves the requested model."""
+
+
+class AllCoolingError(ProviderError):
+    """Every server of the model is rate-limited for longer than a call may wait."""
 
 
 class CallCache(Protocol):
@@ -73,6 +84,12 @@ class ProviderStatus(msgspec.Struct, kw_only=True):
     ewma_tokens_per_s: float | None
     error_rate: float
     cooldown_s: float  # remaining seconds of cooldown or Retry-After block
+    # "ok", "cooling" (recent errors: avoided while another can serve), "rate_limited"
+    # (Retry-After: nothing is sent before cooling_until) or "down" (health probe failed).
+    # ``healthy`` is true only for "ok" and "cooling".
+    state: str = "ok"
+    cooling_reason: str = ""  # e.g. "HTTP 429 Retry-After 3600s (capped at 120s)"
+    cooling_until: float | None = None  # Unix time the cooldown or block ends
     requests: int
     errors: int
     tokens_in: int
@@ -175,12 +192,14 @@ class Pool:
         *,
         cache: CallCache | None = None,
         extra_configs: Mapping[str, ProviderConfig] | None = None,
+        redactor: Redactor | None = None,
         affinity_wait_s: float = 2.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._cache = cache
+        self._redactor = redactor or Redactor()
         self._affinity_wait_s = affinity_wait_s
         self._rng = rng or random.Random()
         self._clock = clock
@@ -290,11 +309,19 @@ class Pool:
             served = set(s.cfg.models)
             queued = sum(1 for w in self._waiters if w.model in served and not w.fut.done())
             t = s.ledger.totals
+            now = self._clock()
+            state = s.health.state(now)
+            left = s.health.cooldown_remaining()
             out.append(
                 ProviderStatus(
                     name=s.name,
                     kind=s.cfg.kind,
-                    healthy=s.health.healthy,
+                    healthy=state in ("ok", "cooling"),
+                    state=state,
+                    cooling_reason=s.health.block_reason
+                    if state == "rate_limited"
+                    else ("recent errors" if state == "cooling" else ""),
+                    cooling_until=round(time.time() + left, 3) if left > 0 else None,
                     in_flight=s.in_flight,
                     capacity=s.capacity,
                     priority=s.tier,
@@ -332,24 +359,44 @@ class Pool:
         :class:`ProviderError` when the call failed (after retries where allowed).
         """
         self._servers_for(req.model)
+        red = self._redactor
         cacheable = self._cacheable(req)
         if cacheable:
             assert self._cache is not None
             hit = await self._cache.get(req)
             if hit is not None:
-                if on_delta is not None and hit.text:
-                    on_delta(hit.text)
-                return msgspec.structs.replace(hit, cached=True, cost=0.0, energy_wh=0.0)
+                text = red.redact(hit.text) if red else hit.text  # rows from before a key was known
+                if on_delta is not None and text:
+                    on_delta(text)
+                return msgspec.structs.replace(hit, text=text, cached=True, cost=0.0, energy_wh=0.0)
+
+        streamer = red.stream(on_delta) if red and on_delta is not None else None
 
         async def call(server: _Server, deliver: OnDelta) -> ChatResult:
             return await server.provider.chat(req, deliver)
 
-        result, server, busy_s = await self._dispatch_call(
-            req.model, call, on_delta=on_delta, priority=priority, affinity=affinity, stream=True
-        )
+        try:
+            result, server, busy_s = await self._dispatch_call(
+                req.model,
+                call,
+                on_delta=streamer or on_delta,
+                priority=priority,
+                affinity=affinity,
+                stream=True,
+            )
+        except ProviderError as err:
+            if red:
+                err.args = (red.redact(str(err)),)
+            raise
+        if streamer is not None and not result.stopped:
+            streamer.flush()
         charge = server.ledger.charge(result.usage, busy_s)
         result = msgspec.structs.replace(
-            result, provider=server.name, cost=charge.cost, energy_wh=charge.energy_wh
+            result,
+            text=red.redact(result.text) if red else result.text,
+            provider=server.name,
+            cost=charge.cost,
+            energy_wh=charge.energy_wh,
         )
         if cacheable:
             assert self._cache is not None
@@ -415,13 +462,18 @@ class Pool:
                 server.ledger.charge_failed(self._release(slot))
                 continue
             except ProviderError as err:
+                # The error first: releasing the slot hands it on, and a server that just
+                # said Retry-After must not get the next waiter.
+                self._record_error(server, err)
                 server.ledger.charge_failed(self._release(slot))
                 server.ledger.totals.requests += 1
-                self._record_error(server, err)
                 failures += 1
                 exclude.add(server.name)
                 delay = self._retry_delay(model, err, failures, exclude)
                 if delay is None or failures > retries:
+                    cooling = self._cooling_error(model, self._clock())
+                    if cooling is not None and not err.streamed:
+                        raise cooling from err
                     raise self._final_error(model, err, failures) from err
                 log.info(
                     "retrying %s after %s failed (%s) in %.2fs", model, server.name, err, delay
@@ -520,13 +572,50 @@ class Pool:
     def _record_error(self, server: _Server, err: ProviderError) -> None:
         server.ledger.totals.errors += 1
         retry_after = err.retry_after_s
+        cap = self._config.pool.max_cooldown_s
         # 429 with Retry-After: a hard block until then; other server trouble: cooldown.
         cooldown = err.retryable and not retry_after
-        server.health.record_error(cooldown=cooldown, retry_after_s=retry_after)
-        if cooldown:
-            self._wake_after(server.health.cooldown_s)
+        reason = ""
         if retry_after:
-            self._wake_after(retry_after)
+            status = f"HTTP {err.status} " if err.status else ""
+            reason = f"{status}Retry-After {retry_after:g}s"
+            if retry_after > cap:
+                reason += f" (capped at {cap:g}s)"
+        server.health.record_error(
+            cooldown=cooldown, retry_after_s=retry_after, max_block_s=cap, reason=reason
+        )
+        if cooldown:
+            self._wake_after(min(server.health.cooldown_s, cap))
+        if retry_after:
+            self._wake_after(min(retry_after, cap))
+        self._dispatch()  # waiters whose every server is now out for long fail at once
+
+    def _cooling_error(self, model: str, now: float) -> AllCoolingError | None:
+        """The error for a call on ``model`` when every server of it is blocked for longer
+        than ``[pool] max_retry_after_s``; None when one serves (or is back soon)."""
+        servers = self._by_model.get(model, [])
+        if not servers or not all(s.health.blocked(now) for s in servers):
+            return None
+        soonest = min(s.health.block_remaining(now) for s in servers)
+        if soonest <= self._config.pool.max_retry_after_s:
+            return None  # back soon enough: the queue waits for it
+        wall = time.time()
+        parts = []
+        for s in servers:
+            left = s.health.block_remaining(now)
+            at = time.strftime("%H:%M:%S UTC", time.gmtime(wall + left))
+            parts.append(
+                f"{s.name} ({s.health.block_reason or 'rate limited'}; back in {left:.0f}s, "
+                f"at {at})"
+            )
+        which = "its only provider is" if len(servers) == 1 else "all its providers are"
+        return AllCoolingError(
+            f"model {model!r}: {which} rate-limited: {'; '.join(parts)}. Try again then, "
+            "or add another provider serving it",
+            retryable=False,
+            retry_after_s=soonest,
+            status=429,
+        )
 
     def _retry_delay(
         self, model: str, err: ProviderError, failures: int, exclude: set[str]
@@ -542,7 +631,10 @@ class Pool:
         ]
         if others:
             return 0.0  # another server can take it now; backoff protects the failed one
-        if err.retry_after_s is not None and err.retry_after_s > MAX_RETRY_AFTER_S:
+        if (
+            err.retry_after_s is not None
+            and err.retry_after_s > self._config.pool.max_retry_after_s
+        ):
             return None
         # The queue itself waits out a Retry-After block; backoff covers the rest.
         base = self._config.pool.backoff_base_s
@@ -573,6 +665,9 @@ class Pool:
         """Wait for a slot on a server for ``model`` in fair queue order."""
         if self._closed:
             raise ProviderError("the model pool is shut down")
+        cooling = self._cooling_error(model, self._clock())
+        if cooling is not None:
+            raise cooling
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_Slot] = loop.create_future()
         w = _Waiter(
@@ -638,10 +733,18 @@ class Pool:
             if w.fut.done():
                 continue
             if free == 0:  # nothing can be placed; keep the rest in order as they are
+                cooling = self._cooling_error(w.model, now)
+                if cooling is not None:
+                    w.fut.set_exception(cooling)
+                    continue
                 still.append(w)
                 continue
             server = self._pick(w, now)
             if server is None:
+                cooling = self._cooling_error(w.model, now)
+                if cooling is not None:
+                    w.fut.set_exception(cooling)
+                    continue
                 still.append(w)
                 continue
             server.in_flight += 1

@@ -67,7 +67,7 @@ class AnthropicProvider(HttpProvider):
 
     async def _read_stream(self, resp: httpx.Response, sink: StreamSink) -> None:
         finished = False
-        async for event, data in sse_events(resp):
+        async for event, data in sse_events(resp, self.lines(resp)):
             obj = parse_json(data, f"{event} event")
             if not isinstance(obj, dict):
                 continue

@@ -14,6 +14,12 @@ connect; ``first_token_timeout_s`` bounds everything up to the first piece of te
 server that accepts the request and then hangs fails after it, retryably); and
 ``total_timeout_s`` bounds the whole call.
 
+Memory is bounded per call: a stream line longer than ``max_line_bytes`` (a server that
+answers 200 and then sends bytes with no newline) or a body longer than
+``max_response_bytes`` ends the call with a ProviderError saying so (see
+:func:`bounded_lines` and :func:`read_bounded`); error bodies are read only as far as a
+message needs.
+
 API keys live only in the httpx client's default headers: never in URLs, messages or
 ``repr``; any error text a server sends back is scrubbed of the key before it is raised.
 """
@@ -42,6 +48,8 @@ from rlmd.providers.base import (
 
 # Longest piece of a server's error body quoted in an error message.
 _ERROR_TEXT_MAX = 500
+# Bytes of an error body read at most (the message is in the first few hundred).
+_ERROR_BODY_MAX = 64 * 1024
 
 
 class ServerError(Exception):
@@ -50,6 +58,10 @@ class ServerError(Exception):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class ResponseTooLarge(ServerError):
+    """A line or a whole body went past its configured bound."""
 
 
 class _Stop(Exception):
@@ -100,33 +112,117 @@ class StreamSink:
             self.usage_out = int(output)
 
 
-async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+def _too_long_line(max_line: int, who: str) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"line over {max_line} bytes from {who}; the server sent that much without a "
+        "newline (a broken or hostile server); raise the provider's max_line_bytes if "
+        "its lines are really that long"
+    )
+
+
+def _too_long_body(max_total: int, who: str) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"answer over {max_total} bytes from {who}; raise the provider's "
+        "max_response_bytes if its answers are really that long"
+    )
+
+
+async def bounded_lines(
+    resp: httpx.Response, *, max_line: int, max_total: int, who: str
+) -> AsyncIterator[str]:
+    """The lines of a streamed body (``\n`` or ``\r\n`` ends one), decoded as UTF-8.
+
+    Unlike ``aiter_lines`` this holds at most ``max_line`` bytes of an unfinished line
+    and reads at most ``max_total`` bytes in all, raising :class:`ResponseTooLarge`
+    naming ``who`` past either.  Only the new bytes are searched for the newline, so a
+    long line costs linear time.
+    """
+    buf = bytearray()
+    total = 0
+    async for chunk in resp.aiter_bytes():
+        total += len(chunk)
+        if total > max_total:
+            raise _too_long_body(max_total, who)
+        scan = len(buf)
+        buf += chunk
+        start = 0
+        while True:
+            nl = buf.find(b"\n", scan)
+            if nl < 0:
+                break
+            if nl - start > max_line:
+                raise _too_long_line(max_line, who)
+            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            yield buf[start:end].decode("utf-8", "replace")
+            start = scan = nl + 1
+        if start:
+            del buf[:start]
+        if len(buf) > max_line:
+            raise _too_long_line(max_line, who)
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", "replace")
+
+
+async def read_bounded(resp: httpx.Response, *, max_total: int, who: str) -> bytes:
+    """The whole body, or :class:`ResponseTooLarge` once it passes ``max_total`` bytes."""
+    out = bytearray()
+    async for chunk in resp.aiter_bytes():
+        out += chunk
+        if len(out) > max_total:
+            raise _too_long_body(max_total, who)
+    return bytes(out)
+
+
+async def read_head(resp: httpx.Response, limit: int = _ERROR_BODY_MAX) -> bytes:
+    """At most ``limit`` bytes of the body (an error message), the rest left unread."""
+    out = bytearray()
+    async for chunk in resp.aiter_bytes():
+        out += chunk
+        if len(out) >= limit:
+            break
+    return bytes(out[:limit])
+
+
+async def sse_events(
+    resp: httpx.Response, lines: AsyncIterator[str] | None = None
+) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events of a streamed response as ``(event, data)``.
 
     Comment lines (``: keep-alive``) are skipped; multi-line data is joined with
-    newlines; an event without an ``event:`` field is ``"message"``.
+    newlines; an event without an ``event:`` field is ``"message"``.  ``lines`` is the
+    bounded line reader (:meth:`HttpProvider.lines`); without it, ``aiter_lines``.
     """
     event, data = "", []
-    async for line in resp.aiter_lines():
+    size = 0
+    async for line in lines if lines is not None else resp.aiter_lines():
         if not line:
             if data:
                 yield event or "message", "\n".join(data)
-            event, data = "", []
+            event, data, size = "", [], 0
             continue
         if line.startswith(":"):
             continue
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
+        if field == "data":
+            # Many short data lines make one event: bound the event as a line is bounded.
+            size += len(value)
+            if lines is not None and size > _MAX_EVENT_CHARS:
+                raise ResponseTooLarge(f"one server-sent event is over {_MAX_EVENT_CHARS} characters")
         if field == "event":
             event = value
         elif field == "error":
             # llama.cpp's server reports a failure as a bare ``error: {...}`` line.
             yield "error", value
-            event, data = "", []
+            event, data, size = "", [], 0
         elif field == "data":
             data.append(value)
     if data:
         yield event or "message", "\n".join(data)
+
+
+# One SSE event's data, joined from its lines (each line is bounded by max_line_bytes).
+_MAX_EVENT_CHARS = 16 * 1024 * 1024
 
 
 def parse_json(raw: str | bytes, what: str) -> Any:
@@ -254,6 +350,21 @@ class HttpProvider:
         """The full URL of an API path."""
         return self._base + path
 
+    def lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+        """The bounded lines of a streamed answer (see :func:`bounded_lines`)."""
+        return bounded_lines(
+            resp,
+            max_line=self.config.max_line_bytes,
+            max_total=self.config.max_response_bytes,
+            who=f"provider {self.name!r}",
+        )
+
+    async def read_body(self, resp: httpx.Response) -> bytes:
+        """A whole (non-streamed) answer body, bounded by ``max_response_bytes``."""
+        return await read_bounded(
+            resp, max_total=self.config.max_response_bytes, who=f"provider {self.name!r}"
+        )
+
     def redact(self, text: str) -> str:
         """``text`` with the API key (if any) masked."""
         if self._api_key and self._api_key in text:
@@ -282,7 +393,7 @@ class HttpProvider:
         self, method: str, path: str, resp: httpx.Response, *, streamed: bool = False
     ) -> ProviderError:
         """The error for an HTTP error status (429, 5xx and 408 are retryable)."""
-        body = await resp.aread()
+        body = await read_head(resp)
         code = resp.status_code
         retryable = code in (408, 425, 429) or code >= 500
         return self.error(
@@ -300,12 +411,13 @@ class HttpProvider:
         timeout_s = timeout_s or self.config.total_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await self._client.request(
+                async with self._client.stream(
                     method, self.url(path), json=body, headers=self._headers
-                )
-                if resp.status_code >= 400:
-                    raise await self.status_error(method, path, resp)
-                return parse_json(resp.content, f"answer of {method} {path}")
+                ) as resp:
+                    if resp.status_code >= 400:
+                        raise await self.status_error(method, path, resp)
+                    raw = await self.read_body(resp)
+                return parse_json(raw, f"answer of {method} {path}")
         except TimeoutError:
             raise self.error(
                 f"{method} {path}: no answer within {timeout_s:g}s", retryable=True
@@ -361,7 +473,7 @@ class HttpProvider:
                     if self.stream and not self._whole_json(resp):
                         await self._read_stream(resp, sink)
                     else:
-                        raw = await resp.aread()
+                        raw = await self.read_body(resp)
                         self._read_full(parse_json(raw, f"answer of POST {path}"), sink)
                         on_first()
         except _Stop:
@@ -428,12 +540,16 @@ class HttpProvider:
     async def get_ok(self, path: str) -> bool:
         """True when ``GET path`` answers 2xx within the connect timeout (or 5 s)."""
         timeout = max(self.config.connect_timeout_s, 5.0)
+        return await self.status_ok(self.url(path), wait_s=timeout)
+
+    async def status_ok(self, url: str, *, wait_s: float) -> bool:
+        """True when ``GET url`` answers 2xx; the body is never read (it may be endless)."""
         try:
-            async with asyncio.timeout(timeout):
-                resp = await self._client.get(self.url(path), headers=self._headers)
+            async with asyncio.timeout(wait_s):
+                async with self._client.stream("GET", url, headers=self._headers) as resp:
+                    return resp.is_success
         except (TimeoutError, httpx.HTTPError):
             return False
-        return resp.is_success
 
     async def aclose(self) -> None:
         """Close the connection pool (if this provider made it)."""

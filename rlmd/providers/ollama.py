@@ -52,7 +52,7 @@ class OllamaProvider(HttpProvider):
 
     async def _read_stream(self, resp: httpx.Response, sink: StreamSink) -> None:
         done = False
-        async for line in resp.aiter_lines():
+        async for line in self.lines(resp):
             # Lines after the final one are ignored, but read: the connection is then
             # reusable (closing a half-read response would drop it).
             if line.strip() and not done:

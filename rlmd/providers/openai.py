@@ -53,7 +53,7 @@ class OpenAIProvider(HttpProvider):
 
     async def _read_stream(self, resp: httpx.Response, sink: StreamSink) -> None:
         finished = False
-        async for event, data in sse_events(resp):
+        async for event, data in sse_events(resp, self.lines(resp)):
             if data == "[DONE]":
                 finished = True
                 continue
@@ -112,17 +112,20 @@ class OpenAIProvider(HttpProvider):
         """``GET /health`` at the server root; a 1-token call where there is none."""
         if self._health_mode != "probe":
             try:
-                resp = await self._client.get(
+                # Streamed and closed unread: only the status matters, the body may be endless.
+                async with self._client.stream(
+                    "GET",
                     self._root() + "/health",
                     headers=self._headers,
                     timeout=max(self.config.connect_timeout_s, 5.0),
-                )
+                ) as resp:
+                    code = resp.status_code
             except httpx.HTTPError:
                 return False
-            if resp.is_success:
+            if 200 <= code < 300:
                 self._health_mode = "health"
                 return True
-            if resp.status_code not in (404, 405) or self._health_mode == "health":
+            if code not in (404, 405) or self._health_mode == "health":
                 return False  # e.g. 503 while a llama.cpp server loads its model
             self._health_mode = "probe"
         return await self.probe()

@@ -98,6 +98,9 @@ ScriptedReply fields (all optional):
 ``hang``               never send the first token; the handler waits until the client goes
                        away (or the server is stopped)
 ``usage_in``/``usage_out``  reported token counts; default: about 4 characters a token
+``flood_bytes``        after the headers (and the stream's prelude) send this many bytes of
+                       ``x`` with no newline, then end the answer (a broken or hostile
+                       server); non-streaming: a body of that many bytes
 
 Stop sequences sent by the client (Ollama ``options.stop``, OpenAI ``stop``, Anthropic
 ``stop_sequences``) cut the reply text before the first one, as real servers do.
@@ -161,6 +164,7 @@ class ScriptedReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     usage_out: int | None = None
     quirks: bool = False
     no_stream: bool = False
+    flood_bytes: int = 0
 
 
 class Rule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -783,6 +787,9 @@ class _Handler(BaseHTTPRequestHandler):
             else (reply.error or "scripted error mid-stream")
         )
         fmt = _FORMATS[api](call, usage_in, usage_out)
+        if reply.flood_bytes:
+            self._flood(fmt, reply.flood_bytes, stream=stream and not reply.no_stream)
+            return
         if not stream or reply.no_stream:
             if reply.hang:
                 self._hang()
@@ -832,6 +839,32 @@ class _Handler(BaseHTTPRequestHandler):
         for frame in fmt.finish():
             self._write_chunk(frame)
         self._end_stream()
+
+    def _flood(self, fmt: _Format, n: int, *, stream: bool) -> None:
+        """``n`` bytes of ``x`` and no newline, as fast as the client reads them."""
+        block = b"x" * (256 * 1024)
+        if stream:
+            self._start_stream(fmt.content_type)
+            for frame in fmt.prelude():
+                self._write_chunk(frame)
+        else:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+        left = n
+        while left > 0:
+            piece = block[: min(left, len(block))]
+            left -= len(piece)
+            if stream:
+                self._write_chunk(piece)
+            else:
+                try:
+                    self.wfile.write(piece)
+                except OSError:
+                    raise _ClientGone from None
+        if stream:
+            self._end_stream()
 
     # -- embeddings ------------------------------------------------------------------
 
