@@ -210,6 +210,22 @@ def test_reject_with_feedback_runs_the_next_round_with_it(served, root, repo):
     assert rec["rounds"][0]["feedback"] == "use a plus sign please"
 
 
+def test_a_not_found_answer_is_told_that_a_diff_is_wanted(served, root, repo):
+    # Dogfooding with the embedded 1.5B model: the QA system prompt's "FINAL(not found)"
+    # rule won over the goal in both rounds.  The question must say it is a writing task,
+    # and a "not found" answer must come back saying a diff is wanted, not looked up.
+    root.rules = [
+        (r"nothing has to be found here", as_fenced(RIGHT)),
+        (r"round 1 of", "FINAL(not found)"),
+    ]
+    res = start(served, repo, job="nf", max_rounds=2)
+    assert res["state"] == "awaiting_approval" and res["round"] == 2, res
+    assert "Never answer FINAL(not found)" in root.seen[0]
+    rec = call(served, "improve/show", {"job": "nf"})
+    assert rec["rounds"][0]["answer"] == "not found"
+    assert "nothing has to be found here" in rec["rounds"][0]["problem"]
+
+
 @pytest.mark.parametrize(
     "bad",
     [

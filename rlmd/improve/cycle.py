@@ -13,6 +13,7 @@ reach ``approve``: the model's only output is the answer text this module parses
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -49,6 +50,8 @@ Emit = Callable[[dict[str, Any]], None]
 # (no model, bad params) ends the cycle at once.
 _ROUND_ERRORS = {"max_iterations", "max_sub_calls", "timeout", "max_cost"}
 MAX_ROUNDS_CAP = 10
+# A lookup's "no answer" (what the QA system prompts ask for), where a diff was wanted.
+_NOT_FOUND = re.compile(r"\s*(?:not found|no idea|unknown|n/?a)\W*\s*$", re.I)
 
 
 class QueryEngine(Protocol):
@@ -125,6 +128,12 @@ def build_question(rec: CycleRecord, evidence: str) -> str:
         "Improve the git repository held in `context` (its files joined, each introduced "
         "by a line `===== path =====`).",
         f"Goal: {rec.goal}",
+        # The daemon's system prompts are written for questions about a text and say to
+        # answer FINAL(not found) when the text holds no answer; a small model takes that
+        # for this task too (seen dogfooding with the embedded 1.5B model), so say that
+        # here the answer is written, not looked up.
+        "This is a writing task, not a lookup: the code to change is in `context`, so "
+        "there is always an answer, the diff you write. Never answer FINAL(not found).",
         "Propose ONE change as a unified diff in git format with paths relative to the "
         "repository root (`diff --git a/PATH b/PATH`, `--- a/PATH`, `+++ b/PATH`, then "
         "`@@ -l,n +l,n @@` hunks with exact context lines). Build it in the REPL as a string "
@@ -333,6 +342,11 @@ class ImproveService:
             rnd.files = touched_paths(repo, rnd.diff)
         except PatchError as exc:
             rnd.problem = f"The proposal was refused: {exc.message}."
+            if _NOT_FOUND.match(answer):
+                rnd.problem += (
+                    f' You answered "{answer.strip()[:40]}", but nothing has to be found here: '
+                    "write the change the goal asks for, as a diff."
+                )
             emit({"kind": "proposal", "round": n, "accepted": False, "reason": exc.message})
             return rnd
         emit({"kind": "proposal", "round": n, "accepted": True, "files": rnd.files, "diff": rnd.diff})
