@@ -226,6 +226,30 @@ def test_a_not_found_answer_is_told_that_a_diff_is_wanted(served, root, repo):
     assert "nothing has to be found here" in rec["rounds"][0]["problem"]
 
 
+def test_the_analysis_has_a_code_writing_system_prompt_and_skips_the_cache(
+    make_daemon, scripted_config, repo
+):
+    # The QA system prompt ("FINAL(not found)" when the text has no answer) is what the
+    # embedded model obeyed instead of the goal; and with the cache on, a retry of the same
+    # goal got the same failed answer back without asking the model.
+    systems: list[str] = []
+
+    def responder(c: ChatCall) -> ScriptedReply:
+        systems.append(next((m.content for m in c.messages if m.role == "system"), ""))
+        if "You answer a question about a text" in systems[-1]:
+            return ScriptedReply(text="FINAL(not found)")
+        return ScriptedReply(text=as_fenced(RIGHT))
+
+    cached = EXTRA.format(timeout=60).replace("[cache]\nenabled = false", "[cache]\nenabled = true")
+    with ScriptedServer(responder=responder, models=[ROOT, SUB]) as srv:
+        d = make_daemon(scripted_config(srv.url, cached, root=ROOT, sub=SUB))
+        for job in ("c1", "c2"):
+            res = start(d, repo, job=job, max_rounds=1)
+            assert res["state"] == "awaiting_approval", res
+            call(d, "improve/reject", {"job": job})
+    assert len(systems) == 2 and all("You change code" in s for s in systems), systems
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -55,7 +55,22 @@ _NOT_FOUND = re.compile(r"\s*(?:not found|no idea|unknown|n/?a)\W*\s*$", re.I)
 
 
 class QueryEngine(Protocol):
-    async def run(self, params: QueryParams, job: str, emit: Emit) -> QueryResult: ...
+    async def run(
+        self, params: QueryParams, job: str, emit: Emit, *, system: str | None = None
+    ) -> QueryResult: ...
+
+
+#: The analysis' system prompt when the files are shown whole.  The engine's own is for
+#: questions about a text ("FINAL(not found)" when the text has no answer), and the
+#: embedded 1.5B model answered exactly that to a goal, round after round.
+SYSTEM = """\
+You change code. The user's message holds files of a git repository (each introduced by
+a line `===== path =====`) and a goal. They are also in a Python REPL as the variable
+`context`; a ```repl block runs Python there and you get what it printed.
+
+Write the change the goal asks for as a unified diff in git format, paths relative to
+the repository root, hunks with exact context lines copied from the file, and finish
+with a line of its own: FINAL(```diff ... ```). There is always an answer: the diff."""
 
 
 class ContextPutter(Protocol):
@@ -363,9 +378,13 @@ class ImproveService:
             raise improve_error(
                 "bad_params", f"cannot read the repository as a context: {getattr(exc, 'message', exc)}"
             ) from None
-        params = QueryParams(query=build_question(rec, evidence), context=name, options=cyc.options)
+        options = cyc.options
+        if options.cache is None:
+            # A cached proposal would repeat a failed one word for word on a retry.
+            options = msgspec.structs.replace(options, cache=False)
+        params = QueryParams(query=build_question(rec, evidence), context=name, options=options)
         try:
-            result = await self._engine.run(params, rnd.query_job, emit)
+            result = await self._engine.run(params, rnd.query_job, emit, system=SYSTEM)
             return result.answer
         except EngineError as exc:
             if exc.kind not in _ROUND_ERRORS:
