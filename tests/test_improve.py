@@ -295,6 +295,13 @@ def test_extract_diff_finds_fenced_and_bare_diffs_and_says_what_is_missing():
         extract_diff("I think you should change add to use plus.")
 
 
+def test_extract_diff_takes_a_bare_fence_without_its_closing_line():
+    # The embedded model's first real proposal: a diff in a bare ``` fence; the closing
+    # fence went into the patch and `git apply` called it corrupt.
+    assert extract_diff(f"{F}\n{RIGHT}{F}") == RIGHT
+    assert extract_diff(f"{F}repl\nprint(1)\n{F}\nthen\n{F}\n{RIGHT}{F}\n") == RIGHT
+
+
 @pytest.mark.parametrize("served", [2], indirect=True)
 def test_a_hanging_test_command_is_killed(served, root, repo):
     root.rules = [(r"round 1 of", as_fenced(RIGHT))]
