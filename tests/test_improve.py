@@ -210,6 +210,46 @@ def test_reject_with_feedback_runs_the_next_round_with_it(served, root, repo):
     assert rec["rounds"][0]["feedback"] == "use a plus sign please"
 
 
+def test_a_not_found_answer_is_told_that_a_diff_is_wanted(served, root, repo):
+    # Dogfooding with the embedded 1.5B model: the QA system prompt's "FINAL(not found)"
+    # rule won over the goal in both rounds.  The question must say it is a writing task,
+    # and a "not found" answer must come back saying a diff is wanted, not looked up.
+    root.rules = [
+        (r"nothing has to be found here", as_fenced(RIGHT)),
+        (r"round 1 of", "FINAL(not found)"),
+    ]
+    res = start(served, repo, job="nf", max_rounds=2)
+    assert res["state"] == "awaiting_approval" and res["round"] == 2, res
+    assert "Never answer FINAL(not found)" in root.seen[0]
+    rec = call(served, "improve/show", {"job": "nf"})
+    assert rec["rounds"][0]["answer"] == "not found"
+    assert "nothing has to be found here" in rec["rounds"][0]["problem"]
+
+
+def test_the_analysis_has_a_code_writing_system_prompt_and_skips_the_cache(
+    make_daemon, scripted_config, repo
+):
+    # The QA system prompt ("FINAL(not found)" when the text has no answer) is what the
+    # embedded model obeyed instead of the goal; and with the cache on, a retry of the same
+    # goal got the same failed answer back without asking the model.
+    systems: list[str] = []
+
+    def responder(c: ChatCall) -> ScriptedReply:
+        systems.append(next((m.content for m in c.messages if m.role == "system"), ""))
+        if "You answer a question about a text" in systems[-1]:
+            return ScriptedReply(text="FINAL(not found)")
+        return ScriptedReply(text=as_fenced(RIGHT))
+
+    cached = EXTRA.format(timeout=60).replace("[cache]\nenabled = false", "[cache]\nenabled = true")
+    with ScriptedServer(responder=responder, models=[ROOT, SUB]) as srv:
+        d = make_daemon(scripted_config(srv.url, cached, root=ROOT, sub=SUB))
+        for job in ("c1", "c2"):
+            res = start(d, repo, job=job, max_rounds=1)
+            assert res["state"] == "awaiting_approval", res
+            call(d, "improve/reject", {"job": job})
+    assert len(systems) == 2 and all("You change code" in s for s in systems), systems
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -253,6 +293,13 @@ def test_extract_diff_finds_fenced_and_bare_diffs_and_says_what_is_missing():
     assert extract_diff(RIGHT.rstrip("\n")) == RIGHT
     with pytest.raises(PatchError, match="unified diff"):
         extract_diff("I think you should change add to use plus.")
+
+
+def test_extract_diff_takes_a_bare_fence_without_its_closing_line():
+    # The embedded model's first real proposal: a diff in a bare ``` fence; the closing
+    # fence went into the patch and `git apply` called it corrupt.
+    assert extract_diff(f"{F}\n{RIGHT}{F}") == RIGHT
+    assert extract_diff(f"{F}repl\nprint(1)\n{F}\nthen\n{F}\n{RIGHT}{F}\n") == RIGHT
 
 
 @pytest.mark.parametrize("served", [2], indirect=True)

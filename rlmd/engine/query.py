@@ -76,8 +76,15 @@ class Engine:
         self._running_traces: set[Path] = set()  # never pruned while their query runs
         self.follow_ups = FollowUps(config.engine.follow_up_jobs)
 
-    async def run(self, params: QueryParams, job: str, emit: Emit) -> QueryResult:
-        """Answer ``params.query``; events go to ``emit``; raise ``EngineError`` on failure."""
+    async def run(
+        self, params: QueryParams, job: str, emit: Emit, *, system: str | None = None
+    ) -> QueryResult:
+        """Answer ``params.query``; events go to ``emit``; raise ``EngineError`` on failure.
+
+        ``system`` replaces the question-answering system prompt when the context is shown
+        whole (in-process callers whose task is not a question: the improvement cycle
+        writes a diff, and the QA prompt's "FINAL(not found)" rule misleads small models).
+        """
         budget = resolve_budget(self._config, params.options)
         if not params.query.strip():
             raise EngineError("bad_params", "query must not be empty")
@@ -172,7 +179,9 @@ class Engine:
                         elif mode == "base":
                             answer, finish = await self._base(run, rec, params, ctx)
                         else:
-                            start = await self._loop_start(run, rec, params, ctx, mode, earlier)
+                            start = await self._loop_start(
+                                run, rec, params, ctx, mode, earlier, system
+                            )
                             started = "direct" if start.system else "rlm"
                             answer, finish = await RootLoop(run, rec, start).answer()
                             answer, cut = _cap(answer, budget.answer_chars)
@@ -302,6 +311,7 @@ class Engine:
         ctx: _Context,
         mode: str,
         earlier: Earlier | None,
+        system: str | None = None,
     ) -> LoopStart:
         cfg = self._config.engine
         query = params.query
@@ -344,7 +354,7 @@ class Engine:
             )
             if fits:
                 text = await read()
-                start.system = prompts.direct_system_prompt(sub_calls=not run.nosub)
+                start.system = system or prompts.direct_system_prompt(sub_calls=not run.nosub)
                 start.first = preamble + prompts.direct_first_message(
                     query, text, ctx.desc, evidence
                 )

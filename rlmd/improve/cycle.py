@@ -13,6 +13,7 @@ reach ``approve``: the model's only output is the answer text this module parses
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -49,10 +50,27 @@ Emit = Callable[[dict[str, Any]], None]
 # (no model, bad params) ends the cycle at once.
 _ROUND_ERRORS = {"max_iterations", "max_sub_calls", "timeout", "max_cost"}
 MAX_ROUNDS_CAP = 10
+# A lookup's "no answer" (what the QA system prompts ask for), where a diff was wanted.
+_NOT_FOUND = re.compile(r"\s*(?:not found|no idea|unknown|n/?a)\W*\s*$", re.I)
 
 
 class QueryEngine(Protocol):
-    async def run(self, params: QueryParams, job: str, emit: Emit) -> QueryResult: ...
+    async def run(
+        self, params: QueryParams, job: str, emit: Emit, *, system: str | None = None
+    ) -> QueryResult: ...
+
+
+#: The analysis' system prompt when the files are shown whole.  The engine's own is for
+#: questions about a text ("FINAL(not found)" when the text has no answer), and the
+#: embedded 1.5B model answered exactly that to a goal, round after round.
+SYSTEM = """\
+You change code. The user's message holds files of a git repository (each introduced by
+a line `===== path =====`) and a goal. They are also in a Python REPL as the variable
+`context`; a ```repl block runs Python there and you get what it printed.
+
+Write the change the goal asks for as a unified diff in git format, paths relative to
+the repository root, hunks with exact context lines copied from the file, and finish
+with a line of its own: FINAL(```diff ... ```). There is always an answer: the diff."""
 
 
 class ContextPutter(Protocol):
@@ -125,6 +143,12 @@ def build_question(rec: CycleRecord, evidence: str) -> str:
         "Improve the git repository held in `context` (its files joined, each introduced "
         "by a line `===== path =====`).",
         f"Goal: {rec.goal}",
+        # The daemon's system prompts are written for questions about a text and say to
+        # answer FINAL(not found) when the text holds no answer; a small model takes that
+        # for this task too (seen dogfooding with the embedded 1.5B model), so say that
+        # here the answer is written, not looked up.
+        "This is a writing task, not a lookup: the code to change is in `context`, so "
+        "there is always an answer, the diff you write. Never answer FINAL(not found).",
         "Propose ONE change as a unified diff in git format with paths relative to the "
         "repository root (`diff --git a/PATH b/PATH`, `--- a/PATH`, `+++ b/PATH`, then "
         "`@@ -l,n +l,n @@` hunks with exact context lines). Build it in the REPL as a string "
@@ -333,6 +357,11 @@ class ImproveService:
             rnd.files = touched_paths(repo, rnd.diff)
         except PatchError as exc:
             rnd.problem = f"The proposal was refused: {exc.message}."
+            if _NOT_FOUND.match(answer):
+                rnd.problem += (
+                    f' You answered "{answer.strip()[:40]}", but nothing has to be found here: '
+                    "write the change the goal asks for, as a diff."
+                )
             emit({"kind": "proposal", "round": n, "accepted": False, "reason": exc.message})
             return rnd
         emit({"kind": "proposal", "round": n, "accepted": True, "files": rnd.files, "diff": rnd.diff})
@@ -349,9 +378,13 @@ class ImproveService:
             raise improve_error(
                 "bad_params", f"cannot read the repository as a context: {getattr(exc, 'message', exc)}"
             ) from None
-        params = QueryParams(query=build_question(rec, evidence), context=name, options=cyc.options)
+        options = cyc.options
+        if options.cache is None:
+            # A cached proposal would repeat a failed one word for word on a retry.
+            options = msgspec.structs.replace(options, cache=False)
+        params = QueryParams(query=build_question(rec, evidence), context=name, options=options)
         try:
-            result = await self._engine.run(params, rnd.query_job, emit)
+            result = await self._engine.run(params, rnd.query_job, emit, system=SYSTEM)
             return result.answer
         except EngineError as exc:
             if exc.kind not in _ROUND_ERRORS:

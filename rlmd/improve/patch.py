@@ -12,7 +12,10 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-_FENCED = re.compile(r"^```[ \t]*(?:diff|patch|udiff)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+# A ```diff (```patch, ```udiff) fence, or a bare ``` one: small models fence a diff
+# without a language, and its closing fence must not end up in the patch.
+_FENCED = re.compile(r"^```[ \t]*(?:diff|patch|udiff)?[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+_DIFF_START = re.compile(r"^(?:diff --git |--- )", re.M)
 _GIT_HEADER = re.compile(r"^diff --git (\S+) (\S+)$", re.M)
 _FILE_LINE = re.compile(r"^(?:---|\+\+\+) (\S+)", re.M)
 _RENAME = re.compile(r"^(?:rename|copy) (?:from|to) (.+)$", re.M)
@@ -28,13 +31,16 @@ class PatchError(Exception):
 
 
 def extract_diff(answer: str) -> str:
-    """The unified diff in ``answer``: a fenced ```diff block, or the answer itself.
+    """The unified diff in ``answer``: the first fenced block (```diff, or bare ```) that
+    holds one, or the answer itself.
 
     Raises ``PatchError`` when there is none, so the next round can say so to the model.
     """
-    m = _FENCED.search(answer)
-    text = m.group(1) if m else answer
-    start = re.search(r"^(?:diff --git |--- )", text, re.M)
+    text = next(
+        (m.group(1) for m in _FENCED.finditer(answer) if _DIFF_START.search(m.group(1))),
+        answer,
+    )
+    start = _DIFF_START.search(text)
     if start is None:
         raise PatchError(
             "the answer holds no unified diff: give it in git format "
