@@ -154,3 +154,38 @@ def test_auto_method_sends_no_mode_and_rlm_asks_for_the_loop():
     assert "mode" not in query_options(opts, "auto")
     assert query_options(opts, "rlm")["mode"] == "rlm"
     assert query_options(opts, "base")["mode"] == "base"
+
+
+def test_report_lists_each_query_with_tokens_turns_and_wall_time():
+    from rlmd.bench.report import Result, markdown, summarize
+
+    rs = [
+        Result(
+            task_id="needle-16k-s0-0",
+            suite="needle",
+            method="auto",
+            length_tokens=L,
+            score=1.0,
+            task_kind="depth 0",
+            tokens_in=4321,
+            tokens_out=12,
+            iterations=2,
+            wall_s=17.25,
+            finish="final",
+        ),
+        Result(
+            task_id="needle-16k-s0-0",
+            suite="needle",
+            method="base",
+            length_tokens=L,
+            score=0.0,
+            task_kind="depth 0",
+            wall_s=3.0,
+            error="timeout",
+            error_kind="timeout",
+        ),
+    ]
+    md = markdown(summarize(rs), {}, results=rs)
+    assert "| needle-16k-s0-0 | depth 0 | auto | 1.00 | 4321 | 12 | 2 | 17.2 | final |" in md
+    assert "| needle-16k-s0-0 | depth 0 | base | 0.00 | 0 | 0 | 0 | 3.0 | error: timeout |" in md
+    assert "root turns" in md

@@ -683,7 +683,7 @@ def write_outputs(
     if note:
         notes.append(note)
     kinds = summarize_kinds(results)
-    md = markdown(rows, meta, notes, kinds) if rows or not perf_md else ""
+    md = markdown(rows, meta, notes, kinds, results) if rows or not perf_md else ""
     if perf_md:
         md = (md + "\n" if md else "") + perf_md
     report = opts.out / "report.md"
