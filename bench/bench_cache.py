@@ -43,7 +43,7 @@ from rlmd.cache.minilm import MiniLMEmbedder, find_model_dir
 from rlmd.cache.prefetch import Prefetcher, sub_request
 from rlmd.cache.semantic import _Group, guard_allows
 from rlmd.config import CacheConfig, Config, LimitsConfig, ModelsConfig, PoolConfig, ProviderConfig
-from rlmd.engine.loop import Engine
+from rlmd.engine.query import Engine
 from rlmd.engine.types import QueryOptions, QueryParams
 from rlmd.pool import Pool
 from rlmd.providers.base import ChatRequest, ChatResult, Message, Usage

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from rlmd.config import Config, LimitsConfig, ModelsConfig, PoolConfig, ProviderConfig
-from rlmd.engine.loop import Engine
+from rlmd.engine.query import Engine
 from rlmd.engine.trace import read_trace
 from rlmd.engine.types import QueryOptions, QueryParams
 from rlmd.pool.pool import Pool

@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 from .config import ConfigError, ProviderConfig
-from .engine.loop import Engine
+from .engine.query import Engine
+from .engine.sizing import LlamaCppTokenizer
 from .pool.pool import Pool
 from .providers.base import Provider
 from .providers.registry import build_provider
@@ -100,5 +101,12 @@ async def wire_models(app: Any, stack: contextlib.AsyncExitStack) -> None:
     if cache is not None:
         cache.attach_pool(pool)
     app.engine = Engine(
-        config=config, pool=pool, store=app.store, state_dir=app.state_dir, cache=cache
+        config=config,
+        pool=pool,
+        store=app.store,
+        state_dir=app.state_dir,
+        cache=cache,
+        # The embedded model's llama.cpp counts tokens exactly and tells a cold model.
+        tokenizer=LlamaCppTokenizer(app.embedded) if app.embedded is not None else None,
+        models=app.embedded,
     )

@@ -86,8 +86,21 @@ class LimitsConfig(_Section):
     worker_memory_mb: int = 4096
     worker_cpu_s: int = 3600
     worker_open_files: int = 256
+    # Issue 14, Broken 8: a 100 MB FINAL became a 100 MB answer, trace and cache row.
+    answer_chars: int = 100_000
+    # Issue 14, Broken 5: llm_query("A" * 200 MiB) from eight threads.  0: the prompt may
+    # fill the sub-model's window (estimated in characters), no more.
+    sub_prompt_chars: int = 0
+    sub_bytes_in_flight_mb: int = 64
+    last_chance_max_tokens: int = 1024
 
     def __post_init__(self) -> None:
+        if self.answer_chars < 1000:
+            raise ValueError("answer_chars must be at least 1000")
+        if self.sub_prompt_chars < 0 or self.sub_bytes_in_flight_mb < 1:
+            raise ValueError("sub_prompt_chars must be >= 0 and sub_bytes_in_flight_mb >= 1")
+        if self.last_chance_max_tokens < 16:
+            raise ValueError("last_chance_max_tokens must be at least 16")
         if self.max_frame_bytes < 64 * 1024 * 1024:
             raise ValueError("max_frame_bytes must be at least 64 MiB (the wire contract)")
         if self.cell_timeout_s <= 0:
@@ -160,6 +173,24 @@ class EmbeddedConfig(_Section):
     model_dir: str = ""  # where the joined GGUF files live; default: the cache dir
 
 
+class EngineConfig(_Section):
+    """How a query starts: the context shown whole, evidence first, follow-ups."""
+
+    direct_fraction: float = 0.5
+    chars_per_token: float = 3.0
+    evidence_passages: int = 5
+    evidence_large: bool = False
+    follow_up_jobs: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.direct_fraction <= 0.9:
+            raise ValueError("direct_fraction must be in [0, 0.9] (0: never show the text whole)")
+        if not 1.0 <= self.chars_per_token <= 8.0:
+            raise ValueError("chars_per_token must be in [1, 8]")
+        if self.evidence_passages < 0 or self.follow_up_jobs < 0:
+            raise ValueError("evidence_passages and follow_up_jobs must be >= 0")
+
+
 class SandboxConfig(_Section):
     """Protection of REPL workers: ``auto`` uses bubblewrap and seccomp where they work."""
 
@@ -179,6 +210,7 @@ class Config(_Section):
     energy: EnergyConfig = msgspec.field(default_factory=EnergyConfig)
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.providers]

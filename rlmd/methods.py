@@ -24,6 +24,7 @@ from .jobs import JobExists, Jobs
 from .protocol.errors import (
     BAD_INPUT,
     CANCELLED,
+    DAMAGED,
     NOT_FOUND,
     SHUTTING_DOWN,
     UNAVAILABLE,
@@ -36,6 +37,7 @@ from .protocol.schema import (
     ContextPutParams,
     ContextSearchParams,
     DaemonStatus,
+    DamagedBrief,
     JobParams,
     ProviderBrief,
     TraceParams,
@@ -63,7 +65,7 @@ class App:
 
 def _store_error(exc: Exception) -> AppError:
     kind = getattr(exc, "kind", "store_error")
-    code = NOT_FOUND if kind == "not_found" else BAD_INPUT
+    code = {"not_found": NOT_FOUND, "damaged": DAMAGED}.get(kind, BAD_INPUT)
     return AppError(kind, str(getattr(exc, "message", exc)), code=code)
 
 
@@ -85,17 +87,19 @@ def build_methods(app: App) -> dict[str, Method]:
                 for s in app.pool.status()
             ]
         prot = app.protection() if app.protection else {}
+        contexts = app.store.list()
         return DaemonStatus(
             version=__version__,
             pid=os.getpid(),
             uptime_s=round(time.monotonic() - app.started, 3),
-            contexts=len(app.store.list()),
+            contexts=len(contexts),
             providers=providers,
             socket=str(app.socket_path),
             state_dir=str(app.state_dir),
             jobs=len(app.jobs),
             sandbox=msgspec.to_builtins(prot),
             embedded=app.embedded.describe() if app.embedded is not None else app.embedded_note,
+            damaged_contexts=[DamagedBrief(c.name, c.damaged) for c in contexts if c.damaged],
         )
 
     async def context_put(conn: Any, req: Any, p: ContextPutParams) -> Any:
@@ -126,6 +130,15 @@ def build_methods(app: App) -> dict[str, Method]:
         return {"text": await in_thread(app.store.peek, p.name, p.start, end)}
 
     async def context_search(conn: Any, req: Any, p: ContextSearchParams) -> Any:
+        if p.mode == "ranked" or p.pattern is None:
+            if p.query is None or p.pattern is not None:
+                raise AppError(
+                    "bad_params",
+                    'context/search takes `pattern` (a regex), or `mode: "ranked"` with '
+                    "`query` (words or a question)",
+                    code=BAD_INPUT,
+                )
+            return {"matches": await in_thread(app.store.search_ranked, p.name, p.query, p.k)}
         # A runaway pattern is stopped between search windows instead of holding a thread.
         matches = await in_thread(
             app.store.search, p.name, p.pattern, p.max_matches, timeout_s=60.0

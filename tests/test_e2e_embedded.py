@@ -39,3 +39,33 @@ def test_fresh_daemon_answers_with_the_embedded_model(make_daemon):
     assert "code" in kinds and "root_delta" in kinds  # it looked with code and streamed
     assert kinds[-1] == "final"
     assert "ready" in d.call("daemon/status")["embedded"]
+    # The cold model's load was announced before the first token (issue 12, bug 11).
+    phases = [e.get("phase") for e in events if e["kind"] == "phase"]
+    assert phases[0] == "loading_model" and "prompt" in phases
+
+
+@pytest.mark.embedded
+def test_embedded_model_finds_a_long_context_needle_with_its_source(make_daemon):
+    """About 400k characters (100k tokens, six windows of the model): the answer is right,
+    and its source is the needle's line, found in the context by the engine."""
+    d = make_daemon("[limits]\nmax_iterations = 8\ncell_timeout_s = 30\n")
+    rnd = random.Random(7)
+    words = ["amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbor"]
+    lines = [" ".join(rnd.choices(words, k=9)) + f" {i}." for i in range(8_000)]
+    depth = 5_555
+    lines[depth] = "The access code for the north vault is OKAPI-3141."
+    d.call("context/put", {"name": "vault", "text": "\n".join(lines)})
+    with d.client(timeout=1200) as c:
+        res = c.call(
+            "query/run",
+            {
+                "query": "What is the access code for the north vault?",
+                "context": "vault",
+                "job": "vault",
+            },
+        )
+    trace = d.call("query/trace", {"job": "vault"})["records"]
+    assert "OKAPI-3141" in res["answer"], trace
+    assert res["start"] == "rlm"  # far too long to show whole
+    assert res["supported"] is True
+    assert any(s["line"] == depth + 1 and "OKAPI-3141" in s["text"] for s in res["sources"])

@@ -666,10 +666,12 @@ def test_damaged_metadata_is_reported_not_fatal(tmp_path: Path) -> None:
     meta = s.text_path("bad").parent / "meta.json"
     meta.write_text("{not json")
     s2 = ContextStore(root)  # starting up must not fail
-    assert [i.name for i in s2.list()] == ["good"]
+    bad, good = s2.list()  # the damaged one is listed, its name lost with its metadata
+    assert good.name == "good" and good.damaged is None
+    assert bad.name.startswith("<unknown name") and "remove the directory" in bad.damaged
     with pytest.raises(StoreError) as ei:
         s2.info("bad")
-    assert ei.value.kind == "io" and "drop" in ei.value.message
+    assert ei.value.kind == "damaged" and "drop" in ei.value.message
     assert s2.drop("bad") is True
     s2.put_text("bad", "again")
     assert s2.peek("bad", 0, 10) == "again"

@@ -38,7 +38,7 @@ import msgspec
 from rlmd.bench import SUITES, BenchError, Task, format_length, make_tasks, parse_lengths
 from rlmd.bench.report import Result, markdown, plot, summarize, summarize_kinds
 
-# "auto" sends no mode: the daemon's default (size-aware: the text itself when it fits the
+# "auto" is the daemon's default (size-aware: the text itself when it fits the
 # root model's window, else the REPL loop); "rlm" always asks for the paper's loop.
 METHODS = ("base", "rlm", "rlm-nosub", "auto")
 # Contexts larger than this go to the daemon as a file path, not inside the JSON frame.
@@ -262,7 +262,8 @@ class Progress:
 
 def query_options(opts: BenchOptions, method: str) -> dict[str, Any]:
     """``query/run`` options for one method; only what differs from the daemon's defaults."""
-    o: dict[str, Any] = {} if method == "auto" else {"mode": method}
+    # Always named: the daemon's default ("auto") is itself one of the compared methods.
+    o: dict[str, Any] = {"mode": method}
     for key in ("cache", "timeout_s", "max_iterations", "root_model", "sub_model"):
         v = getattr(opts, key)
         if v is not None:

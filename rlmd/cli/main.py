@@ -73,6 +73,8 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
         f"contexts {st['contexts']}  jobs {st.get('jobs', 0)}"
     )
     print(f"socket {st['socket']}  state {st['state_dir']}")
+    for d in st.get("damaged_contexts") or []:
+        print(f"DAMAGED context {d['name']}: {d['damaged']}")
     if st.get("sandbox"):
         print("sandbox " + ", ".join(f"{k}={v}" for k, v in st["sandbox"].items()))
     if st.get("embedded"):
@@ -142,6 +144,8 @@ def cmd_context(c: Client, args: argparse.Namespace) -> int:
             print(
                 f"{r['name'][:40]:40} {_fmt_size(r['bytes']):>8} {r['lines']:9d} {r['tokens_est']:10d}  {r['updated']}"
             )
+            if r.get("damaged"):
+                print(f"  DAMAGED: {r['damaged']}")
         return 0
     if op == "peek":
         end = args.end if args.end is not None else args.start + 2000
@@ -151,14 +155,17 @@ def cmd_context(c: Client, args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         return 0
     if op == "search":
-        r = c.call(
-            "context/search", {"name": args.name, "pattern": args.pattern, "max_matches": args.max}
-        )
+        if args.ranked:  # the pattern is a query: words or a question
+            sp = {"name": args.name, "mode": "ranked", "query": args.pattern, "k": args.k}
+        else:
+            sp = {"name": args.name, "pattern": args.pattern, "max_matches": args.max}
+        r = c.call("context/search", sp)
         if args.json:
             print(json.dumps(r, indent=2))
             return 0
         for m in r["matches"]:
-            print(f"{m['line']}:{m['start']}-{m['end']}: {m['text']}")
+            where = f"{m['file']}:{m['file_line'] or 0}" if m.get("file") else f"{m['line']}"
+            print(f"{where}:{m['start']}-{m['end']}: {m['text']}")
         return 0 if r["matches"] else 1
     if op == "rm":
         r = c.call("context/drop", {"name": args.name})
@@ -250,6 +257,18 @@ def _context_param(c: Client, source: str) -> dict[str, Any]:
     raise FileNotFoundError(f"-c {source!r} is neither a file, a directory nor a context name")
 
 
+def source_lines(result: dict[str, Any]) -> list[str]:
+    """The answer's sources as ``path:line: text`` (``line N: text`` for a plain text),
+    or a note that nothing in the context backs it."""
+    out = []
+    for s in result.get("sources") or []:
+        where = f"{s['file']}:{s['file_line']}" if s.get("file") else f"line {s['line']}"
+        out.append(f"  {where}: {' '.join(str(s.get('text', '')).split())[:160]}")
+    if "supported" in result and not result["supported"]:
+        out.append("  (no source in the context backs this answer)")
+    return out
+
+
 def cmd_query(c: Client, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {
         "query": args.query,
@@ -317,6 +336,8 @@ def cmd_query(c: Client, args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(result["answer"])
+    for line in source_lines(result):
+        print(line)
     tok = result.get("tokens", {})
     if not args.quiet:
         cached = result.get("cached_calls") or 0
@@ -406,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("name")
     se.add_argument("pattern")
     se.add_argument("--max", type=int, default=100)
+    se.add_argument(
+        "--ranked", action="store_true", help="PATTERN is a query: the best passages (BM25)"
+    )
+    se.add_argument("-k", type=int, default=10, help="passages to show with --ranked")
     rm = cxs.add_parser("rm", help="drop a context")
     rm.add_argument("name")
 

@@ -80,6 +80,9 @@ The REPL gives you:
 - `llm_query_batched(prompts, model=None) -> list[str]`: many helper calls run at the same
   time; answers come back in the order of the prompts. Far faster than calling in a loop.
 - `rlm_query(prompt, context=None) -> str`: {rlm_query}
+- `search(query, k=10)`: the k passages that best match a question or keywords, best first;
+  `grep(pattern, max_matches=100)`: every whole line matching a regex. Each hit prints as
+  `[file:line @start:end] text` and has `.start`, `.end`, `.line`, `.file`, `.text`.
 - `SHOW_VARS()`: lists the variables you have made.
 - `FINAL(answer)` and `FINAL_VAR(name)`: end the work with an answer (see below).
 Variables, imports and functions persist from block to block. There is no network and no
@@ -172,14 +175,13 @@ Question: In which city is the meeting?
 
 Assistant:
 ```repl
-import re
 print(len(context))
-print(re.findall(r"[^\\n]*meeting[^\\n]*", context)[:5])
+print(grep(r"meeting", 5))
 ```
 
 User: Output:
 2000000
-['The meeting will be held in Lisbon on Monday.']
+[line 41817 @1254490:1254535] The meeting will be held in Lisbon on Monday.
 
 Assistant:
 FINAL(Lisbon)
@@ -193,12 +195,13 @@ print([a for a in answers if "yes" in a.lower()][:5])
 
 Rules:
 - One ```repl block per reply, then stop.
-- Use code (re.findall, str.find, slicing) to search the text. Print short results.
+- Use search(...), grep(...) or re to find things in the text. Print short results.
 - Print the whole line around a match, not only the word you searched: the answer is
   usually next to it.
 - If a block found nothing, try other words from the question; do not repeat it.
 - Do not invent output. Wait for it.
 - FINAL(...) holds the real answer, not a plan.
+- If the text does not hold the answer, write FINAL(not found). Never guess a value.
 """
 
 
@@ -344,16 +347,15 @@ def not_an_answer(reason: str) -> str:
     )
 
 
-def search_example(query: str) -> str:
-    """A ```repl block that prints the lines holding the question's most distinctive word
-    (its longest), or "" when the question has none: small models copy a shown block."""
-    key = max(re.findall(r"[\w-]{4,}", query), key=len, default="")
+def search_example(query: str, key: str = "") -> str:
+    """A ```repl block that prints the lines holding ``key`` or else the question's most
+    distinctive word (its longest), or "" when there is none: small models copy a shown
+    block."""
+    key = key or max(re.findall(r"[\w-]{4,}", query), key=len, default="")
     if not key:
         return ""
-    return (
-        f'\n```repl\nimport re\nprint(re.findall(r"[^\\n]*{re.escape(key)}[^\\n]*", '
-        "context)[:5])\n```"
-    )
+    return f'\n```repl\nprint(grep(r"{re.escape(key)}", 5))\n```'
+
 
 
 def unverified_answer(answer: str, missing: list[str], query: str) -> str:
@@ -379,3 +381,77 @@ LAST_CHANCE = (
     "You have used all your turns; no more code will run. From what you have seen so far, "
     "give your best answer now, on a line of its own: FINAL(your answer)"
 )
+
+
+# --- the context shown whole ("auto" mode on a short context) ----------------------------
+
+_DIRECT = """\
+You answer a question about a text. The whole text is in the user's message. It is also
+in a Python REPL as the variable `context`, for exact work such as counting or computing:
+a ```repl block runs Python there and you get what it printed (then write the answer).
+
+Answer from the text. When you know the answer, write it on a line of its own:
+FINAL(the answer)
+Quote values exactly as the text writes them. If the text does not hold the answer,
+write FINAL(not found). Never guess a value."""
+
+
+def direct_system_prompt(sub_calls: bool = True) -> str:
+    """The system prompt when the whole context is in the first message (any model size:
+    reading is what every model does well)."""
+    tools = (
+        "\n`llm_query(prompt)` calls a helper model on a piece of text you give it."
+        if sub_calls
+        else ""
+    )
+    return _DIRECT + tools
+
+
+def direct_first_message(
+    query: str, text: str, context: ContextDescription, evidence: str = ""
+) -> str:
+    """The first user message with the context itself, then the question."""
+    name = f" {context.name!r}" if context.name else ""
+    return (
+        f"The context{name} ({context.chars:,} characters, {context.lines:,} lines), in full:\n"
+        f"<<<\n{text}\n>>>\n\n" + (evidence + "\n\n" if evidence else "") + f"Question: {query}\n"
+        "Answer with FINAL(...) now if the text answers it."
+    )
+
+
+def evidence_block(passages: list[tuple[str, str]]) -> str:
+    """Ranked passages for the question: (location, text) pairs, best first."""
+    if not passages:
+        return ""
+    lines = ["Passages a search for the question ranked highest (location: text):"]
+    for i, (where, text) in enumerate(passages, 1):
+        lines.append(f"[{i}] {where}: {text}")
+    return "\n".join(lines)
+
+
+def with_evidence(first: str, evidence: str) -> str:
+    """The rlm first message with the evidence block before the question."""
+    if not evidence:
+        return first
+    head, sep, rest = first.partition("Question: ")
+    note = (
+        evidence
+        + "\nIf a passage answers the question, answer with FINAL(...). Otherwise read the "
+        "lines around them with code.\n\n"
+    )
+    return head + note + sep + rest if sep else first + "\n\n" + note
+
+
+def follow_up_preamble(question: str, answer: str, sources: list[str]) -> str:
+    """What a follow-up query is told of the earlier one."""
+    src = "".join(f"\n  - {s}" for s in sources[:5])
+    return (
+        "This question follows an earlier one about the same context.\n"
+        f"Earlier question: {question}\n"
+        f"Earlier answer: {answer}" + (f"\nIt rests on:{src}" if src else "") + "\n\n"
+    )
+
+
+def not_found_answer(query: str) -> str:
+    """The answer when the model's short answer appears nowhere in the context."""
+    return "not found: the context does not seem to hold the answer to this question"

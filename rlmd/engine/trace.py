@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,27 @@ def trace_path(state_dir: Path, job: str) -> Path:
     return traces_dir(state_dir) / f"{stem}.jsonl"
 
 
+# A prompt or answer longer than this is written cut (head and tail) with its length and
+# hash: issue 14 (Broken 5) saw one query write 1.2 GB of trace from 200 MiB prompts.
+TRACE_TEXT_CHARS = 8_000
+
+
+def clip_for_trace(text: str, limit: int = TRACE_TEXT_CHARS) -> str | dict[str, Any]:
+    """``text`` when short; else a reference: its length, SHA-256, head and tail."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    half = limit // 2
+    return {"chars": len(text), "sha256": digest, "head": text[:half], "tail": text[-half:]}
+
+
 class TraceWriter:
-    """Appends records to one trace file.  Writes are small appends to a local file."""
+    """Appends records to one trace file from a thread of its own.
+
+    ``write`` only queues the record: encoding, redaction and the disk write happen off
+    the event loop (with redaction on, doing them on the loop froze ``daemon/ping`` for
+    7.2 s in issue 14).  ``close`` (blocking: call it in a thread) drains the queue.
+    """
 
     def __init__(self, path: Path, *, secrets: list[str] | None = None) -> None:
         self.path = path
@@ -52,20 +73,31 @@ class TraceWriter:
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
         )
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._drain, name="rlmd-trace", daemon=True)
+        self._thread.start()
 
     def write(self, type_: str, **fields: Any) -> None:
-        """Append one record; a closed writer ignores it (late sub-call after the end)."""
-        if self._fd is None:
+        """Queue one record; a closed writer ignores it (late sub-call after the end)."""
+        if self._closed:
             return
-        record = {"t": round(time.monotonic() - self._t0, 4), "type": type_, **fields}
-        data = _encoder.encode(record)
-        if self._secrets:
-            data = self._redact(data)
-        try:
-            os.write(self._fd, data + b"\n")
-        except OSError:
-            # A full disk must not fail the query; the trace is a record, not the result.
-            pass
+        self._queue.put({"t": round(time.monotonic() - self._t0, 4), "type": type_, **fields})
+
+    def _drain(self) -> None:
+        while (record := self._queue.get()) is not None:
+            try:
+                data = _encoder.encode(record)
+            except (TypeError, ValueError, OverflowError):
+                data = _encoder.encode({"t": record.get("t"), "type": "unencodable"})
+            if self._secrets:
+                data = self._redact(data)
+            try:
+                assert self._fd is not None
+                os.write(self._fd, data + b"\n")
+            except OSError:
+                # A full disk must not fail the query; the trace is a record, not the result.
+                pass
 
     def _redact(self, data: bytes) -> bytes:
         text = data.decode("utf-8")
@@ -76,6 +108,12 @@ class TraceWriter:
         return text.encode("utf-8")
 
     def close(self) -> None:
+        """Write what is queued and close the file (blocks until then)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -45,7 +45,9 @@ class QueryOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omi
     # How to answer, for comparing methods as the paper's Table 1 does: "rlm" (default),
     # "rlm-nosub" (the REPL loop without llm_query / rlm_query), "base" (the root model
     # reads the context directly, cut to its window as a user would have to).
-    mode: Literal["rlm", "rlm-nosub", "base"] | None = None
+    # "auto" (the default): a context that fits the root model's window comfortably is
+    # shown whole in the first message (the REPL stays there), a longer one as "rlm".
+    mode: Literal["auto", "rlm", "rlm-nosub", "base"] | None = None
     # "base" mode: the root model's window in tokens (default: the embedded model's
     # ctx_size when it serves the root model, else 32,768).
     window_tokens: int | None = None
@@ -59,11 +61,25 @@ class QueryParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit
     text: str | None = None
     job: str | None = None
     options: QueryOptions = msgspec.field(default_factory=QueryOptions)
+    # Addition: the job id of an earlier query whose question, answer and sources this one
+    # builds on (its context too, unless this one names one).
+    follow_up: str | None = None
 
 
 class Tokens(msgspec.Struct):
     input: int = 0
     output: int = 0
+
+
+class Source(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A span of the context an answer rests on (character offsets, 1-based lines)."""
+
+    start: int
+    end: int
+    line: int
+    text: str
+    file: str | None = None  # directory contexts: the file, and the line in it
+    file_line: int | None = None
 
 
 class QueryResult(msgspec.Struct, kw_only=True):
@@ -87,6 +103,13 @@ class QueryResult(msgspec.Struct, kw_only=True):
     # How the answer came: "final" (FINAL/FINAL_VAR), "reply" (plain text accepted),
     # "best_effort" (asked for its best answer at max_iterations).
     finish: str = "final"
+    # Where the answer's key facts stand in the context, found by the engine (not the
+    # model's word); ``supported`` is false when no span holds them.
+    sources: list[Source] = msgspec.field(default_factory=list)
+    supported: bool = False
+    # How the query started: "direct" (the whole context shown), "rlm" (described only).
+    start: str = "rlm"
+    answer_cut: bool = False  # the answer was longer than limits.answer_chars
 
 
 # Error kinds (data.kind) the engine raises, with the JSON-RPC code for each.
@@ -100,6 +123,7 @@ ERROR_CODES: dict[str, int] = {
     "timeout": BUDGET_EXCEEDED,
     "model_error": MODEL_ERROR,
     "repl_unavailable": UNAVAILABLE,
+    "follow_up_not_found": NOT_FOUND,
 }
 
 

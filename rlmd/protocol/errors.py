@@ -23,6 +23,7 @@ BUDGET_EXCEEDED = -32004  # iterations, sub-calls, time or cost ran out
 CANCELLED = -32005  # query/cancel or the client went away
 UNAVAILABLE = -32006  # a part is not installed or not configured (embedded model)
 SHUTTING_DOWN = -32007  # the daemon is draining
+DAMAGED = -32010  # stored state is broken beyond repair here (drop the context, put it again)
 
 
 class AppError(Exception):

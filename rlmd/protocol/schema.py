@@ -6,6 +6,8 @@ names it rather than a silently ignored option.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -34,9 +36,15 @@ class ContextPeekParams(_Params):
 
 
 class ContextSearchParams(_Params):
+    """``mode: "regex"`` (the default) takes ``pattern``; ``mode: "ranked"`` takes
+    ``query`` (words or a question) and returns the ``k`` best passages."""
+
     name: str
-    pattern: str
+    pattern: str | None = None
     max_matches: int = 100
+    mode: Literal["regex", "ranked"] = "regex"
+    query: str | None = None
+    k: int = 10
 
 
 class JobParams(_Params):
@@ -55,6 +63,13 @@ class ProviderBrief(msgspec.Struct):
     capacity: int
 
 
+class DamagedBrief(msgspec.Struct):
+    """A context the store cannot read, and what to do (``damaged``)."""
+
+    name: str
+    damaged: str
+
+
 class DaemonStatus(msgspec.Struct):
     version: str
     pid: int
@@ -66,3 +81,4 @@ class DaemonStatus(msgspec.Struct):
     jobs: int
     sandbox: dict
     embedded: str
+    damaged_contexts: list[DamagedBrief] = []

@@ -61,7 +61,7 @@ MAX_CALLS_IN_FLIGHT = 64
 #: Calls waiting or in flight per block; beyond this the worker is treated as abusive.
 MAX_CALLS_PENDING = 1024
 _STDERR_TAIL = 4096
-_METHODS = ("llm_query", "llm_query_batched", "rlm_query")
+_METHODS = ("llm_query", "llm_query_batched", "rlm_query", "search")
 
 
 class ExecResult(msgspec.Struct, kw_only=True):
@@ -541,6 +541,11 @@ def _check_call(method: str, params: Any) -> dict[str, Any]:
         raise ValueError(f"unknown REPL call {method!r}; use one of {', '.join(_METHODS)}")
     if not isinstance(params, dict):
         raise ValueError(f"{method}: malformed parameters")
+    if method == "search":  # the REPL's search() over a mapped context: rlmd/search/repl.py
+        query, k = params.get("query"), params.get("k")
+        if not isinstance(query, str) or isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError("search: takes a str query and an int k")
+        return {"query": query, "k": k}
     model = params.get("model")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"{method}: model must be a str or None")

@@ -33,6 +33,7 @@ from rlmd.repl.sandbox import (
     install_seccomp,
     set_parent_death_signal,
 )
+from rlmd.search.repl import make_functions as _search_functions
 
 _ERROR_CAP = 100_000
 _THIS_FILE = __file__
@@ -240,6 +241,9 @@ class Worker:
             "final": FINAL,
             "final_var": FINAL_VAR,
             "context": context,
+            # search(query, k) / grep(pattern): ranked passages and whole matching lines
+            # with their locations; a mapped (large) context asks the daemon's index first.
+            **_search_functions(context, self.call, via_daemon=isinstance(context, ContextView)),
         }
         bi = dict(builtins.__dict__)
         if isinstance(context, ContextView):

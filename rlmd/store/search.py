@@ -47,13 +47,16 @@ class SearchTimeout(Exception):
 
 class SearchMatch(msgspec.Struct, kw_only=True):
     """A regex match: character offsets, 1-based line of ``start``, the matched text
-    (cut to ``MAX_MATCH_TEXT`` characters, then ``truncated`` is true)."""
+    (cut to ``MAX_MATCH_TEXT`` characters, then ``truncated`` is true); in a directory
+    context also the ``file`` (relative path) and ``file_line`` (1-based in the file)."""
 
     start: int
     end: int
     line: int
     text: str
     truncated: bool = False
+    file: str | None = None
+    file_line: int | None = None
 
 
 def dontneed(buf: mmap.mmap | bytes, b0: int, b1: int) -> None:

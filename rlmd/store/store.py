@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
+import logging
 import mmap
 import os
 import re
@@ -44,6 +46,9 @@ from typing import BinaryIO, TypeVar
 import msgspec
 
 from rlmd.atomic import TMP_PREFIX, write_atomic
+from rlmd.search import Hit, Locator, Source
+from rlmd.search.grep import grep as _grep
+from rlmd.search.ranked import ranked_scan
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
 from rlmd.store.search import (
@@ -69,6 +74,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 256
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -117,8 +123,12 @@ class PutResult(msgspec.Struct, kw_only=True):
     version: str = ""
 
 
-class ContextInfo(msgspec.Struct, kw_only=True):
-    """One stored context (times are ISO 8601 UTC, e.g. ``2026-11-22T00:44:01Z``)."""
+class ContextInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One stored context (times are ISO 8601 UTC, e.g. ``2026-11-22T00:44:01Z``).
+
+    ``damaged`` (only present then) says what is wrong with a context that cannot be
+    read and what to do about it; its sizes are those its metadata records (0 when the
+    metadata itself is unreadable)."""
 
     name: str
     chars: int
@@ -128,6 +138,7 @@ class ContextInfo(msgspec.Struct, kw_only=True):
     created: str
     updated: str
     version: str
+    damaged: str | None = None
 
 
 class _Meta(msgspec.Struct, kw_only=True):
@@ -171,6 +182,45 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _damaged(name: str, problem: str) -> StoreError:
+    return StoreError(
+        "damaged",
+        f"context {name!r} is damaged: {problem}; context/drop it and put it again",
+    )
+
+
+def _salvage_name(raw: bytes) -> str | None:
+    """The ``name`` field of a damaged meta.json, when it can still be read."""
+    m = re.search(rb'"name":("(?:[^"\\]|\\.)*")', raw)
+    if m is None:
+        return None
+    try:
+        name = json.loads(m.group(1))
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _rebuild_index(f: BinaryIO, meta: _Meta) -> CharIndex:
+    """The char index of an open text file, computed again (its sidecar was unusable)."""
+    f.seek(0)
+    b = CharIndexBuilder()
+    carry = b""
+    while True:
+        chunk = f.read(_CHUNK)
+        data, carry = split_incomplete(carry + chunk) if chunk else (carry, b"")
+        try:
+            b.add_utf8(data)
+        except UnicodeDecodeError:
+            raise _damaged(meta.name, "its text file is not valid UTF-8") from None
+        if not chunk:
+            break
+    idx = b.finish()
+    if idx.nbytes != meta.bytes or idx.chars != meta.chars:
+        raise _damaged(meta.name, "its text file does not match its metadata")
+    return idx
+
+
 def _not_found(name: str) -> StoreError:
     return StoreError("not_found", f"no context named {name!r}; see context/list")
 
@@ -192,6 +242,22 @@ class _Handle:
     path: Path
     buf: mmap.mmap | bytes
     index: CharIndex
+    locator: Locator | None = None  # built on the first ranked search / grep / locate
+
+    def locate(self) -> Locator:
+        """Lines and file headers of this version (kept: versions are immutable)."""
+        if self.locator is None:
+            buf, idx = self.buf, self.index
+            self.locator = Locator(
+                Source(
+                    buf,
+                    to_char=lambda b: idx.char_offset(buf, b),
+                    to_byte=lambda c: idx.byte_offset(buf, min(c, idx.chars)),
+                    ascii=idx.ascii,
+                    newlines_before=lambda b: idx.line_of(buf, idx.char_offset(buf, b)) - 1,
+                )
+            )
+        return self.locator
 
 
 class _Writer:
@@ -272,6 +338,32 @@ def _stream_file(w: _Writer, f: BinaryIO, first: bytes) -> int:
         if not more:
             return replaced
         data = more
+
+
+def _text_ok(d: Path, meta: _Meta) -> bool:
+    """Whether the version's text file is there with the size its metadata records."""
+    try:
+        return os.stat(d / f"{meta.version}.txt").st_size == meta.bytes
+    except OSError:
+        return False
+
+
+def _load_or_rebuild_index(d: Path, meta: _Meta, f: BinaryIO) -> CharIndex:
+    """The version's char index; rebuilt from the text (and saved) when the sidecar is
+    missing or unusable: it is derived data, so damage there costs one scan."""
+    path = d / f"{meta.version}.idx"
+    try:
+        index = CharIndex.load(path)
+        if index.nbytes == meta.bytes and index.chars == meta.chars:
+            return index
+        problem = "does not match the text"
+    except (OSError, ValueError) as e:
+        problem = str(e)
+    index = _rebuild_index(f, meta)
+    log.warning("context %r: char index %s (%s); rebuilt it", meta.name, path.name, problem)
+    with contextlib.suppress(OSError):  # a read-only state dir still serves the text
+        write_atomic(path, index.to_bytes())
+    return index
 
 
 class ContextStore:
@@ -403,7 +495,7 @@ class ContextStore:
             return None
         except (OSError, msgspec.DecodeError) as e:
             raise StoreError(
-                "io",
+                "damaged",
                 f"context metadata {path} is unreadable ({e}); context/drop that name and "
                 "put it again",
             ) from e
@@ -426,11 +518,21 @@ class ContextStore:
             if not d.is_dir():
                 d.mkdir(mode=0o700)
                 _fsync_dir(self.root)
-            old = self._read_meta(key)
+            try:
+                old = self._read_meta(key)
+            except StoreError:
+                if append:
+                    raise
+                old = None  # a put replaces a context whose metadata is damaged
+            if old is not None and not _text_ok(d, old):
+                if append:
+                    raise _damaged(name, f"its text file {old.version}.txt is missing or cut")
+                old = None  # so a re-put of the same text writes it again
             w = _Writer(d)
             try:
                 if append and old is not None:
-                    old_index = CharIndex.load(d / f"{old.version}.idx")
+                    with open(d / f"{old.version}.txt", "rb") as f:
+                        old_index = _load_or_rebuild_index(d, old, f)
                     w.copy_version(d / f"{old.version}.txt", old_index)
                 extra = produce(w, old if append else None)
                 version, index = w.finish()
@@ -661,35 +763,73 @@ class ContextStore:
             return h
         raise StoreError("io", f"context {name!r} kept changing while being read; retry")
 
+    def _meta_sig(self, key: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.root / key / _META)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _open(self, key: str, sig: tuple[int, int, int]) -> _Handle:
         meta = self._read_meta(key)
         if meta is None:
             raise FileNotFoundError(key)
         d = self.root / key
         path = d / f"{meta.version}.txt"
-        index = CharIndex.load(d / f"{meta.version}.idx")
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            if self._meta_sig(key) != sig:
+                raise  # a writer replaced the version meanwhile: _get looks again
+            raise _damaged(meta.name, f"its text file {path.name} is missing") from None
+        with f:
             size = os.fstat(f.fileno()).st_size
-            if size != meta.bytes or index.nbytes != meta.bytes or index.chars != meta.chars:
-                raise StoreError("io", f"context {meta.name!r} is damaged (size mismatch)")
+            if size != meta.bytes:
+                raise _damaged(
+                    meta.name,
+                    f"its text file has {size} bytes where its metadata says {meta.bytes}",
+                )
+            index = _load_or_rebuild_index(d, meta, f)
             buf: mmap.mmap | bytes = (
                 mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             )
         return _Handle(sig=sig, meta=meta, path=path, buf=buf, index=index)
 
     def list(self) -> list[ContextInfo]:
-        """All contexts, sorted by name."""
+        """All contexts, sorted by name; damaged ones too, with ``damaged`` set."""
         out = []
         for d in self.root.iterdir():
             if d.name.startswith(".") or not d.is_dir():
                 continue
             try:
                 meta = self._read_meta(d.name)
-            except StoreError:
-                continue  # damaged: info/peek on its name say so
-            if meta is not None:
-                out.append(meta.info())
+            except StoreError as e:
+                out.append(self._damaged_info(d, e.message))
+                continue
+            if meta is None:
+                continue
+            info = meta.info()
+            if not _text_ok(d, meta):
+                info.damaged = (
+                    f"its text file {meta.version}.txt is missing or cut; "
+                    "context/drop it and put it again"
+                )
+            out.append(info)
         return sorted(out, key=lambda i: i.name)
+
+    @staticmethod
+    def _damaged_info(d: Path, problem: str) -> ContextInfo:
+        try:
+            name = _salvage_name((d / _META).read_bytes())
+        except OSError:
+            name = None
+        if name is None:
+            name = f"<unknown name, {d.name}>"
+            problem += f"; its name is lost: remove the directory {d} by hand"
+        return ContextInfo(
+            name=name, chars=0, bytes=0, lines=0, tokens_est=0, created="", updated="",
+            version="", damaged=problem,
+        )  # fmt: skip
 
     def info(self, name: str) -> ContextInfo:
         """Sizes, times and version of context ``name``."""
@@ -802,7 +942,7 @@ class ContextStore:
             deadline=deadline,
         )
         try:
-            return scanner.run(max_matches)
+            matches = scanner.run(max_matches)
         except SearchTimeout as e:
             done = 100 * e.position // max(1, e.total)
             raise StoreError(
@@ -810,3 +950,46 @@ class ContextStore:
                 f"search of {name!r} stopped after {timeout_s} s, {done}% of the text "
                 "scanned; use a more specific pattern or a longer timeout",
             ) from None
+        loc = h.locate()
+        if matches and loc.headers():  # a directory context: say which file, which line
+            for m in matches:
+                m.file, m.file_line = loc.file_of_byte(h.index.byte_offset(h.buf, m.start), m.line)
+        return matches
+
+    # -- ranked search, grep, locations (rlmd/search) ----------------------------------
+
+    def search_ranked(self, name: str, query: str, k: int = 10) -> list[Hit]:
+        """The ``k`` passages of context ``name`` that best match ``query`` (BM25; see
+        ``docs/search.md``), best first."""
+        if not isinstance(query, str):
+            raise StoreError("invalid_argument", "query must be a string")
+        h = self._get(name)
+        try:
+            return ranked_scan(h.locate(), query, k)
+        except ValueError as e:
+            raise StoreError("invalid_argument", str(e)) from None
+
+    def grep(self, name: str, pattern: str, max_matches: int = 100) -> list[Hit]:
+        """Every line of context ``name`` matching the regex ``pattern``, with locations."""
+        h = self._get(name)
+        try:
+            return _grep(h.locate(), pattern, max_matches)
+        except TypeError as e:
+            raise StoreError("invalid_pattern", str(e)) from None
+        except ValueError as e:
+            kind = "invalid_pattern" if "regular expression" in str(e) else "invalid_argument"
+            raise StoreError(kind, str(e)) from None
+
+    def locate(self, name: str, start: int, end: int) -> Hit:
+        """Line, file and file line of characters ``[start, end)`` of context ``name``."""
+        h = self._get(name)
+        if not (isinstance(start, int) and isinstance(end, int)) or start < 0 or end < start:
+            raise StoreError(
+                "invalid_range", f"locate needs 0 <= start <= end (characters); got {start}..{end}"
+            )
+        if start > h.meta.chars:
+            raise StoreError(
+                "invalid_range",
+                f"start {start} is past the end of {name!r} ({h.meta.chars} characters)",
+            )
+        return h.locate().locate(start, min(end, h.meta.chars))

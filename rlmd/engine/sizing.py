@@ -1,0 +1,108 @@
+"""How big a text is for the root model, and whether the whole context fits its window.
+
+A context that fits comfortably (``[engine] direct_fraction`` of the window) is shown
+whole in the first message: issue 10 measured the demo (8,337 characters, an eighth of
+the embedded model's window) at 17 turns and 156 s when the model had to read it through
+300-character slices.  Tokens are counted with the model's own tokenizer where the server
+offers one (llama.cpp's ``/tokenize``), else estimated from ``[engine] chars_per_token``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+
+from rlmd.config import Config
+
+DEFAULT_WINDOW = 32_768
+# Counting with the server costs a round trip and its CPU; texts far from the line are
+# decided by the estimate alone.
+COUNT_MARGIN = 1.6
+
+
+class Tokenizer(Protocol):
+    """Counts tokens with a model's own tokenizer; None when it cannot now."""
+
+    async def count(self, model: str, text: str) -> int | None: ...
+
+
+class ModelStates(Protocol):
+    """The embedded provider's view of its models (``EmbeddedProvider.status()``)."""
+
+    def status(self) -> object: ...
+
+
+def model_address(states: ModelStates, model: str) -> tuple[str, str]:
+    """``(state, address)`` of ``model`` on the embedded provider ("", "" if unknown)."""
+    for m in getattr(states.status(), "models", []):
+        if getattr(m, "name", None) == model:
+            return str(getattr(m, "state", "")), str(getattr(m, "address", ""))
+    return "", ""
+
+
+class LlamaCppTokenizer:
+    """``POST /tokenize`` on the embedded model's llama.cpp server, once it is running (a
+    cold model is not loaded just to count: the estimate stands in)."""
+
+    def __init__(self, states: ModelStates, *, timeout_s: float = 10.0) -> None:
+        self._states = states
+        self._timeout_s = timeout_s
+
+    async def count(self, model: str, text: str) -> int | None:
+        state, address = model_address(self._states, model)
+        if state != "ready" or not address:
+            return None
+        url = address if address.startswith("http") else f"http://{address}"
+        try:
+            async with httpx.AsyncClient(timeout=self._timeout_s) as client:
+                r = await client.post(f"{url}/tokenize", json={"content": text})
+                r.raise_for_status()
+                tokens = r.json().get("tokens")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return len(tokens) if isinstance(tokens, list) else None
+
+
+def window_tokens(config: Config, model: str, override: int | None = None) -> int:
+    """The model's window in tokens: the query's ``window_tokens``, the embedded model's
+    ``ctx_size`` (per slot) when it serves ``model``, else 32,768."""
+    if override:
+        return override
+    emb = config.embedded
+    if not config.providers and model in (emb.root_model, emb.sub_model):
+        return emb.ctx_size
+    for p in config.providers:
+        if p.kind == "embedded" and model in (p.models or [emb.root_model, emb.sub_model]):
+            return emb.ctx_size
+    return DEFAULT_WINDOW
+
+
+def estimate_tokens(chars: int, chars_per_token: float) -> int:
+    return int(chars / chars_per_token) + 1
+
+
+async def fits_whole(
+    text_chars: int,
+    read: object,
+    *,
+    model: str,
+    window: int,
+    fraction: float,
+    chars_per_token: float,
+    tokenizer: Tokenizer | None,
+) -> tuple[bool, int]:
+    """Whether a context of ``text_chars`` fits ``fraction`` of ``window``, and its tokens.
+
+    ``read`` is an async callable returning the text (called only when counting helps).
+    """
+    limit = int(window * fraction)
+    est = estimate_tokens(text_chars, chars_per_token)
+    if limit <= 0 or text_chars == 0:
+        return False, est
+    if tokenizer is not None and limit / COUNT_MARGIN <= est <= limit * COUNT_MARGIN:
+        text = await read()  # type: ignore[operator]
+        counted = await tokenizer.count(model, text)
+        if counted is not None:
+            return counted <= limit, counted
+    return est <= limit, est

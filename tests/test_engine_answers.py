@@ -1,0 +1,234 @@
+"""Issue 10's answers over the socket: a real daemon whose one provider is the scripted
+loopback model server.  The short context shown whole, sources found in the context (text
+and directory contexts), invented answers unsupported, follow-ups, the answer cap, the
+sub-call prompt bound, phase events."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from rlmd.client import RpcError
+from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
+
+ROOT = "root-model"
+SUB = "sub-model"
+F = "```"
+
+EXTRA = """
+[limits]
+cell_timeout_s = 10
+answer_chars = 1000
+sub_prompt_chars = 2000
+last_chance_max_tokens = 77
+
+[pool]
+retries = 1
+backoff_base_s = 0.01
+
+[cache]
+enabled = false
+"""
+
+
+def repl(code: str) -> str:
+    return f"\n{F}repl\n{code.strip()}\n{F}\n"
+
+
+class Script:
+    """(regex on the last user message, reply or function) in order, per model."""
+
+    def __init__(self) -> None:
+        self.root: list[tuple[str, object]] = []
+        self.sub: list[tuple[str, object]] = []
+
+    def __call__(self, call: ChatCall) -> ScriptedReply | None:
+        for pattern, reply in self.sub if call.model == SUB else self.root:
+            m = re.search(pattern, call.last_user, re.S)
+            if m:
+                reply = reply(m, call) if callable(reply) else reply
+                return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
+        return None
+
+
+@pytest.fixture
+def script() -> Script:
+    return Script()
+
+
+@pytest.fixture
+def served(make_daemon, scripted_config, script):
+    with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
+        d = make_daemon(scripted_config(srv.url, EXTRA, root=ROOT, sub=SUB, capacity=8))
+        yield d, srv
+
+
+def ask(d, params: dict) -> tuple[object, list[dict]]:
+    events: list[dict] = []
+    with d.client() as c:
+        try:
+            return c.call("query/run", params, on_event=events.append), events
+        except RpcError as exc:
+            return exc, events
+
+
+CONFIG = "".join(f"# setting {i}: nothing here\n" for i in range(40)) + (
+    "[energy]\nprice_per_kwh = 0.45\n"
+)
+
+
+def test_a_short_context_is_shown_whole_and_answered_in_one_turn(served, script):
+    d, srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"price_per_kwh = (\S+)", lambda m, c: f"FINAL({m.group(1)})"))
+    res, events = ask(d, {"query": "What price per kWh is set?", "context": "cfg", "job": "s1"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "0.45" and res["iterations"] == 1 and res["start"] == "direct"
+    [call] = [c for c in srv.calls if c.model == ROOT]
+    assert CONFIG.strip() in call.last_user  # the text itself, whole
+    assert "Python REPL" in call.system  # the REPL is still there
+    # The answer's source is the line holding it, found in the context.
+    [src] = res["sources"]
+    line = CONFIG.splitlines().index("price_per_kwh = 0.45") + 1
+    assert src["line"] == line and "0.45" in src["text"]
+    assert CONFIG[src["start"] : src["end"]] == "price_per_kwh = 0.45"
+    assert res["supported"] is True
+    # Phase events came before the first token: the prompt's size in tokens.
+    phases = [e for e in events if e["kind"] == "phase"]
+    assert phases and phases[0]["phase"] == "prompt" and phases[0]["tokens"] > 100
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("phase") < kinds.index("root_delta")
+
+
+def test_rlm_mode_keeps_the_paper_start(served, script):
+    d, srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"Question:", "FINAL(0.45)"))
+    res, _ = ask(d, {"query": "Price?", "context": "cfg", "options": {"mode": "rlm"}})
+    assert res["start"] == "rlm"
+    call = next(c for c in srv.calls if c.model == ROOT)
+    assert "price_per_kwh" not in call.last_user  # described, not shown
+
+
+def test_sources_name_the_file_and_line_of_a_directory_context(served, script, tmp_path: Path):
+    d, _srv = served
+    (tmp_path / "a.md").write_text("# notes\nnothing about prices\n")
+    sub = tmp_path / "config"
+    sub.mkdir()
+    (sub / "example.toml").write_text("[limits]\nx = 1\n\n[energy]\nprice_per_kwh = 0.37\n")
+    d.call("context/put", {"name": "dir", "path": str(tmp_path)})
+    script.root.append((r"price_per_kwh = (\S+)", lambda m, c: f"FINAL({m.group(1)})"))
+    res, _ = ask(d, {"query": "What is price_per_kwh?", "context": "dir", "job": "dir1"})
+    assert res["answer"] == "0.37" and res["supported"] is True
+    [src] = res["sources"]
+    assert src["file"] == "config/example.toml" and src["file_line"] == 5
+    peek = d.call("context/peek", {"name": "dir", "start": src["start"], "end": src["end"]})
+    assert peek["text"] == "price_per_kwh = 0.37"
+
+
+def test_an_invented_answer_is_not_supported(served, script):
+    d, _srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"Question:", "FINAL(12345)"))
+    res, _ = ask(d, {"query": "What is the code?", "context": "cfg"})
+    assert res["answer"] == "12345"  # a large model's answer is not replaced...
+    assert res["supported"] is False and res["sources"] == []  # ...but never passes as fact
+
+
+def test_a_follow_up_sees_the_earlier_question_answer_and_sources(served, script):
+    d, srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"Earlier answer: 0\.45", "FINAL(45 cents per kWh)"))
+    script.root.append((r"price_per_kwh = (\S+)", lambda m, c: f"FINAL({m.group(1)})"))
+    first, _ = ask(d, {"query": "What price per kWh?", "context": "cfg", "job": "conv-1"})
+    assert first["answer"] == "0.45"
+    res, _ = ask(d, {"query": "In cents?", "follow_up": "conv-1", "job": "conv-2"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "45 cents per kWh"
+    last = [c for c in srv.calls if c.model == ROOT][-1].last_user
+    assert "Earlier question: What price per kWh?" in last
+    assert "price_per_kwh = 0.45" in last  # the same context, and the earlier source
+    missing, _ = ask(d, {"query": "And?", "follow_up": "no-such-job"})
+    assert isinstance(missing, RpcError) and missing.kind == "follow_up_not_found"
+
+
+def test_the_answer_is_capped_and_says_so(served, script):
+    d, _srv = served
+    script.root.append((r"Question:", repl("big = 'Z' * 5000\nFINAL_VAR('big')")))
+    res, _ = ask(d, {"query": "Say Z many times", "text": "x\n", "options": {"mode": "rlm"}})
+    assert res["answer_cut"] is True
+    assert res["answer"].startswith("Z" * 1000)
+    assert "[answer cut: 1,000 of 5,000 characters" in res["answer"]
+    assert len(res["answer"]) < 1200
+
+
+def test_a_sub_call_prompt_over_the_window_is_refused_to_the_model(served, script):
+    d, srv = served
+    script.root.append((r"over the sub-model's window", "FINAL(refused)"))
+    script.root.append(
+        (
+            r"Question:",
+            repl("try:\n    llm_query('A' * 5000)\nexcept Exception as e:\n    print(e)"),
+        )
+    )
+    res, _ = ask(d, {"query": "Summarize", "text": "x\n", "options": {"mode": "rlm"}})
+    assert res["answer"] == "refused"
+    assert not [c for c in srv.calls if c.model == SUB]  # it never reached a model
+    out = [c for c in srv.calls if c.model == ROOT][-1].last_user
+    assert "prompt of 5,000 chars is over the sub-model's window" in out
+    assert "filter or split it first" in out
+
+
+def test_the_last_chance_call_has_its_output_capped(served, script):
+    d, srv = served
+    script.root.append((r"used all your turns", "FINAL(best guess)"))
+    script.root.append((r"", repl("print(1)")))
+    res, _ = ask(d, {"query": "Loop", "text": "x\n", "options": {"max_iterations": 1}})
+    assert res["finish"] == "best_effort"
+    last = [c for c in srv.calls if c.model == ROOT][-1]
+    assert last.body.get("options", {}).get("num_predict") == 77
+
+
+def test_the_cli_prints_sources_as_path_and_line(served, script, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    d, _srv = served
+    (tmp_path / "example.toml").write_text("[energy]\nprice_per_kwh = 0.45\n")
+    script.root.append((r"price_per_kwh = (\S+)", lambda m, c: f"FINAL({m.group(1)})"))
+    env = {**os.environ, "RLMD_SOCKET": str(d.socket)}
+    out = subprocess.run(
+        [sys.executable, "-m", "rlmd.cli.main", "query", "-c", str(tmp_path), "-q", "Price?"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.splitlines()[:2] == ["0.45", "  example.toml:2: price_per_kwh = 0.45"]
+
+
+SMALL = "tiny-coder-1.5b"  # a name that selects the small-model prompts
+
+
+def test_a_small_model_gets_the_evidence_first(make_daemon, scripted_config, script):
+    with ScriptedServer(responder=script, models=[SMALL, SUB]) as srv:
+        d = make_daemon(scripted_config(srv.url, EXTRA, root=SMALL, sub=SUB))
+        lines = [f"row {i}: the weather was mild and nothing happened" for i in range(3000)]
+        lines[2024] = "row 2024: the vault combination is 31-41-59"
+        d.call("context/put", {"name": "log", "text": "\n".join(lines)})
+        script.root.append(
+            (r"\[1\] line 2025: row 2024: the vault combination is 31-41-59", "FINAL(31-41-59)")
+        )
+        res, events = ask(d, {"query": "What is the vault combination?", "context": "log"})
+        assert not isinstance(res, Exception), res
+        assert res["answer"] == "31-41-59" and res["iterations"] == 1
+        assert res["start"] == "rlm"  # 150k characters: described, with the passages
+        first = srv.calls[0].last_user
+        assert "Passages a search for the question ranked highest" in first
+        assert first.index("Passages") < first.index("Question: What is the vault")
+        assert res["supported"] is True and res["sources"][0]["line"] == 2025
+        assert "searching" in [e.get("phase") for e in events if e["kind"] == "phase"]
