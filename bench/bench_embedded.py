@@ -373,7 +373,9 @@ def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-async def _run(quick: bool, repeats: int, sections: tuple[str, ...]) -> str:
+async def _run(
+    quick: bool, repeats: int, sections: tuple[str, ...], gap_words: int | None = None
+) -> str:
     lines = [
         "## Embedded model (llama.cpp via xllamacpp, CPU)",
         "",
@@ -411,18 +413,23 @@ async def _run(quick: bool, repeats: int, sections: tuple[str, ...]) -> str:
             "",
             f"### Prompt processing: the daemon's embedded server against raw llama.cpp ({BIG})",
             "",
-            *await bench_gap(max(repeats, 3), quick),
+            *await bench_gap(max(repeats, 3), quick, gap_words),
         ]
     lines += ["", f"Load average at the end: {_load()}.", ""]
     return "\n".join(lines)
 
 
-def run(quick: bool = False, repeats: int = 2, sections: tuple[str, ...] = SECTIONS) -> str:
-    """Measure the chosen sections (join, speed, prefix); the Markdown report."""
+def run(
+    quick: bool = False,
+    repeats: int = 2,
+    sections: tuple[str, ...] = SECTIONS,
+    gap_words: int | None = None,
+) -> str:
+    """Measure the chosen sections (join, speed, prefix, gap); the Markdown report."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    return asyncio.run(_run(quick, repeats, sections))
+    return asyncio.run(_run(quick, repeats, sections, gap_words))
 
 
 def main() -> None:
@@ -434,8 +441,12 @@ def main() -> None:
     ap.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
     )
+    ap.add_argument(
+        "--gap-words", type=int, help="gap: words of fresh text per prompt (about 3.5 tokens each)"
+    )
     args = ap.parse_args()
-    print(run(args.quick, args.repeats, tuple(s for s in args.only.split(",") if s)))
+    only = tuple(s for s in args.only.split(",") if s)
+    print(run(args.quick, args.repeats, only, args.gap_words))
 
 
 if __name__ == "__main__":
