@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -194,17 +196,186 @@ async def bench_prefix_all(name: str, repeats: int, turns: int) -> list[str]:
     return [*rows, "", *detail]
 
 
+# -- prompt-processing gap: the daemon's provider path against raw llama.cpp -------------
+
+RAW_DEFAULTS: dict[str, object] = {}
+
+
+def _raw_serve(spec_json: str) -> int:
+    """Child: a bare llama.cpp server with llama.cpp's own defaults plus ``params``."""
+    import json as _json
+
+    import xllamacpp as xlc
+
+    spec = _json.loads(spec_json)
+    p = xlc.CommonParams()
+    p.model.path = spec["model_path"]
+    p.hostnames = ["127.0.0.1"]
+    p.port = 0
+    p.ui = False
+    for key, value in spec["params"].items():
+        target = p
+        *path, last = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
+    server = xlc.Server(p)
+    print(_json.dumps({"address": server.listening_address}), flush=True)
+    sys.stdin.buffer.read()  # until the bench closes stdin
+    os._exit(0)
+
+
+class RawServer:
+    """``python bench/bench_embedded.py --raw-serve SPEC`` as a child; ``address`` once ready."""
+
+    def __init__(self, model_path: Path, params: dict[str, object]) -> None:
+        self.model_path = model_path
+        self.params = params
+        self.proc: asyncio.subprocess.Process | None = None
+        self.address = ""
+
+    async def __aenter__(self) -> RawServer:
+        import json as _json
+
+        spec = _json.dumps({"model_path": str(self.model_path), "params": self.params})
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--raw-serve",
+            spec,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 600)
+        self.address = _json.loads(line)["address"]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+async def _pp_raw(address: str, text: str) -> tuple[float, int]:
+    """Prompt tokens/s as the server timed it, and the prompt's token count."""
+    async with httpx.AsyncClient(base_url=address, timeout=1800) as c:
+        tm = await completion(c, [{"role": "user", "content": text}], 1)
+    return tm["prompt_n"] / tm["prompt_ms"] * 1000, int(tm["prompt_n"])
+
+
+async def _pp_provider(p: EmbeddedProvider, model: str, text: str) -> float:
+    """Through the daemon's client (streaming, as the engine calls it): tokens/s to first token."""
+    from rlmd.providers.base import ChatRequest, Message
+
+    req = ChatRequest(model=model, messages=(Message("user", text),), max_tokens=1)
+    res = await p.chat(req)
+    return res.usage.input / res.ttft_s if res.ttft_s > 0 else float("nan")
+
+
+async def bench_gap(repeats: int, quick: bool, words: int | None = None) -> list[str]:
+    """Alternate A (the daemon's embedded server and client) and B (raw llama.cpp variants).
+
+    Every request carries fresh text (no prefix cache can help), the same for A and each B
+    in one round, so the rows of a round compare like with like.
+    """
+    model_path = ensure_model(BIG)
+    threads = len(os.sched_getaffinity(0))
+    words = words or (300 if quick else 1200)
+    variants: dict[str, dict[str, object]] = {
+        f"raw, threads {threads}, llama.cpp defaults": {
+            "cpuparams.n_threads": threads,
+            "cpuparams_batch.n_threads": threads,
+        },
+    }
+    for extra in os.environ.get("RLMD_BENCH_GAP_VARIANTS", "").split(";"):
+        # NAME=key:value,key:value  (for trying other settings without editing the bench)
+        if "=" in extra:
+            name, _, kvs = extra.partition("=")
+            params: dict[str, object] = {}
+            for kv in kvs.split(","):
+                k, _, v = kv.partition(":")
+                params[k] = int(v) if v.lstrip("-").isdigit() else v
+            variants[name] = params
+    rng = random.Random(7)
+    a_rates: list[float] = []
+    a_server: list[float] = []
+    b_rates: dict[str, list[float]] = {k: [] for k in variants}
+    n_tokens = 0
+    p = EmbeddedProvider(EmbeddedConfig(root_model=BIG, sub_model=BIG))
+    try:
+        await p.wait_ready()
+        servers = {k: RawServer(model_path, v) for k, v in variants.items()}
+        async with contextlib.AsyncExitStack() as stack:
+            for s in servers.values():
+                await stack.enter_async_context(s)
+            # Warm-up: the first request on a fresh server pays one-off costs.
+            warm = filler(rng, 40)
+            await _pp_provider(p, BIG, warm)
+            for s in servers.values():
+                await _pp_raw(s.address, warm)
+            for r in range(repeats):
+                text = filler(rng, words)
+                order = ["A", *servers] if r % 2 == 0 else [*servers, "A"]
+                for who in order:
+                    if who == "A":
+                        a_rates.append(await _pp_provider(p, BIG, text))
+                        print(f"gap: round {r} A client {a_rates[-1]:.1f}", file=sys.stderr)
+                        # The same server timed by itself, on other fresh text of the
+                        # same size (this text is in its cache now).
+                        other = filler(rng, words)
+                        a_server.append((await _pp_raw(p.status().models[0].address, other))[0])
+                        print(f"gap: round {r} A server {a_server[-1]:.1f}", file=sys.stderr)
+                    else:
+                        rate, n_tokens = await _pp_raw(servers[who].address, text)
+                        b_rates[who].append(rate)
+                        print(
+                            f"gap: round {r} {who} {rate:.1f} ({n_tokens} tokens)", file=sys.stderr
+                        )
+    finally:
+        await p.aclose()
+    base = _median(next(iter(b_rates.values())))
+    rows = [
+        f"Prompt of {n_tokens} fresh tokens, 1 generated, {repeats} rounds alternating A and "
+        f"B (order flipped every round); {threads} threads. Median (runs).",
+        "",
+        "| server | prompt tokens/s, median | runs | vs raw |",
+        "| --- | ---: | --- | ---: |",
+        f"| A: daemon's embedded server, its client (tokens / time to first token) | "
+        f"{_median(a_rates):.1f} | {fmt_runs(a_rates)} | {_median(a_rates) / base:.2f} |",
+        f"| A: the same server, its own timing | {_median(a_server):.1f} | "
+        f"{fmt_runs(a_server)} | {_median(a_server) / base:.2f} |",
+    ]
+    for name, vals in b_rates.items():
+        rows.append(
+            f"| B: {name} | {_median(vals):.1f} | {fmt_runs(vals)} | {_median(vals) / base:.2f} |"
+        )
+    return rows
+
+
 # -- report --------------------------------------------------------------------------
 
 
-SECTIONS = ("join", "speed", "prefix")
+SECTIONS = ("join", "speed", "prefix", "gap")
 
 
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-async def _run(quick: bool, repeats: int, sections: tuple[str, ...]) -> str:
+async def _run(
+    quick: bool, repeats: int, sections: tuple[str, ...], gap_words: int | None = None
+) -> str:
     lines = [
         "## Embedded model (llama.cpp via xllamacpp, CPU)",
         "",
@@ -237,27 +408,45 @@ async def _run(quick: bool, repeats: int, sections: tuple[str, ...]) -> str:
             "",
             *await bench_prefix_all(SMALL, repeats, turns),
         ]
+    if "gap" in sections:
+        lines += [
+            "",
+            f"### Prompt processing: the daemon's embedded server against raw llama.cpp ({BIG})",
+            "",
+            *await bench_gap(max(repeats, 3), quick, gap_words),
+        ]
     lines += ["", f"Load average at the end: {_load()}.", ""]
     return "\n".join(lines)
 
 
-def run(quick: bool = False, repeats: int = 2, sections: tuple[str, ...] = SECTIONS) -> str:
-    """Measure the chosen sections (join, speed, prefix); the Markdown report."""
+def run(
+    quick: bool = False,
+    repeats: int = 2,
+    sections: tuple[str, ...] = SECTIONS,
+    gap_words: int | None = None,
+) -> str:
+    """Measure the chosen sections (join, speed, prefix, gap); the Markdown report."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    return asyncio.run(_run(quick, repeats, sections))
+    return asyncio.run(_run(quick, repeats, sections, gap_words))
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--raw-serve":
+        sys.exit(_raw_serve(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter prompts and conversations")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement")
     ap.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
     )
+    ap.add_argument(
+        "--gap-words", type=int, help="gap: words of fresh text per prompt (about 3.5 tokens each)"
+    )
     args = ap.parse_args()
-    print(run(args.quick, args.repeats, tuple(s for s in args.only.split(",") if s)))
+    only = tuple(s for s in args.only.split(",") if s)
+    print(run(args.quick, args.repeats, only, args.gap_words))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ same arguments give the same contexts, questions and gold answers on any machine
 version, which the runner records).  Lengths are in tokens, estimated as chars / 4.
 
 Suites: ``sniah`` (needle in a haystack), ``oolong`` (aggregation over labelled TREC
-questions), ``pairs`` (OOLONG-Pairs), ``codeqa`` (questions about the stdlib's code).
+questions), ``pairs`` (OOLONG-Pairs), ``codeqa`` (questions about the stdlib's code), and
+from :mod:`rlmd.bench.facts`: ``needle`` (five depths), ``distractor`` (an outdated value
+beside the current one), ``twohop``, ``absent`` (the answer is not in the text) and
+``short`` (all four at <= 4k tokens).
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def format_length(tokens: int) -> str:
 SuiteFn = Callable[[list[int], int, int], Iterator[Task]]
 
 
-SUITES = ("sniah", "oolong", "pairs", "codeqa")
+SUITES = ("sniah", "oolong", "pairs", "codeqa", "needle", "distractor", "twohop", "absent", "short")
+# Suites built by rlmd.bench.facts (one module, several suites).
+FACT_SUITES = ("needle", "distractor", "twohop", "absent", "short")
 
 
 def make_tasks(suite: str, lengths: list[int], n: int, seed: int = 0) -> Iterator[Task]:
@@ -102,6 +107,10 @@ def make_tasks(suite: str, lengths: list[int], n: int, seed: int = 0) -> Iterato
         raise BenchError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     if n < 1:
         raise BenchError("--n must be at least 1")
+    if suite in FACT_SUITES:
+        from rlmd.bench.facts import tasks_for
+
+        return tasks_for(suite, lengths, n, seed)
     module = importlib.import_module(f"rlmd.bench.{suite}")
     fn: SuiteFn = module.tasks
     return fn(lengths, n, seed)

@@ -17,7 +17,7 @@ import msgspec
 
 from rlmd.bench import format_length
 
-METHOD_ORDER = ("base", "rlm", "rlm-nosub", "auto")
+METHOD_ORDER = ("base", "auto", "rlm", "rlm-nosub")
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -69,6 +69,7 @@ class SummaryRow(msgspec.Struct, kw_only=True):
     cost: Stat
     sub_calls: Stat
     wall_s: Stat
+    iterations: Stat = msgspec.field(default_factory=lambda: Stat(mean=0.0, median=0.0))
 
 
 def _stat(values: Sequence[float]) -> Stat:
@@ -101,6 +102,7 @@ def summarize(results: Iterable[Result]) -> list[SummaryRow]:
                 cost=_stat([r.cost for r in rs]),
                 sub_calls=_stat([r.sub_calls for r in rs]),
                 wall_s=_stat([r.wall_s for r in rs]),
+                iterations=_stat([r.iterations for r in rs]),
             )
         )
     rows.sort(key=lambda r: (r.suite, _method_key(r.method), r.length_tokens))
@@ -142,9 +144,11 @@ def markdown(
     meta: dict[str, Any],
     notes: Sequence[str] = (),
     kinds: Sequence[KindRow] = (),
+    results: Sequence[Result] = (),
 ) -> str:
     """The report: per suite, a score table (methods x lengths), a cost table and, when
-    the suite has several kinds of question, the score per kind."""
+    the suite has several kinds of question, the score per kind; with ``results``, one
+    line per query (tokens, root turns, wall time, how it ended)."""
     out = ["# rlm bench results", ""]
     for key in ("command", "root_model", "sub_model", "python", "seed", "created"):
         if meta.get(key) not in (None, ""):
@@ -169,8 +173,11 @@ def markdown(
                     cells.append(f"{r.score.mean:.3f} ({r.n}{err})")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out += ["", "Per task, mean / median:", ""]
-        out.append("| method | length | tokens in | tokens out | cost ($) | sub-calls | wall (s) |")
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append(
+            "| method | length | tokens in | tokens out | cost ($) | sub-calls | root turns "
+            "| wall (s) |"
+        )
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in sorted(srows, key=lambda r: (_method_key(r.method), r.length_tokens)):
             out.append(
                 f"| {r.method} | {format_length(r.length_tokens)} "
@@ -178,6 +185,7 @@ def markdown(
                 f"| {_fmt_tokens(r.tokens_out.mean)} / {_fmt_tokens(r.tokens_out.median)} "
                 f"| {r.cost.mean:.4f} / {r.cost.median:.4f} "
                 f"| {r.sub_calls.mean:.1f} / {r.sub_calls.median:.1f} "
+                f"| {r.iterations.mean:.1f} / {r.iterations.median:.1f} "
                 f"| {r.wall_s.mean:.1f} / {r.wall_s.median:.1f} |"
             )
         out.append("")
@@ -194,6 +202,25 @@ def markdown(
                     for k in names
                 ]
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+        sres = sorted(
+            (r for r in results if r.suite == suite),
+            key=lambda r: (r.length_tokens, r.task_id, _method_key(r.method)),
+        )
+        if sres:
+            out += ["Per query:", ""]
+            out.append(
+                "| task | kind | method | score | tokens in | tokens out | root turns "
+                "| wall (s) | end |"
+            )
+            out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+            for r in sres:
+                end = f"error: {r.error_kind or 'error'}" if r.error else (r.finish or "")
+                out.append(
+                    f"| {r.task_id} | {r.task_kind} | {r.method} | {r.score:.2f} "
+                    f"| {r.tokens_in} | {r.tokens_out} | {r.iterations} | {r.wall_s:.1f} "
+                    f"| {end} |"
+                )
             out.append("")
     for note in notes:
         out.append(f"> {note}")

@@ -38,6 +38,8 @@ import msgspec
 from rlmd.bench import SUITES, BenchError, Task, format_length, make_tasks, parse_lengths
 from rlmd.bench.report import Result, markdown, plot, summarize, summarize_kinds
 
+# "auto" is the daemon's default (size-aware: the text itself when it fits the
+# root model's window, else the REPL loop); "rlm" always asks for the paper's loop.
 METHODS = ("base", "rlm", "rlm-nosub", "auto")
 # Contexts larger than this go to the daemon as a file path, not inside the JSON frame.
 INLINE_LIMIT = 1 << 20
@@ -682,7 +684,7 @@ def write_outputs(
     if note:
         notes.append(note)
     kinds = summarize_kinds(results)
-    md = markdown(rows, meta, notes, kinds) if rows or not perf_md else ""
+    md = markdown(rows, meta, notes, kinds, results) if rows or not perf_md else ""
     if perf_md:
         md = (md + "\n" if md else "") + perf_md
     report = opts.out / "report.md"

@@ -15,6 +15,15 @@ Each task names its scorer (``Task.scorer``); :func:`score` dispatches on that n
   in the answer and the gold set.
 - ``codeqa:path``: the answer names the gold file (its path or dotted module name).
 - ``codeqa:name``: the gold identifier occurs in the answer as a whole word.
+- ``contains_only``: gold is ``[right, wrong, ...]``: 1 if ``right`` occurs in the answer
+  and none of the wrong values does (each matched as a whole token, case-insensitive);
+  an answer listing the outdated value beside the current one scores 0.
+- ``not_found``: the answer is absent from the context; gold names the kind of value
+  (``number``, ``word``, ``uuid``).  1 if the answer says it is not there (a phrase of
+  :data:`NOT_FOUND_RE`: "not found", "not mentioned", "no such ...", "could not find",
+  "does not appear", "there is no", "none", ...) AND names no value of that kind (no
+  7-digit number, code word or UUID: invented or copied from another key, either is
+  wrong); else 0.  An empty answer is 0.
 """
 
 from __future__ import annotations
@@ -175,12 +184,57 @@ def codeqa_numeric(answer: str, gold: Gold) -> float:
     return 0.75 ** abs(gi - int(nums[-1].replace(",", "")))
 
 
+def _token_re(value: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(value)}(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def contains_only(answer: str, gold: Gold) -> float:
+    """The first gold value occurs in the answer, and none of the others (distractors)."""
+    refs = gold if isinstance(gold, list) else [str(gold)]
+    if not refs:
+        return 0.0
+    right, wrong = refs[0], refs[1:]
+    if not _token_re(right).search(answer):
+        return 0.0
+    return 0.0 if any(_token_re(w).search(answer) for w in wrong) else 1.0
+
+
+NOT_FOUND_RE = re.compile(
+    r"not\s+(?:be\s+)?(?:found|present|mentioned|given|stated|provided|included|available"
+    r"|listed|specified|contained|in\s+the\s+(?:text|context|document))"
+    r"|\bno\s+(?:such|special|magic|mention|information|record|value|number|answer|data)"
+    r"|(?:does|did|do)(?:n't|\s+not)\s+(?:appear|exist|contain|mention|include|say|state|occur)"
+    r"|(?:cannot|can't|could\s+not|couldn't|unable\s+to|failed\s+to)\s+(?:find|locate|determine)"
+    r"|\bthere\s+is\s+no\b|\bisn't\s+(?:mentioned|present|there|in)|\bnone\b|\bunknown\b"
+    r"|\bnot\s+(?:there|anywhere)\b",
+    re.IGNORECASE,
+)
+VALUE_RES = {
+    "number": re.compile(r"(?<!\d)\d{7}(?!\d)"),
+    "word": re.compile(r"\b[a-z]+-[a-z]+-\d{2}\b", re.IGNORECASE),
+    "uuid": re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I),
+}
+
+
+def not_found(answer: str, gold: Gold) -> float:
+    """1 for a "not found"-style answer with no value of the asked kind in it (see above)."""
+    kind = str(gold[0] if isinstance(gold, list) else gold)
+    value_re = VALUE_RES.get(kind)
+    if value_re is None:
+        raise ScoringError(f"not_found: unknown value kind {kind!r}; use {', '.join(VALUE_RES)}")
+    if value_re.search(answer):
+        return 0.0
+    return 1.0 if NOT_FOUND_RE.search(answer) else 0.0
+
+
 _SCORERS: dict[str, Callable[[str, Gold], float]] = {
     "contains": contains_score,
     "pairs_f1": pairs_f1,
     "codeqa:path": codeqa_path,
     "codeqa:name": codeqa_name,
     "codeqa:numeric": codeqa_numeric,
+    "contains_only": contains_only,
+    "not_found": not_found,
 }
 
 
