@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import string
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from rlmd.engine.types import EngineError, QueryOptions, QueryParams
 from rlmd.pool.pool import Pool
 from rlmd.providers.registry import build_provider
 from rlmd.store.store import ContextStore
+from rlmd.testing.script import ScriptedModels
 from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 ROOT = "root-model"
@@ -47,30 +47,11 @@ def repl(code: str, before: str = "", after: str = "") -> str:
     return f"{before}\n{F}repl\n{code.strip()}\n{F}\n{after}"
 
 
-class Script:
-    """The scripted models: (regex on the last user message, reply or function) in order."""
+class Script(ScriptedModels):
+    """The scripted root and sub models of these tests (rlmd/testing/script.py)."""
 
     def __init__(self) -> None:
-        self.root: list[tuple[str, object]] = []
-        self.sub: list[tuple[str, object]] = []
-
-    def on_root(self, pattern: str, reply) -> Script:
-        self.root.append((pattern, reply))
-        return self
-
-    def on_sub(self, pattern: str, reply) -> Script:
-        self.sub.append((pattern, reply))
-        return self
-
-    def __call__(self, call: ChatCall) -> ScriptedReply | None:
-        rules = self.sub if call.model == SUB else self.root
-        for pattern, reply in rules:
-            m = re.search(pattern, call.last_user, re.S)
-            if m:
-                if callable(reply):
-                    reply = reply(m, call)
-                return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
-        return None
+        super().__init__(sub_model=SUB)
 
 
 class Rig:

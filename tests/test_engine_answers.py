@@ -5,13 +5,13 @@ sub-call prompt bound, phase events."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from rlmd.client import RpcError
-from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
+from rlmd.testing.script import ScriptedModels
+from rlmd.testing.scripted_server import ScriptedServer
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -37,20 +37,11 @@ def repl(code: str) -> str:
     return f"\n{F}repl\n{code.strip()}\n{F}\n"
 
 
-class Script:
-    """(regex on the last user message, reply or function) in order, per model."""
+class Script(ScriptedModels):
+    """The scripted root and sub models of these tests (rlmd/testing/script.py)."""
 
     def __init__(self) -> None:
-        self.root: list[tuple[str, object]] = []
-        self.sub: list[tuple[str, object]] = []
-
-    def __call__(self, call: ChatCall) -> ScriptedReply | None:
-        for pattern, reply in self.sub if call.model == SUB else self.root:
-            m = re.search(pattern, call.last_user, re.S)
-            if m:
-                reply = reply(m, call) if callable(reply) else reply
-                return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
-        return None
+        super().__init__(sub_model=SUB)
 
 
 @pytest.fixture

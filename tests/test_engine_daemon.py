@@ -3,7 +3,6 @@ points at the scripted loopback model server running in this test process."""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,8 @@ import pytest
 
 from rlmd.client import RpcError
 from rlmd.engine.trace import format_trace
-from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
+from rlmd.testing.script import ScriptedModels
+from rlmd.testing.scripted_server import ScriptedServer
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -23,20 +23,11 @@ def repl(code: str, before: str = "") -> str:
     return f"{before}\n{F}repl\n{code.strip()}\n{F}\n"
 
 
-class Script:
-    """Scripted models: (regex on the last user message, reply or function), in order."""
+class Script(ScriptedModels):
+    """The scripted root and sub models of these tests (rlmd/testing/script.py)."""
 
     def __init__(self) -> None:
-        self.root: list[tuple[str, object]] = []
-        self.sub: list[tuple[str, object]] = []
-
-    def __call__(self, call: ChatCall) -> ScriptedReply | None:
-        for pattern, reply in self.sub if call.model == SUB else self.root:
-            m = re.search(pattern, call.last_user, re.S)
-            if m:
-                reply = reply(m, call) if callable(reply) else reply
-                return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
-        return None
+        super().__init__(sub_model=SUB)
 
 
 EXTRA = """
