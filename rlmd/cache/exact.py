@@ -181,6 +181,18 @@ class CacheDB:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
+        # Two processes opening a new file race to switch it to WAL; SQLite answers the
+        # loser "database is locked" at once, without its busy handler.  Retry that.
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _connect_once(self) -> sqlite3.Connection:
         c = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000)
         try:
             c.execute(f"PRAGMA busy_timeout={self._busy_ms}")
