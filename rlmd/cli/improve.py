@@ -143,6 +143,20 @@ def cmd_improve(c: Client, args: argparse.Namespace) -> int:
     return _gate(c, point, args)
 
 
+def _approve(c: Client, job: str) -> int:
+    r = c.call("improve/approve", {"job": job})
+    print(f"applied to the working tree (not committed): {', '.join(r['files'])}")
+    return 0
+
+
+def _reject(c: Client, job: str, feedback: str) -> dict[str, Any]:
+    """Reject ``job``; with feedback (and rounds left) the next round's decision point."""
+    params: dict[str, Any] = {"job": job}
+    if feedback:
+        params["feedback"] = feedback
+    return c.call("improve/reject", params, on_event=_progress)
+
+
 def _gate(c: Client, point: dict[str, Any], args: argparse.Namespace) -> int:
     while True:
         _print_point(point, not args.no_pager)
@@ -158,13 +172,8 @@ def _gate(c: Client, point: dict[str, Any], args: argparse.Namespace) -> int:
             print(f"left at the gate; later: rlm improve approve {job}", file=sys.stderr)
             return 0
         if choice == "approve":
-            r = c.call("improve/approve", {"job": job})
-            print(f"applied to the working tree (not committed): {', '.join(r['files'])}")
-            return 0
-        params: dict[str, Any] = {"job": job}
-        if feedback:
-            params["feedback"] = feedback
-        point = c.call("improve/reject", params, on_event=_progress)
+            return _approve(c, job)
+        point = _reject(c, job, feedback)
         if point["state"] == "rejected":
             print("rejected; nothing was applied", file=sys.stderr)
             return 0
@@ -194,14 +203,9 @@ def _action(c: Client, action: str, rest: list[str], args: argparse.Namespace) -
             _show_diff(rec["rounds"][-1]["diff"], not args.no_pager)
         return 0
     if action == "approve":
-        r = c.call("improve/approve", {"job": job})
-        print(f"applied to the working tree (not committed): {', '.join(r['files'])}")
-        return 0
-    params: dict[str, Any] = {"job": job}
-    if args.feedback:
-        params["feedback"] = args.feedback
+        return _approve(c, job)
     try:
-        point = c.call("improve/reject", params, on_event=_progress)
+        point = _reject(c, job, args.feedback or "")
     except RpcError as exc:
         print(f"rlm: {exc.message}", file=sys.stderr)
         return 1
