@@ -224,3 +224,77 @@ def test_a_small_model_gets_the_evidence_first(make_daemon, scripted_config, scr
         assert first.index("Passages") < first.index("Question: What is the vault")
         assert res["supported"] is True and res["sources"][0]["line"] == 2025
         assert "searching" in [e.get("phase") for e in events if e["kind"] == "phase"]
+
+
+@pytest.fixture
+def small_served(make_daemon, scripted_config, script):
+    with ScriptedServer(responder=script, models=[SMALL, SUB]) as srv:
+        yield make_daemon(scripted_config(srv.url, EXTRA, root=SMALL, sub=SUB)), srv
+
+
+def test_a_value_for_a_name_found_nowhere_becomes_not_found(small_served, script):
+    # The absent bench: asked for a key the text never writes, the small model gave
+    # another key's number from the evidence, twice.
+    from rlmd.bench.facts import build_absent
+
+    d, srv = small_served
+    t = build_absent(3000, 0, 0)
+    d.call("context/put", {"name": "hay", "text": t.context})
+    other = t.meta["present"][0]["value"]
+    script.root.append((r"Question:", f"FINAL({other})"))
+    script.root.append((r"occurs nowhere", f"FINAL({other})"))
+    res, _ = ask(d, {"query": t.question, "context": "hay"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"].startswith("not found") and other not in res["answer"]
+    first = srv.calls[0].last_user
+    assert f"finds {t.meta['key']!r} nowhere" in first  # said up front
+    assert f"{t.meta['key']!r} occurs nowhere" in srv.calls[1].last_user  # sent back once
+    assert res["iterations"] == 2 and res["supported"] is False
+
+
+def test_the_outdated_record_is_sent_back_and_the_current_one_taken(small_served, script):
+    from rlmd.bench.facts import build_distractor
+
+    d, srv = small_served
+    t = build_distractor(3000, 0, 0)  # the records form
+    d.call("context/put", {"name": "rec", "text": t.context})
+    old, new = t.meta["outdated"], t.meta["current"]
+    script.root.append((r"more than one value", f"FINAL({new})"))
+    script.root.append((r"Question:", f"FINAL({old})"))
+    res, _ = ask(d, {"query": t.question, "context": "rec"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == new and res["iterations"] == 2 and res["supported"] is True
+    feedback = srv.calls[1].last_user
+    assert old in feedback and new in feedback and t.meta["current_date"] in feedback
+
+
+def test_another_keys_number_is_sent_back(small_served, script):
+    from rlmd.bench.facts import build_needle
+
+    d, srv = small_served
+    t = build_needle(3000, 2, 0)
+    d.call("context/put", {"name": "nd", "text": t.context})
+    wrong = t.meta["others"][0]
+    script.root.append((r"belongs to", f"FINAL({t.gold})"))
+    script.root.append((r"Question:", f"FINAL({wrong['value']})"))
+    res, _ = ask(d, {"query": t.question, "context": "nd"})
+    assert res["answer"] == t.gold and res["iterations"] == 2
+    assert f"belongs to {wrong['key']!r}" in srv.calls[1].last_user
+
+
+def test_a_small_models_unsupported_last_chance_answer_is_not_found(small_served, script):
+    # The absent trace: twenty searches, then a number that stands nowhere in the text.
+    d, _srv = small_served
+    d.call("context/put", {"name": "log", "text": "row: nothing happened\n" * 200})
+    script.root.append((r"give your best answer now", "FINAL(4458732)"))
+    script.root.append((r"", repl("print(grep('vault'))")))
+    res, _ = ask(
+        d,
+        {
+            "query": "What is the vault number?",
+            "context": "log",
+            "options": {"mode": "rlm", "max_iterations": 2},
+        },
+    )
+    assert not isinstance(res, Exception), res
+    assert res["finish"] == "best_effort" and res["answer"].startswith("not found")

@@ -88,7 +88,8 @@ def test_slice_reading_steer_reaches_the_model(make_daemon, scripted_config):
 
     with ScriptedServer(responder=respond, models=["root", "sub"]) as srv:
         d = make_daemon(scripted_config(srv.url, "[cache]\nenabled = false\n"))
-        text = "".join(f"line {i}\n" for i in range(100))
+        # The question's name is in the text (else the answer is sent back for that).
+        text = "".join(f"line {i}\n" for i in range(100)) + "the quartz-lantern key is 7\n"
         with d.client() as c:
             res = c.call("query/run", {"query": Q, "text": text, "options": {"mode": "rlm"}})
         assert res["answer"] == "steered" and res["iterations"] == 4
@@ -107,3 +108,19 @@ def test_a_repeated_empty_search_after_a_hit_quotes_the_hit():
     text = repeated(mem, key)
     assert text is not None and "It found nothing" in text
     assert "The secret password is TANGERINE-7." in text and "FINAL(the answer) now" in text
+
+
+def test_searches_that_find_nothing_three_times_are_steered_to_not_found():
+    # The absent-fact trace: grep of the asked key printing [] turn after turn.
+    from rlmd.engine.steer import no_hits
+
+    mem = LoopMemory(question=Q)
+    mem.outputs += ["[] (no hits)", "[]"]
+    key = ran(mem, "print(grep('quartz'))")
+    assert no_hits(mem, key, "[]") is None  # two are still searching
+    mem.outputs.append("[] (no hits)")
+    text = no_hits(mem, key, "[] (no hits)")
+    assert text is not None and "FINAL(not found)" in text
+    # A search that found something breaks the run.
+    mem.outputs[-2] = "[line 4 @10:40] the quartz lantern"
+    assert no_hits(mem, key, "[]") is None

@@ -22,7 +22,12 @@ RUNNABLE = frozenset({"repl", "python", "py", "python3"})
 _FENCE_OPEN = re.compile(r"^[ \t]*(`{3,})[ \t]*([A-Za-z0-9_+-]*)[^`\n]*$")
 _FENCE_CLOSE = re.compile(r"^[ \t]*(`{3,})[ \t]*$")
 # FINAL at the start of a line, maybe behind markdown emphasis or a quote marker.
-_FINAL_START = re.compile(r"^[ \t>*_#-]*(?:\*\*)?(FINAL_VAR|FINAL)[ \t]*\(", re.MULTILINE)
+# ``Final(4458732)`` ended a small model's loop in the absent bench (issue 10) without
+# being read as an answer: the word's case is not the model's contract to keep.
+_FINAL_START = re.compile(
+    r"^[ \t>*_#-]*(?:\*\*)?(FINAL_VAR|FINAL|Final_var|Final|final_var|final)[ \t]*\(",
+    re.MULTILINE,
+)
 _FINAL_ANYWHERE = re.compile(r"\b(FINAL_VAR|FINAL)[ \t]*\(")
 
 FinalKind = Literal["answer", "var", "expr"]
@@ -155,7 +160,7 @@ def find_final(text: str, *, anywhere: bool = False) -> Final | None:
     if m is None:
         return None
     inner = _call_argument(text, m.end())
-    if m.group(1) == "FINAL":
+    if m.group(1).upper() == "FINAL":
         return Final("answer", _unquote(inner.strip()))
     return _final_var(inner)
 

@@ -469,6 +469,15 @@ def with_evidence(first: str, evidence: str) -> str:
     return head + evidence + "\n\n" + sep + rest
 
 
+def names_absent_note(names: list[str]) -> str:
+    """Told up front when none of the question's names occurs anywhere in the text."""
+    quoted = ", ".join(repr(n) for n in names)
+    return (
+        f"Note: a search of the whole text (ignoring case) finds {quoted} nowhere. If the "
+        "text does not hold the answer, write FINAL(not found)."
+    )
+
+
 def follow_up_preamble(question: str, answer: str, sources: list[str]) -> str:
     """What a follow-up query is told of the earlier one."""
     src = "".join(f"\n  - {s}" for s in sources[:5])

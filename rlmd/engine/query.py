@@ -23,8 +23,10 @@ import msgspec
 from rlmd.cache import CacheService, QueryCaching
 from rlmd.config import Config
 from rlmd.engine import prompts
+from rlmd.engine.anchors import missing_names
 from rlmd.engine.budget import Meter, resolve_budget
 from rlmd.engine.context_text import ContextText
+from rlmd.engine.evidence import evidence_text
 from rlmd.engine.followup import Earlier, FollowUps
 from rlmd.engine.parse import parse_reply
 from rlmd.engine.record import Emit, Recorder
@@ -39,7 +41,6 @@ from rlmd.providers.base import ChatRequest, Message, ProviderError
 from rlmd.store.store import ContextStore, StoreError
 
 HEAD_CHARS = 1200  # how much of the context is peeked for its description
-EVIDENCE_TEXT_CHARS = 240  # one evidence passage as shown
 
 
 @dataclasses.dataclass
@@ -324,6 +325,11 @@ class Engine:
         small = prompts.variant_for(run.root_model) == "small"
         if ctx.text is not None and ctx.name and (small or cfg.evidence_large):
             evidence = await self._evidence(rec, ctx.name, query)
+        missing: list[str] = []
+        if ctx.text is not None:
+            missing = await asyncio.to_thread(missing_names, query, ctx.text)
+            if missing:
+                rec.note("names_absent", names=missing)
         start = LoopStart(
             query=query,
             context_path=ctx.path,
@@ -331,11 +337,17 @@ class Engine:
             ctx=ctx.text,
             depth=1,
             context_name=ctx.name,
+            missing_names=missing,
         )
         if ctx.desc is not None and ctx.desc.head:
             start.shown.append(ctx.desc.head)
         if evidence:
             start.shown.append(evidence)
+        # What the model reads before the question: the passages and, when the question's
+        # names stand nowhere in the text, a note saying so (not evidence of anything).
+        lead = "\n\n".join(
+            x for x in (evidence, prompts.names_absent_note(missing) if missing else "") if x
+        )
         if mode == "auto" and ctx.text is not None and ctx.desc is not None and ctx.desc.chars:
             text_ctx = ctx.text
 
@@ -355,15 +367,11 @@ class Engine:
             if fits:
                 text = await read()
                 start.system = system or prompts.direct_system_prompt(sub_calls=not run.nosub)
-                start.first = preamble + prompts.direct_first_message(
-                    query, text, ctx.desc, evidence
-                )
+                start.first = preamble + prompts.direct_first_message(query, text, ctx.desc, lead)
                 start.shown.append(text)
                 run.shown.append(text)
                 return start
-        start.first = preamble + prompts.with_evidence(
-            prompts.first_message(query, ctx.desc), evidence
-        )
+        start.first = preamble + prompts.with_evidence(prompts.first_message(query, ctx.desc), lead)
         run.shown.extend(start.shown)
         return start
 
@@ -380,15 +388,8 @@ class Engine:
         except (StoreError, ValueError) as exc:
             rec.note("evidence", error=str(exc))
             return ""
-        passages = []
-        for h in hits:
-            where = f"{h.file}:{h.file_line}" if getattr(h, "file", None) else f"line {h.line}"
-            text = " ".join(str(h.text).split())
-            if len(text) > EVIDENCE_TEXT_CHARS:
-                text = text[:EVIDENCE_TEXT_CHARS] + " …"
-            passages.append((where, text))
-        block = prompts.evidence_block(passages)
-        rec.note("evidence", passages=len(passages))
+        block = evidence_text(hits, query)
+        rec.note("evidence", passages=len(hits))
         return block
 
     async def _resolve_context(

@@ -126,7 +126,24 @@ def slice_reading(memory: LoopMemory, key: str, output: str) -> str | None:
     )
 
 
-RULES = (reindexing, bare_matches, slice_reading)
+NO_HITS_IN_A_ROW = 3
+
+
+def no_hits(memory: LoopMemory, key: str, output: str) -> str | None:
+    """Issue 10, the absent-fact trace: twenty searches for the asked key, each printing
+    ``[]``, then an invented ``Final(4458732)``.  Three searches in a row that found
+    nothing: the text may not hold it, and "not found" is an answer."""
+    recent = memory.outputs[-NO_HITS_IN_A_ROW:]
+    if len(recent) < NO_HITS_IN_A_ROW or not all(prompts.is_empty_output(o) for o in recent):
+        return None
+    return (
+        f"{NO_HITS_IN_A_ROW} searches in a row found nothing. Try one search with a single "
+        "distinctive word of the question; if that finds nothing either, the text does "
+        "not hold the answer: write FINAL(not found). Never make up a value."
+    )
+
+
+RULES = (reindexing, bare_matches, slice_reading, no_hits)
 
 
 def steer(memory: LoopMemory, key: str, output: str) -> str | None:

@@ -57,6 +57,8 @@ class LoopStart:
     system: str | None = None  # None: the RLM system prompt for the model
     first: str | None = None  # None: the context described
     shown: list[str] = field(default_factory=list)  # texts shown up front (the context)
+    # The question's names when none of them occurs in the context (anchors.missing_names).
+    missing_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,7 +92,9 @@ class RootLoop:
         self.start = start
         self.depth = start.depth
         self.memory = LoopMemory(question=start.query)
-        self.policy = SmallModelPolicy.for_model(run.root_model, run.meter.budget)
+        self.policy = SmallModelPolicy.for_model(
+            run.root_model, run.meter.budget, start.missing_names
+        )
         self.output_chars = self.policy.output_chars
         self.memory.printed.extend(start.shown)
 
@@ -406,6 +410,7 @@ class RootLoop:
         elif not reply.blocks:
             answer = reply.prose.strip()
         if answer and non_answer_reason(answer) is None:
+            answer = await self.policy.last_word(answer, ctx=self.start.ctx, query=self.start.query)
             self.rec.note("final", answer=clip_for_trace(answer), how="best_effort")
             return answer, "best_effort"
         if reply.prose.strip():

@@ -1,0 +1,75 @@
+"""The evidence block: ranked passages for the question, each cut around what matched.
+
+A passage is a paragraph or a long line; the block shows about
+:data:`SNIPPET_CHARS` of each.  Cutting at the passage's head lost the fact: in the
+distractor bench (issue 10) the record the search had ranked first ended its 240
+characters with "[2019-05-08] Re …", and the model answered from another passage that
+showed a whole (wrong) sentence.  So the window is centred on the question's names
+(:mod:`rlmd.engine.anchors`) when the passage holds one, else on the densest run of the
+question's words.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rlmd.engine import prompts
+from rlmd.engine.anchors import name_pattern, question_names
+from rlmd.search.hit import Hit
+
+SNIPPET_CHARS = 240
+_WORD = re.compile(r"[A-Za-z0-9]{3,}")
+_STOP = frozenset(
+    "the and for with what which that this from are was were have has its does how who "
+    "whom when where why text answer only say number".split()
+)
+
+
+def snippet(text: str, question: str, limit: int = SNIPPET_CHARS) -> str:
+    """``text`` (whitespace folded) cut to ``limit`` characters around what the question
+    asks, with "…" where it was cut."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    centre = _centre(flat, question)
+    lo = max(0, min(centre - limit // 3, len(flat) - limit))
+    hi = lo + limit
+    # Whole words at the cuts.
+    if lo > 0:
+        sp = flat.find(" ", lo)
+        lo = sp + 1 if 0 <= sp < lo + 20 else lo
+    if hi < len(flat):
+        sp = flat.rfind(" ", hi - 20, hi)
+        hi = sp if sp > lo else hi
+    return ("… " if lo > 0 else "") + flat[lo:hi] + (" …" if hi < len(flat) else "")
+
+
+def _centre(flat: str, question: str) -> int:
+    for name in question_names(question):
+        m = re.search(name_pattern(name), flat)
+        if m:
+            return m.start()
+    words = {w.lower() for w in _WORD.findall(question)} - _STOP
+    if not words:
+        return 0
+    hits = [m.start() for m in _WORD.finditer(flat) if m.group(0).lower() in words]
+    if not hits:
+        return 0
+    # The hit with the most other hits within one window after it.
+    best, best_n, j = hits[0], 0, 0
+    for i, h in enumerate(hits):
+        j = max(j, i)
+        while j + 1 < len(hits) and hits[j + 1] - h < SNIPPET_CHARS // 2:
+            j += 1
+        if j - i + 1 > best_n:
+            best, best_n = h, j - i + 1
+    return best
+
+
+def evidence_text(hits: list[Hit], question: str) -> str:
+    """The evidence block for ``hits`` (best first), or "" for none."""
+    passages = []
+    for h in hits:
+        where = f"{h.file}:{h.file_line}" if h.file else f"line {h.line}"
+        passages.append((where, snippet(str(h.text), question)))
+    return prompts.evidence_block(passages)
