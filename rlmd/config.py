@@ -85,7 +85,7 @@ def _check_command(p: ProviderConfig) -> None:
     """A command provider runs a local program: argv, models and env names, nothing else."""
     who = f"provider {p.name!r}"
     if p.kind != "command":
-        raise ValueError(f"{who}: `command` and `env` apply only to kind = \"command\"")
+        raise ValueError(f'{who}: `command` and `env` apply only to kind = "command"')
     if not p.command or not all(isinstance(a, str) and a for a in p.command):
         raise ValueError(
             f'{who}: `command` must be a non-empty argv list, e.g. ["claude", "-p"] '
@@ -100,7 +100,7 @@ def _check_command(p: ProviderConfig) -> None:
             raise ValueError(f"{who}: `env` lists variable NAMES (got {name!r})")
     if p.base_url or p.api_key_env is not None:
         raise ValueError(
-            f"{who}: kind \"command\" takes no base_url or api_key_env; name the variables "
+            f'{who}: kind "command" takes no base_url or api_key_env; name the variables '
             "the program needs (its own API key, say) in `env`"
         )
 
@@ -265,6 +265,9 @@ class EngineConfig(_Section):
     chars_per_token: float = 3.0
     evidence_passages: int = 5
     evidence_large: bool = False
+    #: A small model asked about a context shown whole but this many tokens or more is
+    #: first asked from the evidence passages alone (0: never).
+    evidence_turn_tokens: int = 1500
     follow_up_jobs: int = 64
 
     def __post_init__(self) -> None:
@@ -272,8 +275,10 @@ class EngineConfig(_Section):
             raise ValueError("direct_fraction must be in [0, 0.9] (0: never show the text whole)")
         if not 1.0 <= self.chars_per_token <= 8.0:
             raise ValueError("chars_per_token must be in [1, 8]")
-        if self.evidence_passages < 0 or self.follow_up_jobs < 0:
-            raise ValueError("evidence_passages and follow_up_jobs must be >= 0")
+        if self.evidence_passages < 0 or self.follow_up_jobs < 0 or self.evidence_turn_tokens < 0:
+            raise ValueError(
+                "evidence_passages, evidence_turn_tokens and follow_up_jobs must be >= 0"
+            )
 
 
 class SandboxConfig(_Section):

@@ -243,7 +243,7 @@ def test_a_value_for_a_name_found_nowhere_becomes_not_found(small_served, script
     other = t.meta["present"][0]["value"]
     script.root.append((r"Question:", f"FINAL({other})"))
     script.root.append((r"occurs nowhere", f"FINAL({other})"))
-    res, _ = ask(d, {"query": t.question, "context": "hay"})
+    res, _ = ask(d, {"query": t.question, "context": "hay", "options": {"mode": "rlm"}})
     assert not isinstance(res, Exception), res
     assert res["answer"].startswith("not found") and other not in res["answer"]
     first = srv.calls[0].last_user
@@ -261,7 +261,7 @@ def test_the_outdated_record_is_sent_back_and_the_current_one_taken(small_served
     old, new = t.meta["outdated"], t.meta["current"]
     script.root.append((r"more than one value", f"FINAL({new})"))
     script.root.append((r"Question:", f"FINAL({old})"))
-    res, _ = ask(d, {"query": t.question, "context": "rec"})
+    res, _ = ask(d, {"query": t.question, "context": "rec", "options": {"mode": "rlm"}})
     assert not isinstance(res, Exception), res
     assert res["answer"] == new and res["iterations"] == 2 and res["supported"] is True
     feedback = srv.calls[1].last_user
@@ -277,7 +277,7 @@ def test_another_keys_number_is_sent_back(small_served, script):
     wrong = t.meta["others"][0]
     script.root.append((r"belongs to", f"FINAL({t.gold})"))
     script.root.append((r"Question:", f"FINAL({wrong['value']})"))
-    res, _ = ask(d, {"query": t.question, "context": "nd"})
+    res, _ = ask(d, {"query": t.question, "context": "nd", "options": {"mode": "rlm"}})
     assert res["answer"] == t.gold and res["iterations"] == 2
     assert f"belongs to {wrong['key']!r}" in srv.calls[1].last_user
 
@@ -298,3 +298,36 @@ def test_a_small_models_unsupported_last_chance_answer_is_not_found(small_served
     )
     assert not isinstance(res, Exception), res
     assert res["finish"] == "best_effort" and res["answer"].startswith("not found")
+
+
+def test_a_long_text_shown_whole_is_first_asked_from_its_passages(small_served, script):
+    # The demo: 15,195 characters shown whole cost 3,811 prompt tokens on the embedded
+    # model, and the first passage held the answer.
+    from rlmd.bench.facts import build_needle
+
+    d, srv = small_served
+    t = build_needle(3000, 1, 0)
+    d.call("context/put", {"name": "nd", "text": t.context})
+    script.root.append((r"else READ", f"FINAL({t.gold})"))
+    res, _ = ask(d, {"query": t.question, "context": "nd"})
+    assert res["answer"] == t.gold and res["iterations"] == 1 and res["start"] == "direct"
+    [call] = srv.calls
+    assert "passages a search found" in call.system and t.context[:2000] not in call.last_user
+    assert res["supported"] is True
+
+
+def test_passages_that_do_not_answer_lead_to_the_whole_text(small_served, script):
+    from rlmd.bench.facts import build_needle
+
+    d, srv = small_served
+    t = build_needle(3000, 1, 0)
+    d.call("context/put", {"name": "nd", "text": t.context})
+    script.root.append((r"else READ", "READ"))
+    script.root.append((r"in full:", f"FINAL({t.gold})"))
+    res, _ = ask(d, {"query": t.question, "context": "nd"})
+    assert res["answer"] == t.gold and res["iterations"] == 2
+    assert t.context[:2000] in srv.calls[1].last_user
+    # A value the passages never showed is not taken from them either.
+    script.root[:] = [(r"else READ", "FINAL(5550123)"), (r"in full:", f"FINAL({t.gold})")]
+    res, _ = ask(d, {"query": t.question, "context": "nd"})
+    assert res["answer"] == t.gold and res["iterations"] == 2

@@ -443,6 +443,18 @@ def direct_first_message(
     )
 
 
+EVIDENCE_TURN_SYSTEM = """\
+You answer a question from passages a search found in a longer text. If the passages
+answer it, write the answer on a line of its own: FINAL(the answer)
+Quote values exactly as the passages write them. If they do not answer it, or you are not
+sure, write only the word READ and the whole text will be shown to you."""
+
+
+def evidence_turn_message(query: str, evidence: str) -> str:
+    """The evidence turn's one user message: the passages, then the question."""
+    return f"{evidence}\n\nQuestion: {query}\nFINAL(...) if the passages answer it, else READ."
+
+
 def evidence_block(passages: list[tuple[str, str]]) -> str:
     """Ranked passages for the question: (location, text) pairs, best first."""
     if not passages:

@@ -355,7 +355,7 @@ class Engine:
                 return await asyncio.to_thread(text_ctx.read, 0, text_ctx.chars)
 
             window = window_tokens(self._config, run.root_model, params.options.window_tokens)
-            fits, _tokens = await fits_whole(
+            fits, tokens = await fits_whole(
                 ctx.desc.chars,
                 read,
                 model=run.root_model,
@@ -370,6 +370,17 @@ class Engine:
                 start.first = preamble + prompts.direct_first_message(query, text, ctx.desc, lead)
                 start.shown.append(text)
                 run.shown.append(text)
+                if (
+                    small
+                    and evidence
+                    and not missing
+                    and system is None
+                    and earlier is None
+                    and cfg.evidence_turn_tokens
+                    and tokens >= cfg.evidence_turn_tokens
+                ):
+                    start.evidence_turn = prompts.evidence_turn_message(query, evidence)
+                    start.evidence = evidence
                 return start
         start.first = preamble + prompts.with_evidence(prompts.first_message(query, ctx.desc), lead)
         run.shown.extend(start.shown)
