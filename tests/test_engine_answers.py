@@ -331,3 +331,21 @@ def test_passages_that_do_not_answer_lead_to_the_whole_text(small_served, script
     script.root[:] = [(r"else READ", "FINAL(5550123)"), (r"in full:", f"FINAL({t.gold})")]
     res, _ = ask(d, {"query": t.question, "context": "nd"})
     assert res["answer"] == t.gold and res["iterations"] == 2
+
+
+def test_a_bare_short_reply_is_the_answer_when_the_text_holds_it(small_served, script):
+    # The demo's evidence turn answered "0.45" with no FINAL: taken, in one turn.
+    d, srv = small_served
+    d.call("context/put", {"name": "cfg", "text": CONFIG * 8})
+    script.root.append((r"else READ", "0.45"))
+    res, _ = ask(d, {"query": "What is price_per_kwh?", "context": "cfg"})
+    assert res["answer"] == "0.45" and res["iterations"] == 1 and len(srv.calls) == 1
+    # The text shown whole: a bare value the text holds is taken at once; one it does not
+    # hold is not.
+    d.call("context/put", {"name": "short", "text": CONFIG})
+    script.root[:] = [(r"in full:", "0.45")]
+    res, _ = ask(d, {"query": "What is price_per_kwh?", "context": "short"})
+    assert res["answer"] == "0.45" and res["iterations"] == 1
+    script.root[:] = [(r"in full:", "0.99"), (r"", "FINAL(0.45)")]
+    res, _ = ask(d, {"query": "What is price_per_kwh?", "context": "short"})
+    assert res["answer"] == "0.45" and res["iterations"] == 2

@@ -29,6 +29,7 @@ from rlmd.engine.parse import (
     parse_reply,
     sole_final,
     truncate_output,
+    unsupported_words,
 )
 from rlmd.engine.record import Recorder
 from rlmd.engine.small_model import SmallModelPolicy
@@ -193,6 +194,27 @@ class RootLoop:
                 elif not reply.blocks and reply.final is None:
                     bare_replies += 1
                     prose = reply.prose.strip()
+                    short = bare_answer(prose) if self.start.system and turn == 1 else None
+                    if short is not None and not unsupported_words(
+                        short.value, self.memory.printed
+                    ):
+                        # The text was shown whole and the reply is a short value: the
+                        # answer, if the checks pass (a FINAL wrapper would add nothing).
+                        verdict = await self.policy.check(
+                            short.value,
+                            written=True,
+                            memory=self.memory,
+                            ctx=self.start.ctx,
+                            query=self.start.query,
+                        )
+                        if verdict.feedback is None:
+                            answer = verdict.answer or short.value
+                            self.rec.note("final", answer=clip_for_trace(answer), how="reply")
+                            return answer, "final"
+                        outputs.append(verdict.feedback)
+                        messages.append(Message("user", "\n\n".join(outputs)))
+                        self.rec.note("message", role="user", content=messages[-1].content)
+                        continue
                     if bare_replies >= 2 and prose and non_answer_reason(prose) is None:
                         self.rec.note("final", answer=clip_for_trace(prose), how="reply")
                         return prose, "reply"
@@ -222,6 +244,9 @@ class RootLoop:
             self.rec.note("message", role=m.role, content=m.content)
         reply, _text, _ = await self._root_turn(messages, session, turn=1, tools=False)
         final = reply.final or find_final(reply.prose, anywhere=True)
+        if final is None and not reply.blocks:
+            # The demo's reply was a bare "0.45": a short reply is the answer it gives.
+            final = bare_answer(reply.prose)
         if final is None or final.kind != "answer" or non_answer_reason(final.value):
             self.rec.note("evidence_turn", taken=False, why="no answer")
             return None
@@ -524,6 +549,20 @@ def compact(messages: list[Message], max_chars: int) -> None:
             messages[i] = Message("user", short)
         if total <= max_chars:
             return
+
+
+BARE_ANSWER_WORDS = 6
+
+
+def bare_answer(prose: str) -> Final | None:
+    """A reply of a few words and no FINAL, as the answer it states (None for longer
+    prose, a plan, or READ)."""
+    text = prose.strip().strip("`").strip()
+    if not text or text.upper().rstrip(".") == "READ" or "\n" in text:
+        return None
+    if len(text.split()) > BARE_ANSWER_WORDS or non_answer_reason(text) is not None:
+        return None
+    return Final("answer", text.rstrip("."))
 
 
 def _last_line(text: str) -> str:
