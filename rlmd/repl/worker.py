@@ -29,6 +29,7 @@ from typing import Any
 from rlmd.proc import die_with_parent
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import ContextView, load_context, make_re_module
+from rlmd.repl.prompt_limit import rlm_query_chars
 from rlmd.repl.worker_guard import (
     apply_landlock,
     apply_rlimits,
@@ -121,6 +122,7 @@ class Worker:
         self.final: str | None = None
         self.capture: _Capture | None = None  # of the running block
         self.blocks = 0
+        self.refused_calls = 0  # sub-call prompts refused here, in the running block
         self.ns: dict[str, Any] = self._namespace(context)
 
     # --- messages -----------------------------------------------------------------------
@@ -171,16 +173,27 @@ class Worker:
             raise RuntimeError(slot[2])
         return slot[1]
 
+    def refuse_long(self, chars: int, *, rlm_query: bool = False) -> None:
+        """Raise the daemon's refusal for a prompt over ``Init.sub_prompt`` before it is
+        sent: 200 MiB of prompt would otherwise cross the channel only to be refused there.
+        """
+        limit = self.init.sub_prompt
+        if limit is None or (rlm_query and not limit.rlm_query_plain):
+            return
+        why = limit.refusal(chars)
+        if why is not None:
+            with self.send_lock:
+                self.refused_calls += 1
+            raise RuntimeError(why)  # what a refusal from the daemon raises, word for word
+
     # --- the namespace ------------------------------------------------------------------
 
     def _namespace(self, context: Any) -> dict[str, Any]:
         def llm_query(prompt: str, model: str | None = None) -> str:
             """Ask a sub-model one prompt; returns its answer."""
-            return str(
-                self.call(
-                    "llm_query", {"prompt": _text(prompt, "llm_query"), "model": _model(model)}
-                )
-            )
+            text = _text(prompt, "llm_query")
+            self.refuse_long(len(text))
+            return str(self.call("llm_query", {"prompt": text, "model": _model(model)}))
 
         def llm_query_batched(prompts: list[str], model: str | None = None) -> list[str]:
             """Ask a sub-model many prompts at once (in parallel); answers in prompt order."""
@@ -189,6 +202,8 @@ class Worker:
             items = [_text(p, "llm_query_batched") for p in prompts]
             if not items:
                 return []
+            for text in items:  # the daemon refuses the whole batch for one long prompt
+                self.refuse_long(len(text))
             out = self.call("llm_query_batched", {"prompts": items, "model": _model(model)})
             if not isinstance(out, list) or len(out) != len(items):
                 raise RuntimeError("llm_query_batched: the daemon returned a malformed answer")
@@ -197,9 +212,9 @@ class Worker:
         def rlm_query(prompt: str, context: Any = None) -> str:
             """Ask a recursive RLM (a sub-query with its own REPL) about ``context``."""
             sub = None if context is None else _text(context, "rlm_query context")
-            return str(
-                self.call("rlm_query", {"prompt": _text(prompt, "rlm_query"), "context": sub})
-            )
+            text = _text(prompt, "rlm_query")
+            self.refuse_long(rlm_query_chars(text, sub), rlm_query=True)
+            return str(self.call("rlm_query", {"prompt": text, "context": sub}))
 
         def FINAL(answer: Any) -> None:
             """Mark ``answer`` (as text) as the final answer of the query."""
@@ -270,6 +285,7 @@ class Worker:
         filename = f"<block {self.blocks}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         self.final = None
+        self.refused_calls = 0
         cap = self.capture = _Capture(self.init.output_cap_chars)
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = cap
@@ -287,7 +303,9 @@ class Worker:
         finally:
             sys.stdout, sys.stderr = saved
             self.capture = None
-        return ch.Done(output=cap.text(), error=error, final=self.final)
+        return ch.Done(
+            output=cap.text(), error=error, final=self.final, refused_calls=self.refused_calls
+        )
 
     def var_text(self, name: str) -> str | None:
         if name.startswith("__") or name not in self.ns:
@@ -306,7 +324,13 @@ class Worker:
                     self.send(done)
                 except ch.ChannelError:
                     # Output too big to encode: send it truncated rather than nothing.
-                    self.send(ch.Done(output=done.output[:1000], error=(done.error or "")[:1000]))
+                    self.send(
+                        ch.Done(
+                            output=done.output[:1000],
+                            error=(done.error or "")[:1000],
+                            refused_calls=done.refused_calls,
+                        )
+                    )
             elif isinstance(msg, ch.GetVar):
                 self.send(ch.VarText(text=self.var_text(msg.name)))
 
