@@ -47,7 +47,9 @@ def run(d, script, code: str, job: str) -> tuple[str, list[dict]]:
     script.on_root(r"REFUSALS (\d+)", lambda m, c: f"FINAL(refusals {m.group(1)})")
     script.on_root(r"Question:", repl(code))
     try:
-        res = d.call("query/run", {"query": "Go", "text": "x\n", "job": job, "options": {"mode": "rlm"}})
+        res = d.call(
+            "query/run", {"query": "Go", "text": "x\n", "job": job, "options": {"mode": "rlm"}}
+        )
     except RpcError as exc:
         raise AssertionError(exc) from None
     records = d.call("query/trace", {"job": job})["records"]
