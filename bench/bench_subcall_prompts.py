@@ -187,6 +187,10 @@ def case(tmp: Path, tree: Path | None, mib: int, threads: int) -> dict:
     }
 
 
+def _size(mib: float) -> str:
+    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib * 1024:,.1f} KiB"
+
+
 def run(mib: int, threads: int, trees: list[tuple[str, Path | None]]) -> str:
     rows = []
     for name, tree in trees:
@@ -194,7 +198,7 @@ def run(mib: int, threads: int, trees: list[tuple[str, Path | None]]) -> str:
             r = case(Path(d), tree, mib, threads)
         rows.append(
             f"| {name} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | {r['after_mb']:.0f} "
-            f"| {r['trace_mb']:.1f} | {r['ping_max_s'] * 1000:.0f} ms ({r['pings']} pings) "
+            f"| {_size(r['trace_mb'])} | {r['ping_max_s'] * 1000:.0f} ms ({r['pings']} pings) "
             f"| {r['took_s']:.1f} s | {r['answer']} |"
             + (" **the API key is in the trace** |" if r["key_in_trace"] else "")
         )
@@ -203,12 +207,12 @@ def run(mib: int, threads: int, trees: list[tuple[str, Path | None]]) -> str:
             f'# Sub-call prompts: {threads} threads × `llm_query("A" * {mib} MiB)`',
             "",
             "One query; the provider names an `api_key_env`, so traces are redacted. Daemon RSS "
-            "in MB (peak is `VmHWM`), trace of the query in MiB, worst `daemon/ping` latency "
+            "in MB (peak is `VmHWM`), size of the query's trace, worst `daemon/ping` latency "
             "while the query ran, and what the model code saw.",
             "",
             "| tree | RSS before | RSS peak | RSS 2 s after | trace | worst ping | query | model code saw |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-            "| issue 14 (as filed) | | 1860 | 750 | 1200 | 7200 ms | | |",
+            "| issue 14 (as filed) | | 1860 | 750 | 1.2 GB | 7200 ms | | |",
             *rows,
         ]
     )

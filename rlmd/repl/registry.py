@@ -9,9 +9,9 @@ later ``context/put`` never pulls the text from under the worker.  ``llm_query``
 ``llm_query_batched`` in it go through the pool (with its cache and accounting).
 
 Sessions are bounded in number (``[repl] max_sessions``), closed after ``[repl]
-idle_timeout_s`` without use, and closed with the connection that opened them.  The
-server has no close callback for connections, so a sweeper task notices closed owners;
-it runs only while sessions exist.
+idle_timeout_s`` without use, and closed with the connection that opened them: at once,
+through the connection's ``on_close`` hook, and otherwise (an owner without the hook) by
+the sweeper task, which runs only while sessions exist and also closes idle ones.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ _REMEMBER_GONE = 1000
 
 
 class Owner(Protocol):
-    """The connection that opened a session (the server's ``Connection``)."""
+    """The connection that opened a session (the server's ``Connection``).
+
+    An owner may also have ``on_close(hook)``: then its sessions close as it closes.
+    """
 
     @property
     def is_open(self) -> bool: ...
@@ -136,6 +139,7 @@ class ReplRegistry:
         self._entries: dict[str, _Entry] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # closes started by owners' hooks
         self._swept_leftovers = False
 
     def __len__(self) -> int:
@@ -187,6 +191,9 @@ class ReplRegistry:
             await self._release(entry)
             raise ReplRegistryError("not_found", f"REPL session {sid!r} was closed as it opened")
         entry.last_used = time.monotonic()
+        on_close = getattr(owner, "on_close", None)
+        if on_close is not None:
+            on_close(lambda: self._owner_closed(entry))
         self._ensure_sweeper()
         log.info("REPL session %s opened on %s", sid[:12], context or "(no context)")
         return Opened(session=sid, context=context, version=entry.version)
@@ -242,6 +249,8 @@ class ReplRegistry:
             self._sweeper.cancel()
         for sid in list(self._entries):
             await self.close(sid)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- sweeping -----------------------------------------------------------------------
 
@@ -258,11 +267,27 @@ class ReplRegistry:
             elif e.busy == 0 and now - e.last_used > idle:
                 doomed.append((e, f"it was idle for more than {idle:g} s ([repl] idle_timeout_s)"))
         for e, why in doomed:
-            if self._entries.pop(e.id, None) is not None:
-                self._forget(e.id, why)
-                log.info("REPL session %s closed: %s", e.id[:12], why)
-                await self._release(e)
+            await self._drop(e, why)
         return len(doomed)
+
+    def _owner_closed(self, entry: _Entry) -> None:
+        """The owner's ``on_close`` hook (on the loop, must not block): close its session
+        now rather than at the next sweep."""
+        if self._entries.get(entry.id) is not entry:
+            return  # closed already (repl/close, idle)
+        task = asyncio.get_running_loop().create_task(
+            self._drop(entry, "the connection that opened it closed")
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _drop(self, entry: _Entry, why: str) -> None:
+        """Close ``entry`` for ``why`` unless someone else closed it first."""
+        if self._entries.get(entry.id) is entry:
+            del self._entries[entry.id]
+            self._forget(entry.id, why)
+            log.info("REPL session %s closed: %s", entry.id[:12], why)
+            await self._release(entry)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
