@@ -37,8 +37,3 @@ class PromptLimit(msgspec.Struct, frozen=True, kw_only=True):
 def rlm_query_text(prompt: str, context: str | None) -> str:
     """What a plain ``rlm_query`` sends to the sub-model."""
     return prompt if context is None else f"{prompt}\n\n{context}"
-
-
-def rlm_query_chars(prompt: str, context: str | None) -> int:
-    """``len(rlm_query_text(prompt, context))`` without building the text."""
-    return len(prompt) + (0 if context is None else 2 + len(context))

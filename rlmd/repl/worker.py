@@ -29,7 +29,6 @@ from typing import Any
 from rlmd.proc import die_with_parent
 from rlmd.repl import channel as ch
 from rlmd.repl.ctxview import ContextView, load_context, make_re_module
-from rlmd.repl.prompt_limit import rlm_query_chars
 from rlmd.repl.worker_guard import (
     apply_landlock,
     apply_rlimits,
@@ -191,19 +190,20 @@ class Worker:
     def _namespace(self, context: Any) -> dict[str, Any]:
         def llm_query(prompt: str, model: str | None = None) -> str:
             """Ask a sub-model one prompt; returns its answer."""
+            self.refuse_long(_chars(prompt))  # before a mapped view becomes a str
             text = _text(prompt, "llm_query")
-            self.refuse_long(len(text))
             return str(self.call("llm_query", {"prompt": text, "model": _model(model)}))
 
         def llm_query_batched(prompts: list[str], model: str | None = None) -> list[str]:
             """Ask a sub-model many prompts at once (in parallel); answers in prompt order."""
             if isinstance(prompts, (str, ContextView)) or not hasattr(prompts, "__iter__"):
                 raise TypeError("llm_query_batched: prompts must be a list of str")
-            items = [_text(p, "llm_query_batched") for p in prompts]
+            raw = list(prompts)
+            for p in raw:  # the daemon refuses the whole batch for one long prompt
+                self.refuse_long(_chars(p))
+            items = [_text(p, "llm_query_batched") for p in raw]
             if not items:
                 return []
-            for text in items:  # the daemon refuses the whole batch for one long prompt
-                self.refuse_long(len(text))
             out = self.call("llm_query_batched", {"prompts": items, "model": _model(model)})
             if not isinstance(out, list) or len(out) != len(items):
                 raise RuntimeError("llm_query_batched: the daemon returned a malformed answer")
@@ -211,9 +211,11 @@ class Worker:
 
         def rlm_query(prompt: str, context: Any = None) -> str:
             """Ask a recursive RLM (a sub-query with its own REPL) about ``context``."""
+            # The length of ``prompt + "\n\n" + context``, what a plain rlm_query sends.
+            chars = _chars(prompt) + (0 if context is None else 2 + _chars(context))
+            self.refuse_long(chars, rlm_query=True)
             sub = None if context is None else _text(context, "rlm_query context")
             text = _text(prompt, "rlm_query")
-            self.refuse_long(rlm_query_chars(text, sub), rlm_query=True)
             return str(self.call("rlm_query", {"prompt": text, "context": sub}))
 
         def FINAL(answer: Any) -> None:
@@ -341,6 +343,12 @@ def _text(x: Any, what: str) -> str:
     if not isinstance(x, str):
         raise TypeError(f"{what}: expected a str, got {type(x).__name__}")
     return x
+
+
+def _chars(x: Any) -> int:
+    """Characters of a prompt, without copying a mapped view; 0 for a wrong type (which
+    ``_text`` then refuses)."""
+    return len(x) if isinstance(x, (str, ContextView)) else 0
 
 
 def _model(m: Any) -> str | None:
