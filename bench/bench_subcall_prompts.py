@@ -12,12 +12,12 @@ turn is the eight-thread block; its second turn answers.  Measured per tree:
   20 ms);
 - what the model code saw (refused / answered / other), and how long the query took.
 
-``--compare-tree DIR`` (repeatable) runs the same case against other checkouts of the
-project (``git archive <commit> | tar -x -C DIR``), started with ``PYTHONPATH=DIR``, so the
-rows of one table come from one run on one machine.  Runs one daemon at a time.
+``--compare NAME=COMMIT`` (repeatable) runs the same case first against that commit of
+this repository (``git archive`` into a temp dir, started with ``PYTHONPATH`` there), so
+the rows of one table come from one run on one machine.  Runs one daemon at a time.
 
 Run: ``python bench/bench_subcall_prompts.py [--mib 200] [--threads 8]
-[--compare-tree DIR ...] [--doc docs/benchmarks.md]``.
+[--compare NAME=COMMIT ...] [--doc docs/benchmarks.md]``.
 """
 
 from __future__ import annotations
@@ -191,10 +191,22 @@ def _size(mib: float) -> str:
     return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib * 1024:,.1f} KiB"
 
 
-def run(mib: int, threads: int, trees: list[tuple[str, Path | None]]) -> str:
+def _checkout(commit: str, into: Path) -> Path:
+    """The tree of ``commit`` of this repository, extracted under ``into``."""
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def run(mib: int, threads: int, compare: list[tuple[str, str]]) -> str:
     rows = []
-    for name, tree in trees:
+    trees: list[tuple[str, str | None]] = [*compare, ("this tree", None)]
+    for name, commit in trees:
         with tempfile.TemporaryDirectory(prefix="rlmd-bsp-", dir="/tmp") as d:
+            tree = None if commit is None else _checkout(commit, Path(d) / "tree")
             r = case(Path(d), tree, mib, threads)
         rows.append(
             f"| {name} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | {r['after_mb']:.0f} "
@@ -223,27 +235,26 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=200, help="MiB of each prompt")
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument(
-        "--compare-tree",
+        "--compare",
         action="append",
         default=[],
-        metavar="NAME=DIR",
-        help="another checkout to run first (repeatable), e.g. before=/tmp/old",
+        metavar="NAME=COMMIT",
+        help="a commit of this repository to run first (repeatable), e.g. before=0f1f3a0",
     )
     ap.add_argument("--doc", type=Path, help="write the report into this Markdown file")
     ap.add_argument("--doc-section", default="hardening-subcalls")
     a = ap.parse_args()
-    trees: list[tuple[str, Path | None]] = []
-    for spec in a.compare_tree:
-        name, _, path = spec.rpartition("=")
-        trees.append((name or Path(path).name, Path(path)))
-    trees.append(("this tree", None))
-    report = run(a.mib, a.threads, trees)
+    compare = []
+    for spec in a.compare:
+        name, _, commit = spec.rpartition("=")
+        compare.append((name or commit, commit))
+    report = run(a.mib, a.threads, compare)
     print(report)
     if a.doc is not None:
         from rlmd.bench.doc import update_doc
 
         cmd = "python bench/bench_subcall_prompts.py" + "".join(
-            f" --compare-tree {shlex.quote(s)}" for s in a.compare_tree
+            f" --compare {shlex.quote(s)}" for s in a.compare
         )
         update_doc(a.doc, a.doc_section, report, cmd + f" --doc {a.doc}")
     return 0
