@@ -121,3 +121,21 @@ def test_the_daemon_still_refuses_a_forged_over_limit_call(served, method, param
     assert closed["bytes_from_worker"] > 5000  # the forged frame did cross; the daemon said no
     out = [c for c in srv.calls if c.model == ROOT][-1].last_user
     assert "over the sub-model's window" in out
+
+
+def test_a_repl_session_refuses_a_long_prompt_in_the_worker_and_in_the_daemon(served):
+    # repl/open sessions (MCP execute_code, Emacs) had no bound: the prompt went to the
+    # provider whole.  The worker refuses it; a forged Call is refused by the daemon.
+    d, srv, _script = served
+    with d.client() as c:
+        sid = c.call("repl/open", {})["session"]
+        r = c.call("repl/exec", {"session": sid, "code": WORKER_SIDE})
+        assert r["error"] is None, r
+        assert "REFUSALS 3" in r["stdout"] and r["sub_calls"] == 0
+        forged = FORGED.format(method="llm_query", params="{'prompt': 'A' * 5000, 'model': None}")
+        r = c.call("repl/exec", {"session": sid, "code": forged})
+        assert "REFUSALS 1" in r["stdout"], r
+        assert "prompt of 5,000 chars is over the sub-model's window" in r["stdout"]
+        ok = c.call("repl/exec", {"session": sid, "code": "print(llm_query('A' * 1000))"})
+        assert ok["stdout"] == "sub answer\n" and ok["sub_calls"] == 1
+    assert len([c for c in srv.calls if c.model == SUB]) == 1  # only the short one

@@ -6,7 +6,9 @@ calls the way the root model does between turns.  Each session is a
 :class:`~rlmd.repl.session.ReplSession` (same worker, sandbox and limits as the engine)
 bound to one stored context, whose version is pinned while the session is open, so a
 later ``context/put`` never pulls the text from under the worker.  ``llm_query`` and
-``llm_query_batched`` in it go through the pool (with its cache and accounting).
+``llm_query_batched`` in it go through the pool (with its cache and accounting); a prompt
+over the sub-model's window is refused as in a query (by the worker before it sends, and
+here again), so a 200 MiB prompt reaches neither the daemon nor a provider.
 
 Sessions are bounded in number (``[repl] max_sessions``), closed after ``[repl]
 idle_timeout_s`` without use, and closed with the connection that opened them: at once,
@@ -32,7 +34,9 @@ from typing import Any, Protocol
 import msgspec
 
 from rlmd.config import Config
+from rlmd.engine.sizing import window_tokens
 from rlmd.providers.base import ChatRequest, Message, ProviderError
+from rlmd.repl.prompt_limit import PromptLimit, rlm_query_text
 from rlmd.repl.session import ExecResult, ReplSession
 
 log = logging.getLogger(__name__)
@@ -110,6 +114,7 @@ class _Entry:
     busy: int = 0
     execs: int = 0
     sub_calls: int = 0  # in the running block (the budget is per block)
+    prompt_limit: PromptLimit | None = None  # None: no model, so no sub-call at all
 
 
 class ReplRegistry:
@@ -176,12 +181,14 @@ class ReplRegistry:
             if context is not None:
                 path, entry.version = await asyncio.to_thread(self._pin, entry)
             await asyncio.to_thread(entry.scratch.mkdir, parents=True, exist_ok=True)
+            entry.prompt_limit = self._prompt_limit()
             entry.session = await self._start(
                 context_path=path,
                 limits=self._config.limits,
                 sandbox=self._config.sandbox,
                 scratch_dir=entry.scratch,
                 on_call=self._on_call(entry),
+                sub_prompt=entry.prompt_limit,
             )
         except BaseException:
             self._entries.pop(sid, None)
@@ -367,6 +374,21 @@ class ReplRegistry:
             sub_calls=sub_calls,
         )
 
+    def _prompt_limit(self) -> PromptLimit | None:
+        """The sub-call prompt bound of a query (``[limits] sub_prompt_chars``, else the
+        sub-model's window in characters); None without a sub-model."""
+        if self._pool is None:
+            return None
+        try:
+            model = self._pool.model_for("sub")
+        except ProviderError:
+            return None  # every call fails anyway, with the pool's message
+        window = window_tokens(self._config, model)
+        chars = self._config.limits.sub_prompt_chars or int(
+            window * self._config.engine.chars_per_token
+        )
+        return PromptLimit(chars=chars, window_tokens=window, rlm_query_plain=True)
+
     def _on_call(self, entry: _Entry) -> Callable[[str, dict], Awaitable[Any]]:
         """The session's handler for llm_query / llm_query_batched / rlm_query."""
 
@@ -382,6 +404,12 @@ class ReplRegistry:
             except ProviderError as exc:  # the code reads the failure, as in the engine
                 return f"[{fn} error: {exc}]"
 
+        def check(prompt: str) -> None:
+            # Again here: the worker checked, but model code can forge the Call.
+            why = entry.prompt_limit.refusal(len(prompt)) if entry.prompt_limit else None
+            if why is not None:
+                raise RuntimeError(why)
+
         def take(n: int) -> None:
             cap = self._config.limits.max_sub_calls
             if entry.sub_calls + n > cap:
@@ -393,10 +421,13 @@ class ReplRegistry:
         async def on_call(fn: str, args: dict[str, Any]) -> Any:
             model = args.get("model")
             if fn == "llm_query":
+                check(prompt := str(args["prompt"]))
                 take(1)
-                return await one(fn, str(args["prompt"]), model)
+                return await one(fn, prompt, model)
             if fn == "llm_query_batched":
                 prompts = [str(p) for p in args["prompts"]]
+                for p in prompts:
+                    check(p)
                 take(len(prompts))
                 results = [""] * len(prompts)
 
@@ -409,10 +440,11 @@ class ReplRegistry:
                 return results
             if fn == "rlm_query":
                 # A session has no root loop of its own: one sub-model call on the text.
-                take(1)
                 sub_ctx = args.get("context")
-                prompt = str(args["prompt"])
-                return await one(fn, prompt if not sub_ctx else f"{prompt}\n\n{sub_ctx}", None)
+                text = rlm_query_text(str(args["prompt"]), None if not sub_ctx else str(sub_ctx))
+                check(text)
+                take(1)
+                return await one(fn, text, None)
             raise ValueError(f"unknown REPL call {fn!r}")
 
         return on_call
