@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .protocol.errors import BUSY, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR
@@ -57,6 +57,7 @@ class Connection(asyncio.Protocol):
         self._paused_writing = False
         self._buffered = 0  # this connection's share of server.buffered
         self._idle: asyncio.TimerHandle | None = None
+        self._on_close: list[Callable[[], None]] = []  # see on_close
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -142,6 +143,12 @@ class Connection(asyncio.Protocol):
             self._idle = None
         for task in list(self.tasks):
             task.cancel()
+        hooks, self._on_close = self._on_close, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # one owner's failure must not skip the others' cleanup
+                log.exception("a connection close hook failed")
 
     def pause_writing(self) -> None:
         # The client is not reading: stop reading its requests until it catches up.
@@ -163,6 +170,15 @@ class Connection(asyncio.Protocol):
     @property
     def is_open(self) -> bool:
         return not self.closed
+
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` once, on the event loop, when this connection closes (at once,
+        soon, if it already has): what a client opened (REPL sessions) goes with it
+        without anyone polling ``is_open``.  The hook must not block; start a task."""
+        if self.closed:
+            asyncio.get_running_loop().call_soon(hook)
+        else:
+            self._on_close.append(hook)
 
     # -- internals ---------------------------------------------------------------------
 

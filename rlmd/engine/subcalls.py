@@ -22,6 +22,7 @@ from rlmd.engine.budget import Meter, SubCallRefused
 from rlmd.engine.record import Recorder
 from rlmd.engine.trace import clip_for_trace
 from rlmd.providers.base import ChatRequest, ChatResult, Message, OnDelta, ProviderError
+from rlmd.repl.prompt_limit import PromptLimit, rlm_query_text
 from rlmd.search.handlers import CALLS as SEARCH_CALLS
 from rlmd.search.handlers import handle_call
 from rlmd.store.store import ContextStore
@@ -111,7 +112,7 @@ class SubCalls:
             prompt = str(args["prompt"])
             sub_ctx = args.get("context")
             if self.depth >= self.max_depth:
-                text = prompt if sub_ctx is None else f"{prompt}\n\n{sub_ctx}"
+                text = rlm_query_text(prompt, None if sub_ctx is None else str(sub_ctx))
                 self._check_prompt(text)
                 self.meter.take_sub_calls(1)
                 return await self._bounded(fn, text, self.sub_model)
@@ -121,13 +122,20 @@ class SubCalls:
             )
         raise ValueError(f"unknown REPL call {fn!r}")
 
+    @property
+    def prompt_limit(self) -> PromptLimit:
+        """The bound the worker checks before it sends (the same one as ``_check_prompt``)."""
+        return PromptLimit(
+            chars=self.prompt_chars_limit,
+            window_tokens=self.window_tokens,
+            rlm_query_plain=self.depth >= self.max_depth,
+        )
+
     def _check_prompt(self, prompt: str) -> None:
-        if len(prompt) > self.prompt_chars_limit:
-            raise SubCallRefused(
-                f"prompt of {len(prompt):,} chars is over the sub-model's window of "
-                f"{self.window_tokens:,} tokens; filter or split it first "
-                f"(at most about {self.prompt_chars_limit:,} characters a prompt)"
-            )
+        # Checked here too, not only in the worker: a forged Call skips the worker's check.
+        why = self.prompt_limit.refusal(len(prompt))
+        if why is not None:
+            raise SubCallRefused(why)
 
     async def _bounded(self, fn: str, prompt: str, model: str) -> str:
         self.meter.reserve_bytes(len(prompt))

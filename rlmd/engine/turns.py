@@ -132,6 +132,7 @@ class RootLoop:
                 sandbox=run.config.sandbox,
                 scratch_dir=scratch,
                 on_call=calls,
+                sub_prompt=None if run.nosub else calls.prompt_limit,
             ),
             self.rec,
             run.background,

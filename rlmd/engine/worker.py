@@ -34,6 +34,7 @@ class LazyRepl:
         self._background = background
         self._recorder = recorder
         self._needs_setup = True
+        self._refused_calls = 0  # sub-call prompts the worker refused before sending
         self._task = asyncio.get_running_loop().create_task(start())  # type: ignore[arg-type]
         self._task.add_done_callback(self._started)
 
@@ -66,6 +67,7 @@ class LazyRepl:
             await session.execute(REPL_SETUP, timeout_s=timeout_s)
             self._needs_setup = False
         res = await session.execute(code, timeout_s=timeout_s)
+        self._refused_calls += res.refused_calls
         if res.restarted:
             self._needs_setup = True
         return res
@@ -85,6 +87,13 @@ class LazyRepl:
         except Exception:
             return  # it never started: nothing to kill
         await session.close()
+        # What crossed the channel: a prompt the worker refused never did (Broken 5).
+        self._recorder.note(
+            "repl",
+            event="close",
+            bytes_from_worker=session.bytes_from_workers,
+            refused_in_worker=self._refused_calls,
+        )
 
 
 def layers(protection: Protection | None) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from rlmd.repl.prompt_limit import PromptLimit
+
 HEADER = struct.Struct(">I")
 #: Hard ceiling of one frame, whatever the configured limit says (the length field is u32).
 MAX_FRAME_CEILING = 2**32 - 1
@@ -51,6 +53,9 @@ class Init(_Msg, tag="init"):
     landlock_rules: list[tuple[str, int]] = []
     #: Landlock scopes (``LL_SCOPE_*`` bits) the worker puts itself under; 0: none.
     landlock_scoped: int = 0
+    #: The bound of a sub-call prompt, checked before a Call is sent; None: no check in
+    #: the worker (the daemon checks every Call anyway).
+    sub_prompt: PromptLimit | None = None
 
 
 class Exec(_Msg, tag="exec"):
@@ -113,6 +118,9 @@ class Done(_Msg, tag="done"):
     output: str
     error: str | None = None
     final: str | None = None
+    #: Sub-call prompts the worker refused without sending (``Init.sub_prompt``); the
+    #: worker's own word, for the trace only.
+    refused_calls: int = 0
 
 
 class Partial(_Msg, tag="partial"):

@@ -6,12 +6,14 @@ calls the way the root model does between turns.  Each session is a
 :class:`~rlmd.repl.session.ReplSession` (same worker, sandbox and limits as the engine)
 bound to one stored context, whose version is pinned while the session is open, so a
 later ``context/put`` never pulls the text from under the worker.  ``llm_query`` and
-``llm_query_batched`` in it go through the pool (with its cache and accounting).
+``llm_query_batched`` in it go through the pool (with its cache and accounting); a prompt
+over the sub-model's window is refused as in a query (by the worker before it sends, and
+here again), so a 200 MiB prompt reaches neither the daemon nor a provider.
 
 Sessions are bounded in number (``[repl] max_sessions``), closed after ``[repl]
-idle_timeout_s`` without use, and closed with the connection that opened them.  The
-server has no close callback for connections, so a sweeper task notices closed owners;
-it runs only while sessions exist.
+idle_timeout_s`` without use, and closed with the connection that opened them: at once,
+through the connection's ``on_close`` hook, and otherwise (an owner without the hook) by
+the sweeper task, which runs only while sessions exist and also closes idle ones.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from typing import Any, Protocol
 import msgspec
 
 from rlmd.config import Config
+from rlmd.engine.sizing import window_tokens
 from rlmd.providers.base import ChatRequest, Message, ProviderError
+from rlmd.repl.prompt_limit import PromptLimit, rlm_query_text
 from rlmd.repl.session import ExecResult, ReplSession
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,10 @@ _REMEMBER_GONE = 1000
 
 
 class Owner(Protocol):
-    """The connection that opened a session (the server's ``Connection``)."""
+    """The connection that opened a session (the server's ``Connection``).
+
+    An owner may also have ``on_close(hook)``: then its sessions close as it closes.
+    """
 
     @property
     def is_open(self) -> bool: ...
@@ -107,6 +114,7 @@ class _Entry:
     busy: int = 0
     execs: int = 0
     sub_calls: int = 0  # in the running block (the budget is per block)
+    prompt_limit: PromptLimit | None = None  # None: no model, so no sub-call at all
 
 
 class ReplRegistry:
@@ -136,6 +144,7 @@ class ReplRegistry:
         self._entries: dict[str, _Entry] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # closes started by owners' hooks
         self._swept_leftovers = False
 
     def __len__(self) -> int:
@@ -172,12 +181,14 @@ class ReplRegistry:
             if context is not None:
                 path, entry.version = await asyncio.to_thread(self._pin, entry)
             await asyncio.to_thread(entry.scratch.mkdir, parents=True, exist_ok=True)
+            entry.prompt_limit = self._prompt_limit()
             entry.session = await self._start(
                 context_path=path,
                 limits=self._config.limits,
                 sandbox=self._config.sandbox,
                 scratch_dir=entry.scratch,
                 on_call=self._on_call(entry),
+                sub_prompt=entry.prompt_limit,
             )
         except BaseException:
             self._entries.pop(sid, None)
@@ -187,6 +198,9 @@ class ReplRegistry:
             await self._release(entry)
             raise ReplRegistryError("not_found", f"REPL session {sid!r} was closed as it opened")
         entry.last_used = time.monotonic()
+        on_close = getattr(owner, "on_close", None)
+        if on_close is not None:
+            on_close(lambda: self._owner_closed(entry))
         self._ensure_sweeper()
         log.info("REPL session %s opened on %s", sid[:12], context or "(no context)")
         return Opened(session=sid, context=context, version=entry.version)
@@ -242,6 +256,8 @@ class ReplRegistry:
             self._sweeper.cancel()
         for sid in list(self._entries):
             await self.close(sid)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- sweeping -----------------------------------------------------------------------
 
@@ -258,11 +274,27 @@ class ReplRegistry:
             elif e.busy == 0 and now - e.last_used > idle:
                 doomed.append((e, f"it was idle for more than {idle:g} s ([repl] idle_timeout_s)"))
         for e, why in doomed:
-            if self._entries.pop(e.id, None) is not None:
-                self._forget(e.id, why)
-                log.info("REPL session %s closed: %s", e.id[:12], why)
-                await self._release(e)
+            await self._drop(e, why)
         return len(doomed)
+
+    def _owner_closed(self, entry: _Entry) -> None:
+        """The owner's ``on_close`` hook (on the loop, must not block): close its session
+        now rather than at the next sweep."""
+        if self._entries.get(entry.id) is not entry:
+            return  # closed already (repl/close, idle)
+        task = asyncio.get_running_loop().create_task(
+            self._drop(entry, "the connection that opened it closed")
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _drop(self, entry: _Entry, why: str) -> None:
+        """Close ``entry`` for ``why`` unless someone else closed it first."""
+        if self._entries.get(entry.id) is entry:
+            del self._entries[entry.id]
+            self._forget(entry.id, why)
+            log.info("REPL session %s closed: %s", entry.id[:12], why)
+            await self._release(entry)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
@@ -342,6 +374,21 @@ class ReplRegistry:
             sub_calls=sub_calls,
         )
 
+    def _prompt_limit(self) -> PromptLimit | None:
+        """The sub-call prompt bound of a query (``[limits] sub_prompt_chars``, else the
+        sub-model's window in characters); None without a sub-model."""
+        if self._pool is None:
+            return None
+        try:
+            model = self._pool.model_for("sub")
+        except ProviderError:
+            return None  # every call fails anyway, with the pool's message
+        window = window_tokens(self._config, model)
+        chars = self._config.limits.sub_prompt_chars or int(
+            window * self._config.engine.chars_per_token
+        )
+        return PromptLimit(chars=chars, window_tokens=window, rlm_query_plain=True)
+
     def _on_call(self, entry: _Entry) -> Callable[[str, dict], Awaitable[Any]]:
         """The session's handler for llm_query / llm_query_batched / rlm_query."""
 
@@ -357,6 +404,12 @@ class ReplRegistry:
             except ProviderError as exc:  # the code reads the failure, as in the engine
                 return f"[{fn} error: {exc}]"
 
+        def check(prompt: str) -> None:
+            # Again here: the worker checked, but model code can forge the Call.
+            why = entry.prompt_limit.refusal(len(prompt)) if entry.prompt_limit else None
+            if why is not None:
+                raise RuntimeError(why)
+
         def take(n: int) -> None:
             cap = self._config.limits.max_sub_calls
             if entry.sub_calls + n > cap:
@@ -368,10 +421,13 @@ class ReplRegistry:
         async def on_call(fn: str, args: dict[str, Any]) -> Any:
             model = args.get("model")
             if fn == "llm_query":
+                check(prompt := str(args["prompt"]))
                 take(1)
-                return await one(fn, str(args["prompt"]), model)
+                return await one(fn, prompt, model)
             if fn == "llm_query_batched":
                 prompts = [str(p) for p in args["prompts"]]
+                for p in prompts:
+                    check(p)
                 take(len(prompts))
                 results = [""] * len(prompts)
 
@@ -384,10 +440,11 @@ class ReplRegistry:
                 return results
             if fn == "rlm_query":
                 # A session has no root loop of its own: one sub-model call on the text.
-                take(1)
                 sub_ctx = args.get("context")
-                prompt = str(args["prompt"])
-                return await one(fn, prompt if not sub_ctx else f"{prompt}\n\n{sub_ctx}", None)
+                text = rlm_query_text(str(args["prompt"]), None if not sub_ctx else str(sub_ctx))
+                check(text)
+                take(1)
+                return await one(fn, text, None)
             raise ValueError(f"unknown REPL call {fn!r}")
 
         return on_call

@@ -44,6 +44,7 @@ from rlmd.repl.daemon_sandbox import (
     resolve,
     worker_env,
 )
+from rlmd.repl.prompt_limit import PromptLimit
 from rlmd.repl.scratch import empty_dir, scratch_usage
 from rlmd.repl.worker_guard import LL_SCOPE_ABSTRACT_UNIX, LL_SCOPE_SIGNAL
 
@@ -75,6 +76,8 @@ class ExecResult(msgspec.Struct, kw_only=True):
     restarted: bool = False  # the worker was replaced: the REPL's variables are lost
     final: str | None = None  # set by FINAL(...) / FINAL_VAR(...) in the block
     elapsed_s: float = 0.0
+    #: Sub-call prompts the worker refused before sending (its own word: for traces).
+    refused_calls: int = 0
 
 
 class WorkerError(RuntimeError):
@@ -122,6 +125,9 @@ class _Proc:
         self.ready: ch.Ready | None = None
         self.under_bwrap = False
         self.pending_len: int | None = None
+        #: Bytes read from the worker (headers and bodies), for the trace and the tests
+        #: that prove a refused prompt never crossed the channel.
+        self.bytes_in = 0
 
     async def send(self, msg: Any) -> None:
         async with self.send_lock:
@@ -135,10 +141,12 @@ class _Proc:
             if self.pending_len is None:
                 header = await self.reader.readexactly(ch.HEADER.size)
                 (length,) = ch.HEADER.unpack(header)
+                self.bytes_in += ch.HEADER.size
                 ch.check_length(length, self.max_frame)
                 self.pending_len = length
             body = await self.reader.readexactly(self.pending_len)
             self.pending_len = None
+            self.bytes_in += len(body)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise WorkerError(await self.death_note()) from exc
         return ch.decode_to_daemon(body)
@@ -218,6 +226,7 @@ class ReplSession:
         on_call: CallHandler,
         protection: Protection,
         str_threshold_bytes: int = STR_THRESHOLD_BYTES,
+        sub_prompt: PromptLimit | None = None,
     ) -> None:
         self.context_path = context_path
         self.limits = limits
@@ -226,6 +235,11 @@ class ReplSession:
         self.on_call = on_call
         self.protection = protection
         self.str_threshold_bytes = str_threshold_bytes
+        #: The sub-call prompt bound the worker checks before sending (``on_call`` must
+        #: check it again: the worker is not trusted).
+        self.sub_prompt = sub_prompt
+        #: Bytes read from workers of this session that were since replaced.
+        self._bytes_in_gone = 0
         #: The store's character index next to the context (``<version>.idx``), if any.
         self.index_path: Path | None = None
         self._proc: _Proc | None = None
@@ -246,6 +260,7 @@ class ReplSession:
         on_call: CallHandler,
         probe: ProbeCache = DEFAULT_PROBE,
         str_threshold_bytes: int = STR_THRESHOLD_BYTES,
+        sub_prompt: PromptLimit | None = None,
     ) -> ReplSession:
         """Start a worker now; SandboxUnavailable if a required layer does not work."""
         scratch, index = await asyncio.to_thread(_check_paths, context_path, scratch_dir)
@@ -258,6 +273,7 @@ class ReplSession:
             on_call=on_call,
             protection=prot,
             str_threshold_bytes=str_threshold_bytes,
+            sub_prompt=sub_prompt,
         )
         self.index_path = index
         self._proc = await self._spawn()
@@ -389,6 +405,7 @@ class ReplSession:
             seccomp=self.protection.seccomp,
             output_cap_chars=OUTPUT_CAP_CHARS,
             max_frame_bytes=lim.max_frame_bytes,
+            sub_prompt=self.sub_prompt,
         )
 
     async def _scratch_over_limit(self, *, holding_lock: bool = False) -> str | None:
@@ -416,7 +433,13 @@ class ReplSession:
     async def _drop_worker(self) -> None:
         w, self._proc = self._proc, None
         if w is not None:
+            self._bytes_in_gone += w.bytes_in
             await w.kill()
+
+    @property
+    def bytes_from_workers(self) -> int:
+        """Bytes the daemon read from this session's workers, the current one included."""
+        return self._bytes_in_gone + (self._proc.bytes_in if self._proc is not None else 0)
 
     @property
     def worker_pid(self) -> int | None:
@@ -479,6 +502,7 @@ class ReplSession:
                 final=done.final,
                 restarted=True,
                 elapsed_s=time.monotonic() - t0,
+                refused_calls=_count(done.refused_calls),
             )
         if len(output) > OUTPUT_CAP_CHARS + 200:
             output = output[:OUTPUT_CAP_CHARS] + "\n[output truncated by the daemon]\n"
@@ -489,6 +513,7 @@ class ReplSession:
             error=error,
             final=done.final,
             elapsed_s=time.monotonic() - t0,
+            refused_calls=_count(done.refused_calls),
         )
 
     async def _run(self, w: _Proc, code: str) -> ch.Done:
@@ -560,6 +585,11 @@ class ReplSession:
         """Kill the worker; idempotent."""
         self._closed = True
         await self._drop_worker()
+
+
+def _count(n: int) -> int:
+    """A count the worker reports, bounded (it may be forged)."""
+    return min(max(n, 0), MAX_CALLS_PENDING * 1024)
 
 
 def _check_paths(context_path: Path | None, scratch_dir: Path) -> tuple[Path, Path | None]:

@@ -121,6 +121,7 @@ class Worker:
         self.final: str | None = None
         self.capture: _Capture | None = None  # of the running block
         self.blocks = 0
+        self.refused_calls = 0  # sub-call prompts refused here, in the running block
         self.ns: dict[str, Any] = self._namespace(context)
 
     # --- messages -----------------------------------------------------------------------
@@ -171,22 +172,36 @@ class Worker:
             raise RuntimeError(slot[2])
         return slot[1]
 
+    def refuse_long(self, chars: int, *, rlm_query: bool = False) -> None:
+        """Raise the daemon's refusal for a prompt over ``Init.sub_prompt`` before it is
+        sent: 200 MiB of prompt would otherwise cross the channel only to be refused there.
+        """
+        limit = self.init.sub_prompt
+        if limit is None or (rlm_query and not limit.rlm_query_plain):
+            return
+        why = limit.refusal(chars)
+        if why is not None:
+            with self.send_lock:
+                self.refused_calls += 1
+            raise RuntimeError(why)  # what a refusal from the daemon raises, word for word
+
     # --- the namespace ------------------------------------------------------------------
 
     def _namespace(self, context: Any) -> dict[str, Any]:
         def llm_query(prompt: str, model: str | None = None) -> str:
             """Ask a sub-model one prompt; returns its answer."""
-            return str(
-                self.call(
-                    "llm_query", {"prompt": _text(prompt, "llm_query"), "model": _model(model)}
-                )
-            )
+            self.refuse_long(_chars(prompt))  # before a mapped view becomes a str
+            text = _text(prompt, "llm_query")
+            return str(self.call("llm_query", {"prompt": text, "model": _model(model)}))
 
         def llm_query_batched(prompts: list[str], model: str | None = None) -> list[str]:
             """Ask a sub-model many prompts at once (in parallel); answers in prompt order."""
             if isinstance(prompts, (str, ContextView)) or not hasattr(prompts, "__iter__"):
                 raise TypeError("llm_query_batched: prompts must be a list of str")
-            items = [_text(p, "llm_query_batched") for p in prompts]
+            raw = list(prompts)
+            for p in raw:  # the daemon refuses the whole batch for one long prompt
+                self.refuse_long(_chars(p))
+            items = [_text(p, "llm_query_batched") for p in raw]
             if not items:
                 return []
             out = self.call("llm_query_batched", {"prompts": items, "model": _model(model)})
@@ -196,10 +211,12 @@ class Worker:
 
         def rlm_query(prompt: str, context: Any = None) -> str:
             """Ask a recursive RLM (a sub-query with its own REPL) about ``context``."""
+            # The length of ``prompt + "\n\n" + context``, what a plain rlm_query sends.
+            chars = _chars(prompt) + (0 if context is None else 2 + _chars(context))
+            self.refuse_long(chars, rlm_query=True)
             sub = None if context is None else _text(context, "rlm_query context")
-            return str(
-                self.call("rlm_query", {"prompt": _text(prompt, "rlm_query"), "context": sub})
-            )
+            text = _text(prompt, "rlm_query")
+            return str(self.call("rlm_query", {"prompt": text, "context": sub}))
 
         def FINAL(answer: Any) -> None:
             """Mark ``answer`` (as text) as the final answer of the query."""
@@ -270,6 +287,7 @@ class Worker:
         filename = f"<block {self.blocks}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         self.final = None
+        self.refused_calls = 0
         cap = self.capture = _Capture(self.init.output_cap_chars)
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = cap
@@ -287,7 +305,9 @@ class Worker:
         finally:
             sys.stdout, sys.stderr = saved
             self.capture = None
-        return ch.Done(output=cap.text(), error=error, final=self.final)
+        return ch.Done(
+            output=cap.text(), error=error, final=self.final, refused_calls=self.refused_calls
+        )
 
     def var_text(self, name: str) -> str | None:
         if name.startswith("__") or name not in self.ns:
@@ -306,7 +326,13 @@ class Worker:
                     self.send(done)
                 except ch.ChannelError:
                     # Output too big to encode: send it truncated rather than nothing.
-                    self.send(ch.Done(output=done.output[:1000], error=(done.error or "")[:1000]))
+                    self.send(
+                        ch.Done(
+                            output=done.output[:1000],
+                            error=(done.error or "")[:1000],
+                            refused_calls=done.refused_calls,
+                        )
+                    )
             elif isinstance(msg, ch.GetVar):
                 self.send(ch.VarText(text=self.var_text(msg.name)))
 
@@ -317,6 +343,12 @@ def _text(x: Any, what: str) -> str:
     if not isinstance(x, str):
         raise TypeError(f"{what}: expected a str, got {type(x).__name__}")
     return x
+
+
+def _chars(x: Any) -> int:
+    """Characters of a prompt, without copying a mapped view; 0 for a wrong type (which
+    ``_text`` then refuses)."""
+    return len(x) if isinstance(x, (str, ContextView)) else 0
 
 
 def _model(m: Any) -> str | None:
