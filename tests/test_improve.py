@@ -416,6 +416,8 @@ def test_cli_shows_the_gate_and_applies_only_on_approve(served, root, repo):
     assert r.returncode == 0, r.stderr
     assert "+    return a + b" in r.stdout and "tests passed" in r.stdout
     assert "round 1: tests failed" in r.stderr and "awaiting_approval" in r.stderr
+    # The analysis query's own phases are named as such, not "round ?".
+    assert "round ?" not in r.stderr and "analysis: prompt (" in r.stderr
     job = re.search(r"rlm improve approve (\S+)", r.stderr).group(1)
     assert (repo / "calc.py").read_text() == BUGGY
     log = rlm_cli(served, "improve", "log")

@@ -82,8 +82,12 @@ def _print_point(point: dict[str, Any], use_pager: bool) -> None:
 
 def _progress(ev: dict[str, Any]) -> None:
     kind = ev.get("kind")
-    if kind == "phase":
-        line = f"round {ev.get('round', '?')}: {ev.get('phase')}"
+    if kind == "phase" and "round" not in ev:
+        # The analysis query's own phases (prompt, generating, searching) carry no round.
+        tokens = f" ({ev['tokens']:,} tokens)" if isinstance(ev.get("tokens"), int) else ""
+        line = f"analysis: {ev.get('phase')}{tokens}"
+    elif kind == "phase":
+        line = f"round {ev['round']}: {ev.get('phase')}"
     elif kind == "proposal":
         line = f"round {ev.get('round')}: proposal " + (
             f"touching {', '.join(ev.get('files', []))}" if ev.get("accepted") else f"refused: {ev.get('reason', '')}"
