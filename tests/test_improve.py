@@ -250,6 +250,29 @@ def test_the_analysis_has_a_code_writing_system_prompt_and_skips_the_cache(
     assert len(systems) == 2 and all("You change code" in s for s in systems), systems
 
 
+def test_a_small_model_analysing_a_repo_too_big_to_show_is_not_told_not_found(
+    make_daemon, scripted_config, repo
+):
+    # In the paper's start (the files too long to show whole), the small model's system
+    # prompt said "If the text does not hold the answer, write FINAL(not found)", which the
+    # embedded model obeyed instead of the goal; the question-answering checks must not
+    # judge a diff either.
+    small = "tiny-coder-1.5b"
+    systems: list[str] = []
+
+    def responder(c: ChatCall) -> ScriptedReply:
+        systems.append(next((m.content for m in c.messages if m.role == "system"), ""))
+        return ScriptedReply(text=as_fenced(RIGHT))
+
+    extra = EXTRA.format(timeout=60) + "\n[engine]\ndirect_fraction = 0.0\n"
+    with ScriptedServer(responder=responder, models=[small, SUB]) as srv:
+        d = make_daemon(scripted_config(srv.url, extra, root=small, sub=SUB))
+        res = start(d, repo, job="big1", max_rounds=1)
+        assert res["state"] == "awaiting_approval", res
+    assert systems and all("Python REPL" in s for s in systems), systems
+    assert not any("not found" in s for s in systems), systems
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -205,10 +205,19 @@ Rules:
 """
 
 
+_NOT_FOUND_RULE = (
+    "- If the text does not hold the answer, write FINAL(not found). Never guess a value.\n"
+)
+
+
 def system_prompt(
-    model: str, *, nested_rlm: bool, output_chars: int, sub_calls: bool = True
+    model: str, *, nested_rlm: bool, output_chars: int, sub_calls: bool = True, qa: bool = True
 ) -> str:
     """The system prompt for ``model``; ``nested_rlm``: ``rlm_query`` runs a nested loop.
+
+    ``qa=False``: the task is not a question about the text (the improvement cycle asks
+    for a diff), so the small prompt's "FINAL(not found)" rule, which the embedded model
+    obeyed instead of the goal, is left out.
 
     ``sub_calls=False`` (the "rlm-nosub" method) says that the sub-model functions are
     switched off, so the model must work with code alone.
@@ -219,6 +228,8 @@ def system_prompt(
     )
     if variant == "small":
         text = _SMALL.format(tools=tools, chunk_chars=4000)
+        if not qa:
+            text = text.replace(_NOT_FOUND_RULE, "")
     else:
         text = _LARGE.format(tools=tools, chunk_chars=50_000)
     return text if sub_calls else text + NO_SUB_CALLS

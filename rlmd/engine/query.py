@@ -326,7 +326,7 @@ class Engine:
         if ctx.text is not None and ctx.name and (small or cfg.evidence_large):
             evidence = await self._evidence(rec, ctx.name, query)
         missing: list[str] = []
-        if ctx.text is not None:
+        if ctx.text is not None and system is None:
             missing = await asyncio.to_thread(missing_names, query, ctx.text)
             if missing:
                 rec.note("names_absent", names=missing)
@@ -338,6 +338,7 @@ class Engine:
             depth=1,
             context_name=ctx.name,
             missing_names=missing,
+            qa=system is None,
         )
         if ctx.desc is not None and ctx.desc.head:
             start.shown.append(ctx.desc.head)

@@ -45,10 +45,16 @@ class SmallModelPolicy:
     # The question's names when none occurs in the text (``anchors.missing_names``).
     missing_names: list[str] = field(default_factory=list)
     sent: set[str] = field(default_factory=set)  # the answer checks already sent back
+    checks: bool = True  # False: the task is not a question about the text (no checks)
 
     @classmethod
     def for_model(
-        cls, model: str, budget: Budget, missing_names: list[str] | None = None
+        cls,
+        model: str,
+        budget: Budget,
+        missing_names: list[str] | None = None,
+        *,
+        checks: bool = True,
     ) -> SmallModelPolicy:
         small = prompts.variant_for(model) == "small"
         out = budget.output_chars
@@ -57,7 +63,11 @@ class SmallModelPolicy:
             out = min(out, prompts.SMALL_OUTPUT_CHARS)
         hist = prompts.SMALL_HISTORY_CHARS if small else prompts.LARGE_HISTORY_CHARS
         return cls(
-            small=small, output_chars=out, history_chars=hist, missing_names=missing_names or []
+            small=small,
+            output_chars=out,
+            history_chars=hist,
+            missing_names=missing_names or [],
+            checks=checks,
         )
 
     async def check(
@@ -72,7 +82,7 @@ class SmallModelPolicy:
         """Whether to take a FINAL answer: the checks against the question's names for
         every answer, then (small models, short written answers) whether any output
         showed its words.  A value computed in the REPL skips that last check."""
-        if is_not_found(answer):
+        if not self.checks or is_not_found(answer):
             return Verdict()
         if self.missing_names:
             if "missing_name" not in self.sent:
@@ -110,7 +120,7 @@ class SmallModelPolicy:
         when the question's names stand nowhere in the text or the answer's key facts
         nowhere in the context (issue 10, the absent bench: ``Final(4458732)`` after
         twenty searches with no hit)."""
-        if not self.small or is_not_found(answer):
+        if not (self.small and self.checks) or is_not_found(answer):
             return answer
         if self.missing_names:
             return prompts.not_found_answer(query)

@@ -58,6 +58,9 @@ class LoopStart:
     system: str | None = None  # None: the RLM system prompt for the model
     first: str | None = None  # None: the context described
     shown: list[str] = field(default_factory=list)  # texts shown up front (the context)
+    # A question about the text (False: another task, such as the improvement cycle's
+    # diff, whose answers the question-answering checks would misjudge).
+    qa: bool = True
     # The evidence turn's message (a small model, a long text shown whole): asked first.
     evidence_turn: str | None = None
     evidence: str = ""
@@ -97,7 +100,7 @@ class RootLoop:
         self.depth = start.depth
         self.memory = LoopMemory(question=start.query)
         self.policy = SmallModelPolicy.for_model(
-            run.root_model, run.meter.budget, start.missing_names
+            run.root_model, run.meter.budget, start.missing_names, checks=start.qa
         )
         self.output_chars = self.policy.output_chars
         self.memory.printed.extend(start.shown)
@@ -143,6 +146,7 @@ class RootLoop:
                 nested_rlm=self.depth < b.max_depth,
                 output_chars=self.output_chars,
                 sub_calls=not run.nosub,
+                qa=self.start.qa,
             )
             first = self.start.first or prompts.first_message(self.start.query, self.start.desc)
             if self.start.evidence_turn is not None:
