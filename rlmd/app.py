@@ -51,12 +51,7 @@ class App:
     socket_path: Path
     state_dir: Path
     store: ContextStore
-    cache: CacheService | None = None
-    pool: Pool | None = None
-    engine: Engine | None = None
-    embedded: EmbeddedProvider | None = None
-    embedded_note: str = ""
-    protection: Protection | None = None
+    models: ModelParts = field(default_factory=ModelParts)  # the model side, built once
     jobs: Jobs = field(default_factory=Jobs)
     admission: Admission = field(default_factory=Admission)
     # Persistent REPL sessions (repl/*), and the improvement cycle (improve/*; needs a model).
@@ -84,12 +79,7 @@ class App:
             socket_path=socket_path,
             state_dir=state_dir,
             store=store,
-            cache=models.cache,
-            pool=models.pool,
-            engine=models.engine,
-            embedded=models.embedded,
-            embedded_note=models.embedded_note,
-            protection=models.protection,
+            models=models,
             admission=Admission(lim.max_concurrent_queries, lim.max_queued_queries),
             repl=ReplRegistry(config=config, store=store, pool=models.pool, state_dir=state_dir),
             improve=None

@@ -31,6 +31,6 @@ async def clear(
 
 def routes(app: App) -> dict[str, Method]:
     return {
-        "cache/stats": Method.of(partial(stats, app.cache), ordering=FREE),
-        "cache/clear": Method.of(partial(clear, app.cache)),
+        "cache/stats": Method.of(partial(stats, app.models.cache), ordering=FREE),
+        "cache/clear": Method.of(partial(clear, app.models.cache)),
     }

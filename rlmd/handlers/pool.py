@@ -20,4 +20,4 @@ def status(
 
 
 def routes(app: App) -> dict[str, Method]:
-    return {"pool/status": Method.of(partial(status, app.pool), ordering=FREE)}
+    return {"pool/status": Method.of(partial(status, app.models.pool), ordering=FREE)}

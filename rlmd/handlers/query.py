@@ -61,11 +61,11 @@ async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> QueryRe
         raise AppError(
             "shutting_down", "the daemon is shutting down; retry shortly", code=SHUTTING_DOWN
         )
-    engine = app.engine
+    engine = app.models.engine
     if engine is None:
         raise AppError(
             "unavailable",
-            app.embedded_note or "no model is available: configure [[providers]] in the config",
+            app.models.embedded_note or "no model is available: configure [[providers]] in the config",
             code=UNAVAILABLE,
         )
     if p.context is not None and p.text is not None:

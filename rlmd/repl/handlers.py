@@ -71,5 +71,5 @@ def routes(app: App) -> dict[str, Method]:
         "repl/exec": Method.of(partial(repl_exec, reg), ReplExecParams, ordering=FREE),
         "repl/close": Method.of(partial(repl_close, reg), ReplSessionParams, ordering=FREE),
         "repl/list": Method.of(partial(repl_list, reg), ordering=FREE),
-        "llm/query": Method.of(partial(llm_query, app.pool), LlmQueryParams, ordering=FREE),
+        "llm/query": Method.of(partial(llm_query, app.models.pool), LlmQueryParams, ordering=FREE),
     }
