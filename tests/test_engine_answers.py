@@ -327,7 +327,10 @@ def test_passages_that_do_not_answer_lead_to_the_whole_text(small_served, script
     res, _ = ask(d, {"query": t.question, "context": "nd"})
     assert res["answer"] == t.gold and res["iterations"] == 2
     assert t.context[:2000] in srv.calls[1].last_user
-    # A value the passages never showed is not taken from them either.
+    # Nor is "not found" from the passages alone, or a value they never showed.
+    script.root[:] = [(r"else READ", "FINAL(not found)"), (r"in full:", f"FINAL({t.gold})")]
+    res, _ = ask(d, {"query": t.question, "context": "nd"})
+    assert res["answer"] == t.gold and res["iterations"] == 2
     script.root[:] = [(r"else READ", "FINAL(5550123)"), (r"in full:", f"FINAL({t.gold})")]
     res, _ = ask(d, {"query": t.question, "context": "nd"})
     assert res["answer"] == t.gold and res["iterations"] == 2

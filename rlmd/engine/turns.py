@@ -33,6 +33,7 @@ from rlmd.engine.parse import (
 )
 from rlmd.engine.record import Recorder
 from rlmd.engine.small_model import SmallModelPolicy
+from rlmd.engine.sources import is_not_found
 from rlmd.engine.steer import LoopMemory, normalize, repeated, steer
 from rlmd.engine.subcalls import ChatPool, SubCalls
 from rlmd.engine.trace import clip_for_trace
@@ -252,7 +253,12 @@ class RootLoop:
         if final is None and not reply.blocks:
             # The demo's reply was a bare "0.45": a short reply is the answer it gives.
             final = bare_answer(reply.prose)
-        if final is None or final.kind != "answer" or non_answer_reason(final.value):
+        if (
+            final is None
+            or final.kind != "answer"
+            or non_answer_reason(final.value)
+            or is_not_found(final.value)  # the passages lack it; the whole text may not
+        ):
             self.rec.note("evidence_turn", taken=False, why="no answer")
             return None
         # A trial check: what it sends back must not be spent before the text is read.
