@@ -23,6 +23,8 @@ from pathlib import Path
 import msgspec
 import platformdirs
 
+from rlmd.repl.daemon_sandbox import BWRAP_ISOLATION
+
 
 class CommandResult(msgspec.Struct, kw_only=True):
     """One run of a test or benchmark command (``tests`` in the decision point)."""
@@ -73,7 +75,7 @@ def bwrap_command(tree: Path, tmp: Path, shell_cmd: list[str], *, state_dir: Pat
     """
     bw = shutil.which("bwrap") or "bwrap"
     argv = [
-        bw, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        bw, *BWRAP_ISOLATION, "--new-session",
         "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
     ]
     for d in _hidden_dirs(state_dir):

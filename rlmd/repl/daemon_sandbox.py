@@ -140,6 +140,12 @@ def host_sys_path() -> list[str]:
     return out
 
 
+#: What every bubblewrap sandbox of rlmd starts with (REPL workers and the improvement
+#: cycle's test runs): new namespaces of every kind (no network), dead with the daemon,
+#: no capabilities.
+BWRAP_ISOLATION = ("--unshare-all", "--die-with-parent", "--cap-drop", "ALL")
+
+
 def bwrap_argv(
     *,
     bwrap: str,
@@ -150,10 +156,7 @@ def bwrap_argv(
     scratch_bytes: int = 0,
 ) -> list[str]:
     """The bubblewrap command line that precedes the worker's own argv."""
-    argv = [
-        bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL",
-        "--hostname", "rlmd-worker", "--clearenv",
-    ]  # fmt: skip
+    argv = [bwrap, *BWRAP_ISOLATION, "--hostname", "rlmd-worker", "--clearenv"]
     # System libraries: merged-/usr distributions have symlinks at the top level.
     for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
