@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from rlmd.blas import single_threaded_blas
 from rlmd.client import Client
 from rlmd.launch import DaemonStartError, daemon_command, spawn_daemon, wait_until_answering
 from rlmd.protocol.framing import Framing
+from rlmd.testing.scripted_server import ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +107,21 @@ def scripted_config():
     one provider is a scripted loopback server speaking Ollama's wire format, serving
     ``root`` and ``sub``; ``extra`` is appended (more sections)."""
     return _scripted_config
+
+
+@pytest.fixture
+def serve_scripted(make_daemon, scripted_config):
+    """``with serve_scripted(responder, extra, root=..., sub=..., capacity=4) as (d, srv)``:
+    a scripted loopback model server answering with ``responder``, and a daemon whose one
+    provider it is (``scripted_config``)."""
+
+    @contextlib.contextmanager
+    def serve(responder, extra: str = "", *, root: str = "root", sub: str = "sub", capacity=4):
+        with ScriptedServer(responder=responder, models=[root, sub]) as srv:
+            cfg = scripted_config(srv.url, extra, root=root, sub=sub, capacity=capacity)
+            yield make_daemon(cfg), srv
+
+    return serve
 
 
 @pytest.fixture

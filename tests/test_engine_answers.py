@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from rlmd.bench.facts import build_absent, build_distractor, build_needle
 from rlmd.client import RpcError
 from rlmd.testing.script import ScriptedModels
-from rlmd.testing.scripted_server import ScriptedServer
+from rlmd.testing.script import run_query as ask
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -37,32 +38,25 @@ def repl(code: str) -> str:
     return f"\n{F}repl\n{code.strip()}\n{F}\n"
 
 
-class Script(ScriptedModels):
+@pytest.fixture
+def script() -> ScriptedModels:
     """The scripted root and sub models of these tests (rlmd/testing/script.py)."""
-
-    def __init__(self) -> None:
-        super().__init__(sub_model=SUB)
+    return ScriptedModels(sub_model=SUB)
 
 
 @pytest.fixture
-def script() -> Script:
-    return Script()
+def served(serve_scripted, script):
+    with serve_scripted(script, EXTRA, root=ROOT, sub=SUB, capacity=8) as pair:
+        yield pair
+
+
+SMALL = "tiny-coder-1.5b"  # a name that selects the small-model prompts
 
 
 @pytest.fixture
-def served(make_daemon, scripted_config, script):
-    with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
-        d = make_daemon(scripted_config(srv.url, EXTRA, root=ROOT, sub=SUB, capacity=8))
-        yield d, srv
-
-
-def ask(d, params: dict) -> tuple[object, list[dict]]:
-    events: list[dict] = []
-    with d.client() as c:
-        try:
-            return c.call("query/run", params, on_event=events.append), events
-        except RpcError as exc:
-            return exc, events
+def small_served(serve_scripted, script):
+    with serve_scripted(script, EXTRA, root=SMALL, sub=SUB) as pair:
+        yield pair
 
 
 CONFIG = "".join(f"# setting {i}: nothing here\n" for i in range(40)) + (
@@ -203,39 +197,28 @@ def test_the_cli_prints_sources_as_path_and_line(served, script, tmp_path: Path)
     assert "  example.toml:2: price_per_kwh = 0.45" in done.stderr.splitlines()
 
 
-SMALL = "tiny-coder-1.5b"  # a name that selects the small-model prompts
-
-
-def test_a_small_model_gets_the_evidence_first(make_daemon, scripted_config, script):
-    with ScriptedServer(responder=script, models=[SMALL, SUB]) as srv:
-        d = make_daemon(scripted_config(srv.url, EXTRA, root=SMALL, sub=SUB))
-        lines = [f"row {i}: the weather was mild and nothing happened" for i in range(3000)]
-        lines[2024] = "row 2024: the vault combination is 31-41-59"
-        d.call("context/put", {"name": "log", "text": "\n".join(lines)})
-        script.root.append(
-            (r"\[1\] line 2025: row 2024: the vault combination is 31-41-59", "FINAL(31-41-59)")
-        )
-        res, events = ask(d, {"query": "What is the vault combination?", "context": "log"})
-        assert not isinstance(res, Exception), res
-        assert res["answer"] == "31-41-59" and res["iterations"] == 1
-        assert res["start"] == "rlm"  # 150k characters: described, with the passages
-        first = srv.calls[0].last_user
-        assert "Passages a search for the question ranked highest" in first
-        assert first.index("Passages") < first.index("Question: What is the vault")
-        assert res["supported"] is True and res["sources"][0]["line"] == 2025
-        assert "searching" in [e.get("phase") for e in events if e["kind"] == "phase"]
-
-
-@pytest.fixture
-def small_served(make_daemon, scripted_config, script):
-    with ScriptedServer(responder=script, models=[SMALL, SUB]) as srv:
-        yield make_daemon(scripted_config(srv.url, EXTRA, root=SMALL, sub=SUB)), srv
+def test_a_small_model_gets_the_evidence_first(small_served, script):
+    d, srv = small_served
+    lines = [f"row {i}: the weather was mild and nothing happened" for i in range(3000)]
+    lines[2024] = "row 2024: the vault combination is 31-41-59"
+    d.call("context/put", {"name": "log", "text": "\n".join(lines)})
+    script.root.append(
+        (r"\[1\] line 2025: row 2024: the vault combination is 31-41-59", "FINAL(31-41-59)")
+    )
+    res, events = ask(d, {"query": "What is the vault combination?", "context": "log"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "31-41-59" and res["iterations"] == 1
+    assert res["start"] == "rlm"  # 150k characters: described, with the passages
+    first = srv.calls[0].last_user
+    assert "Passages a search for the question ranked highest" in first
+    assert first.index("Passages") < first.index("Question: What is the vault")
+    assert res["supported"] is True and res["sources"][0]["line"] == 2025
+    assert "searching" in [e.get("phase") for e in events if e["kind"] == "phase"]
 
 
 def test_a_value_for_a_name_found_nowhere_becomes_not_found(small_served, script):
     # The absent bench: asked for a key the text never writes, the small model gave
     # another key's number from the evidence, twice.
-    from rlmd.bench.facts import build_absent
 
     d, srv = small_served
     t = build_absent(3000, 0, 0)
@@ -253,7 +236,6 @@ def test_a_value_for_a_name_found_nowhere_becomes_not_found(small_served, script
 
 
 def test_the_outdated_record_is_sent_back_and_the_current_one_taken(small_served, script):
-    from rlmd.bench.facts import build_distractor
 
     d, srv = small_served
     t = build_distractor(3000, 0, 0)  # the records form
@@ -269,7 +251,6 @@ def test_the_outdated_record_is_sent_back_and_the_current_one_taken(small_served
 
 
 def test_another_keys_number_is_sent_back(small_served, script):
-    from rlmd.bench.facts import build_needle
 
     d, srv = small_served
     t = build_needle(3000, 2, 0)
@@ -303,7 +284,6 @@ def test_a_small_models_unsupported_last_chance_answer_is_not_found(small_served
 def test_a_long_text_shown_whole_is_first_asked_from_its_passages(small_served, script):
     # The demo: 15,195 characters shown whole cost 3,811 prompt tokens on the embedded
     # model, and the first passage held the answer.
-    from rlmd.bench.facts import build_needle
 
     d, srv = small_served
     t = build_needle(3000, 1, 0)
@@ -317,7 +297,6 @@ def test_a_long_text_shown_whole_is_first_asked_from_its_passages(small_served, 
 
 
 def test_passages_that_do_not_answer_lead_to_the_whole_text(small_served, script):
-    from rlmd.bench.facts import build_needle
 
     d, srv = small_served
     t = build_needle(3000, 1, 0)

@@ -11,8 +11,7 @@ import pytest
 
 from rlmd.client import RpcError
 from rlmd.engine.trace import format_trace
-from rlmd.testing.script import ScriptedModels
-from rlmd.testing.scripted_server import ScriptedServer
+from rlmd.testing.script import ScriptedModels, run_query
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -21,13 +20,6 @@ F = "```"
 
 def repl(code: str, before: str = "") -> str:
     return f"{before}\n{F}repl\n{code.strip()}\n{F}\n"
-
-
-class Script(ScriptedModels):
-    """The scripted root and sub models of these tests (rlmd/testing/script.py)."""
-
-    def __init__(self) -> None:
-        super().__init__(sub_model=SUB)
 
 
 EXTRA = """
@@ -45,25 +37,15 @@ enabled = false
 
 
 @pytest.fixture
-def script() -> Script:
-    return Script()
+def script() -> ScriptedModels:
+    """The scripted root and sub models of these tests (rlmd/testing/script.py)."""
+    return ScriptedModels(sub_model=SUB)
 
 
 @pytest.fixture
-def served(make_daemon, scripted_config, script):
-    with ScriptedServer(responder=script, models=[ROOT, SUB]) as srv:
-        d = make_daemon(scripted_config(srv.url, EXTRA, root=ROOT, sub=SUB, capacity=8))
-        yield d, srv
-
-
-def run_query(d, params: dict) -> tuple[object, list[dict]]:
-    events: list[dict] = []
-    with d.client() as c:
-        try:
-            result = c.call("query/run", params, on_event=events.append)
-        except RpcError as exc:
-            return exc, events
-    return result, events
+def served(serve_scripted, script):
+    with serve_scripted(script, EXTRA, root=ROOT, sub=SUB, capacity=8) as pair:
+        yield pair
 
 
 def check_stream(events: list[dict], job: str, last: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any, Protocol
 
+from rlmd.client import Client, RpcError
 from rlmd.testing.scripted_server import ChatCall, ScriptedReply
 
 Reply = ScriptedReply | str | Callable[[re.Match[str], ChatCall], ScriptedReply | str]
@@ -42,3 +44,18 @@ class ScriptedModels:
                     reply = reply(m, call)
                 return reply if isinstance(reply, ScriptedReply) else ScriptedReply(text=str(reply))
         return None
+
+
+class _Daemon(Protocol):
+    def client(self) -> Client: ...
+
+
+def run_query(daemon: _Daemon, params: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+    """``query/run`` over a fresh connection: (the result, or the RpcError it ended with;
+    the events streamed on the way)."""
+    events: list[dict[str, Any]] = []
+    with daemon.client() as c:
+        try:
+            return c.call("query/run", params, on_event=events.append), events
+        except RpcError as exc:
+            return exc, events
