@@ -11,15 +11,18 @@ pointing at a scripted loopback server in this process, and talks to it over the
    take to fail, what they say, and what ``pool/status`` shows between them (queries have
    a 20 s timeout; a query that "hangs" ends there).
 3. **Memory under load**: ``--queries`` queries, each on its own inline text (a new
-   context version each time: what the semantic tier keys on), with the cache on and off;
-   RSS after a warm-up and at the end, in KB per query.
+   context version each time: what the semantic tier keys on), with the cache on and off
+   (and, for this tree, on with its in-memory parts at their smallest bounds); RSS after a
+   warm-up and at the end, in KB per query, split into heap and mapped files.
 
 ``--compare-tree DIR`` runs the same cases side by side against another checkout of the
 project (``git archive <commit> | tar -x -C DIR``): the daemon is then started with
 ``PYTHONPATH=DIR``, so the "before" and "after" rows come from one run on one machine.
 
 Run: ``python bench/bench_provider_faults.py [--quick] [--compare-tree DIR]
-[--doc docs/benchmarks.md]``; ``run(quick)`` returns the Markdown (the perf suite).
+[--cases flood,retry,memory] [--doc docs/benchmarks.md]``; ``run(quick)`` returns the
+Markdown (the perf suite).  The memory case alone, recorded in its own section:
+``--cases memory --queries 300 --doc docs/benchmarks.md --doc-section provider-faults-memory``.
 """
 
 from __future__ import annotations
@@ -155,13 +158,18 @@ def retry_after(tmp: Path, tree: Path | None) -> list[str]:
     ]
 
 
-def soak(tmp: Path, tree: Path | None, n: int, cache: bool, index_bytes: int = 0) -> list[str]:
+def _mem_kb(pid: int) -> tuple[int, int, int]:
+    """VmRSS, RssAnon (heap: what a leak grows) and RssFile (mapped files), in KB."""
+    return _rss_kb(pid), _rss_kb(pid, "RssAnon"), _rss_kb(pid, "RssFile")
+
+
+def soak(tmp: Path, tree: Path | None, n: int, cache: bool, bounds: str = "") -> list[str]:
+    """``n`` queries, each on a new inline text; ``bounds``: extra ``[cache]`` lines."""
+
     def answer(call: ChatCall) -> ScriptedReply:
         return ScriptedReply(text="FINAL(ok)")
 
-    extra = "" if cache else "[cache]\nenabled = false\n"
-    if cache and index_bytes:
-        extra = f"[cache]\nsemantic_index_bytes = {index_bytes}\n"
+    extra = f"[cache]\n{bounds}" if cache else "[cache]\nenabled = false\n"
     with ScriptedServer(responder=answer, models=[MODEL]) as srv:
         d = _Daemon(tmp, _config(srv.url, extra), tree)
         try:
@@ -169,21 +177,33 @@ def soak(tmp: Path, tree: Path | None, n: int, cache: bool, index_bytes: int = 0
             with d.client() as c:
                 for i in range(n):
                     if i == warm:
-                        start = _rss_kb(d.proc.pid)
+                        start = _mem_kb(d.proc.pid)
                     text = f"document {i}: " + "lorem ipsum dolor sit amet " * 20
                     c.call("query/run", {"query": f"what does document {i} say?", "text": text})
-            end = _rss_kb(d.proc.pid)
+            end = _mem_kb(d.proc.pid)
         finally:
             d.stop()
-    per = (end - start) / (n - warm)
+    per = [(e - s) / (n - warm) for s, e in zip(start, end, strict=True)]
+    label = "on" if cache else "off"
+    if bounds:
+        label += " (" + ", ".join(b.replace(" ", "") for b in bounds.splitlines()) + ")"
     return [
-        f"| {'on' if cache else 'off'}{f' (index {index_bytes // 1024} KiB)' if index_bytes else ''} | {n} | {start / 1024:.0f} | {end / 1024:.0f} "
-        f"| {per:.1f} |"
+        f"| {label} | {n} | {start[0] / 1024:.0f} | {end[0] / 1024:.0f} "
+        f"| {per[0]:.1f} | {per[1]:.1f} | {per[2]:.1f} |"
     ]
 
 
+CASES = ("flood", "retry", "memory")
+#: The "bounded" memory row: both of the cache's in-memory parts at their smallest.
+SMALL_BOUNDS = "semantic_index_bytes = 65536\ndb_cache_bytes = 262144\n"
+
+
 def run(
-    quick: bool = False, compare_tree: Path | None = None, flood_mib: int = 0, queries: int = 0
+    quick: bool = False,
+    compare_tree: Path | None = None,
+    flood_mib: int = 0,
+    queries: int = 0,
+    cases: tuple[str, ...] = CASES,
 ) -> str:
     queries = queries or (300 if quick else 2000)
     flood_mib = flood_mib or (128 if quick else 512)
@@ -202,48 +222,53 @@ def run(
             p.mkdir()
             return p
 
-        out += [
-            "## Newline flood",
-            "",
-            f"The only provider answers 200 and streams {flood_mib} MiB with no newline.",
-            "",
-        ]
-        for label, tree in trees:
+        if "flood" in cases:
             out += [
-                f"{label}:",
+                "## Newline flood",
                 "",
-                "| RSS before MB | peak MB | after MB | query s | error |",
-                "|---|---|---|---|---|",
+                f"The only provider answers 200 and streams {flood_mib} MiB with no newline.",
+                "",
             ]
-            out += [*flood(fresh(), tree, flood_mib), ""]
-        out += [
-            "## Retry-After: 3600 on the only provider",
-            "",
-            "Queries time out after 20 s (`[limits] timeout_s`).",
-            "",
-        ]
-        for label, tree in trees:
-            out += [f"{label}:", "", "| query | s | what it said |", "|---|---|---|"]
-            out += [*retry_after(fresh(), tree), ""]
-        out += [
-            "## Memory under load",
-            "",
-            f"{queries} queries, each on a new inline text; RSS after a warm-up "
-            "(a tenth of the queries) and at the end.",
-            "",
-        ]
-        for label, tree in trees:
+            for label, tree in trees:
+                out += [
+                    f"{label}:",
+                    "",
+                    "| RSS before MB | peak MB | after MB | query s | error |",
+                    "|---|---|---|---|---|",
+                ]
+                out += [*flood(fresh(), tree, flood_mib), ""]
+        if "retry" in cases:
             out += [
-                f"{label}:",
+                "## Retry-After: 3600 on the only provider",
                 "",
-                "| cache | queries | RSS after warm-up MB | at the end MB | KB per query |",
-                "|---|---|---|---|---|",
+                "Queries time out after 20 s (`[limits] timeout_s`).",
+                "",
             ]
-            for cache in (True, False):
-                out += soak(fresh(), tree, queries, cache)
-            if tree is None:  # the bound at work: a small index stops growing
-                out += soak(fresh(), tree, queries, True, index_bytes=1024 * 1024)
-            out += [""]
+            for label, tree in trees:
+                out += [f"{label}:", "", "| query | s | what it said |", "|---|---|---|"]
+                out += [*retry_after(fresh(), tree), ""]
+        if "memory" in cases:
+            out += [
+                "## Memory under load",
+                "",
+                f"{queries} queries, each on a new inline text; RSS after a warm-up "
+                "(a tenth of the queries) and at the end; the growth per query split into "
+                "the heap (RssAnon) and mapped files (RssFile).",
+                "",
+            ]
+            for label, tree in trees:
+                out += [
+                    f"{label}:",
+                    "",
+                    "| cache | queries | RSS after warm-up MB | at the end MB | KB per query "
+                    "| heap KB/q | files KB/q |",
+                    "|---|---|---|---|---|---|---|",
+                ]
+                for cache in (True, False):
+                    out += soak(fresh(), tree, queries, cache)
+                if tree is None:  # the bounds at work: the smallest stop the growth
+                    out += soak(fresh(), tree, queries, True, SMALL_BOUNDS)
+                out += [""]
     return "\n".join(out)
 
 
@@ -253,10 +278,16 @@ def main() -> None:
     ap.add_argument("--compare-tree", type=Path, help="another checkout to run side by side")
     ap.add_argument("--flood-mib", type=int, default=0, help="MiB the flooding server sends")
     ap.add_argument("--queries", type=int, default=0, help="queries per memory run")
+    ap.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}"
+    )
     ap.add_argument("--doc", type=Path, help="write the report into this file's section")
     ap.add_argument("--doc-section", default="provider-faults")
     args = ap.parse_args()
-    md = run(args.quick, args.compare_tree, args.flood_mib, args.queries)
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    if unknown := set(cases) - set(CASES):
+        ap.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
+    md = run(args.quick, args.compare_tree, args.flood_mib, args.queries, cases)
     print(md)
     if args.doc is not None:
         from rlmd.bench.doc import update_doc

@@ -216,10 +216,18 @@ class CacheConfig(_Section):
     # The semantic tier's in-memory index of questions (vectors per context version);
     # least recently used versions are dropped beyond it and reloaded from SQLite on use.
     semantic_index_bytes: int = 32 * 1024 * 1024
+    # SQLite's page cache for the cache file: the file's pages kept in the daemon's memory
+    # (SQLite's own default is about 2 MiB; without a bound of its own, memory measured
+    # under load could not tell it from a leak: docs/benchmarks.md, provider-faults-memory).
+    db_cache_bytes: int = 2 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.semantic_index_bytes < 64 * 1024:
             raise ValueError("semantic_index_bytes must be at least 65536")
+        if not 64 * 1024 <= self.db_cache_bytes <= 1024**3:
+            raise ValueError(
+                f"db_cache_bytes must be between 65536 and 1073741824, not {self.db_cache_bytes}"
+            )
         t = self.semantic_threshold
         if t is not None and not 0.0 < t <= 1.0:
             raise ValueError("semantic_threshold must be in (0, 1]")

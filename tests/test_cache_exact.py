@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rlmd.cache import CacheService, ExactCache, call_key
-from rlmd.config import CacheConfig, Config, PoolConfig, ProviderConfig
+from rlmd.config import CacheConfig, Config, ConfigError, PoolConfig, ProviderConfig, parse_config
 from rlmd.pool import Pool
 from rlmd.providers.base import ChatRequest, ChatResult, Message, Usage
 from rlmd.providers.registry import build_provider
@@ -461,3 +461,22 @@ async def test_unusable_location_is_a_clear_error(tmp_path) -> None:
     blocker.write_text("x")
     with pytest.raises(CacheError, match="cannot open the cache file"):
         ExactCache.open(blocker / "cache" / "calls.sqlite", max_bytes=1 << 20)
+
+
+async def test_db_cache_bytes_bounds_sqlite_page_cache(tmp_path) -> None:
+    """Issue 14: ``[cache] db_cache_bytes`` is what the cache file's connection keeps of
+    the file in memory (SQLite's page cache), and a bad value stops the daemon at start."""
+    for conf, kib in (
+        (parse_config({"cache": {"db_cache_bytes": 256 * 1024}}), 256),
+        (Config(), 2048),
+    ):
+        svc = CacheService.open(conf, tmp_path / str(kib))
+        assert svc.exact is not None
+        db = svc.exact.db
+        try:
+            size = await db.run(lambda d=db: d.conn().execute("PRAGMA cache_size").fetchone()[0])
+        finally:
+            await svc.aclose()
+        assert size == -kib  # negative: KiB
+    with pytest.raises(ConfigError, match="db_cache_bytes must be between 65536"):
+        parse_config({"cache": {"db_cache_bytes": 1000}})

@@ -124,3 +124,40 @@ def test_daemon_serves_a_reworded_question_from_the_semantic_tier(
             "query/run", {"query": "Which functions call load_config?", "context": "src"}
         )
         assert other["answer"] != "load and main"
+
+
+def _resident_kb(pid: int, suffix: str) -> int:
+    """KB of the mappings of files named ``*suffix`` resident in process ``pid``."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                inside = line.rstrip().endswith(suffix)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_new_words_do_not_stay_in_the_daemon_memory(make_daemon, scripted_config) -> None:
+    """Issue 14: a daemon asked varied questions grew ~30 KB per query because each new
+    word faulted in a page of the mapped 47 MB word-embedding table, never to leave.  The
+    rows are read now: ~4,000 new words leave the weights' resident size where one
+    question put it (the old code: +15 MB and more)."""
+    vocab = (MODEL_DIR / "vocab.txt").read_text().split("\n")
+    words = [w for w in vocab[2000:] if w.isalpha() and w.isascii() and len(w) >= 4][::3]
+    assert len(words) >= 4000
+    with ScriptedServer(
+        responder=lambda call: ScriptedReply(text="FINAL(ok)"), models=["root", "sub"]
+    ) as srv:
+        d = make_daemon(scripted_config(srv.url, '[cache]\nembedder = "minilm"\n'))
+        d.call("query/run", {"query": "what does it say?", "text": "a short text"})
+        before = _resident_kb(d.proc.pid, "model.safetensors")
+        assert before > 30_000, "the encoder weights are resident after one question"
+        for i in range(16):
+            question = " ".join(words[i * 250 : (i + 1) * 250])
+            assert len(question) <= 4000  # within the semantic tier's question limit
+            d.call("query/run", {"query": question, "text": f"text {i}"})
+        assert d.call("cache/stats")["exact"]["semantic_misses"] >= 17
+        grown = _resident_kb(d.proc.pid, "model.safetensors") - before
+    assert grown < 1024, f"the weights' resident size grew {grown} KB over 4,000 new words"

@@ -693,3 +693,33 @@ def test_open_mappings_are_bounded(store: ContextStore) -> None:
         assert store.peek(f"c{i}", 0, 20) == f"text {i} é"
     assert len(os.listdir("/proc/self/fd")) - fds_before <= 70
     assert store.peek("c0", 0, 20) == "text 0 é"  # evicted, reopened
+
+
+def test_name_locks_are_forgotten_after_use(store: ContextStore) -> None:
+    """Issue 14: each inline query stores its text under a new name ("_query:<job>") and
+    drops it; the store kept an in-process lock per name ever used, one more per query."""
+    for i in range(300):
+        store.put_text(f"_query:{i}", f"document {i}")
+        assert store.info(f"_query:{i}").chars == len(f"document {i}")
+        store.drop(f"_query:{i}")
+    assert len(store._locks) == 0
+    # Still one writer at a time per name: writers racing on one name all land, whole.
+    store.put_text("shared", "0")
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        try:
+            for j in range(20):
+                store.put_text("shared", f"{k}-{j} " * 50)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    text = store.peek("shared", 0, 10_000)
+    assert len(set(text.split())) == 1 and len(text.split()) == 50
+    assert len(store._locks) == 0

@@ -49,6 +49,8 @@ FLUSH_EVERY = 256
 EVICT_TO = 0.9
 # Fixed per-row overhead counted in the size (key, columns, index entries).
 ROW_OVERHEAD = 96
+# SQLite's page cache per connection, as SQLite's own default ("PRAGMA cache_size=-2000").
+DEFAULT_PAGE_CACHE_BYTES = 2 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -142,9 +144,17 @@ class CacheDB:
     locks (WAL, ``busy_timeout``) serialise their writes.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 10.0,
+        page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES,
+    ) -> None:
         self.path = Path(path)
         self._busy_ms = int(busy_timeout_s * 1000)
+        # SQLite's page cache: what this connection keeps of the file in memory.
+        self._cache_kib = max(1, page_cache_bytes // 1024)
         self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlmd-cache")
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
@@ -200,6 +210,7 @@ class CacheDB:
             # NORMAL in WAL: a commit survives a process crash; an OS crash may lose the
             # last commits but never corrupts the file (fine for a cache).
             c.execute("PRAGMA synchronous=NORMAL")
+            c.execute(f"PRAGMA cache_size=-{self._cache_kib}")  # negative: KiB, not pages
             c.executescript(_SCHEMA)
             c.execute(
                 "INSERT OR IGNORE INTO meta(k, v) VALUES ('schema', ?), ('total_bytes', 0)",
@@ -311,11 +322,20 @@ class ExactCache:
         )
 
     @classmethod
-    def open(cls, path: str | Path, *, max_bytes: int) -> ExactCache:
-        """Open (creating) the cache file; raises :class:`CacheError` naming the file."""
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        max_bytes: int,
+        page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES,
+    ) -> ExactCache:
+        """Open (creating) the cache file; raises :class:`CacheError` naming the file.
+
+        ``page_cache_bytes`` bounds the file's pages SQLite keeps in memory
+        (``[cache] db_cache_bytes``)."""
         if max_bytes < 0:
             raise CacheError(f"cache max_bytes must be >= 0, got {max_bytes}")
-        db = CacheDB(Path(path))
+        db = CacheDB(Path(path), page_cache_bytes=page_cache_bytes)
         cache = cls(db, max_bytes=max_bytes)
         try:
             db.call(db.conn)

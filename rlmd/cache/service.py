@@ -118,7 +118,11 @@ class CacheService:
         c = config.cache
         if not c.enabled:
             return cls(config, None, None, versions=versions)
-        exact = ExactCache.open(Path(state_dir) / "cache" / "calls.sqlite", max_bytes=c.max_bytes)
+        exact = ExactCache.open(
+            Path(state_dir) / "cache" / "calls.sqlite",
+            max_bytes=c.max_bytes,
+            page_cache_bytes=c.db_cache_bytes,
+        )
         service = cls(config, exact, None, versions=versions)
         if c.semantic:
             embed_model = config.models.embed

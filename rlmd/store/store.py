@@ -40,7 +40,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -373,6 +373,14 @@ def _load_or_rebuild_index(d: Path, meta: _Meta, f: BinaryIO) -> CharIndex:
     return index
 
 
+@dataclass
+class _KeyLock:
+    """The in-process lock of one context name, and how many threads hold or await it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
 class ContextStore:
     """Named contexts that persist under ``root``; thread-safe, synchronous.
 
@@ -398,7 +406,7 @@ class ContextStore:
         self._window = search_window_chars
         self._overlap = search_overlap_chars
         self._mutex = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, _KeyLock] = {}
         self._handles: dict[str, _Handle] = {}
         self._metas: dict[str, tuple[tuple[int, int, int], _Meta]] = {}
         self._pins: Counter[tuple[str, str]] = Counter()
@@ -430,8 +438,25 @@ class ContextStore:
 
     @contextlib.contextmanager
     def _locked(self, key: str, *, blocking: bool = True) -> Iterator[bool]:
+        # One lock per name while someone holds or waits for it, then forgotten: every
+        # inline query stores its text under a new name, and a lock kept per name ever
+        # used grew without end (issue 14).
         with self._mutex:
-            lock = self._locks.setdefault(key, threading.Lock())
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = _KeyLock()
+            entry.users += 1
+        try:
+            with self._flocked(key, entry.lock, blocking=blocking) as got:
+                yield got
+        finally:
+            with self._mutex:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[key]
+
+    @contextlib.contextmanager
+    def _flocked(self, key: str, lock: threading.Lock, *, blocking: bool) -> Iterator[bool]:
         if not lock.acquire(blocking=blocking):
             yield False
             return
