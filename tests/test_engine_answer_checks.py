@@ -8,7 +8,7 @@ import pytest
 
 from rlmd.bench.facts import build_absent, build_distractor, build_needle, build_twohop
 from rlmd.engine.anchors import missing_names, name_pattern, question_names
-from rlmd.engine.answer_checks import missing_name, newer_value, other_name
+from rlmd.engine.answer_checks import missing_name, newer_value, next_hop, other_name
 from rlmd.engine.context_text import ContextText
 from rlmd.engine.evidence import snippet
 from rlmd.engine.parse import find_final, parse_reply
@@ -83,3 +83,18 @@ def test_final_in_another_case_is_an_answer():
     assert find_final("Final(4458732)").value == "4458732"
     assert parse_reply("I looked.\nfinal(not found)").final.value == "not found"
     assert parse_reply("final_var(result)").final.kind == "var"
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_the_first_hop_given_as_the_answer_is_sent_on_to_the_second(index):
+    # The two-hop bench: the vault that keeps the records given for its magic number.
+    t = build_twohop(2000, index, 0)
+    ctx = ctx_of(t.context)
+    text = next_hop(str(t.meta["vault"]), t.question, ctx)
+    assert text is not None and f"FINAL({t.gold[0]})" in text
+    assert next_hop(t.gold[0], t.question, ctx) is None
+    # A needle's or a distractor's value is no step to anything.
+    n = build_needle(2000, index, 0)
+    assert next_hop(n.gold, n.question, ctx_of(n.context)) is None
+    d = build_distractor(2000, index, 0)
+    assert next_hop(d.meta["outdated"], d.question, ctx_of(d.context)) is None

@@ -12,6 +12,10 @@ and returns the feedback the model gets (once a loop) or None:
   (a later date, "updated to", "replaces every earlier record") than the one answered
   (the distractor bench: the outdated record taken because it came first).
 
+- :func:`next_hop`: the answer is the key of a further fact the question asks for (the
+  two-hop bench: ``854``, the vault that keeps the records, given for "the magic number
+  of the vault", while the text says "The special magic number of vault 854 is 9933116").
+
 All are synchronous (store reads): call them in a thread.
 """
 
@@ -151,6 +155,42 @@ def newer_value(answer: str, question: str, ctx: ContextText) -> str | None:
                     f"{_clip(r[5])}\nThe question asks for the current value: the one with "
                     "the later date, or the one said to update or replace the other."
                 )
+    return None
+
+
+_CONTENT = re.compile(r"[A-Za-z]{4,}")
+_FUNCTION_WORDS = frozenset(
+    "what which that this their there these those with from into about text says said "
+    "answer only number".split()
+)
+
+
+def next_hop(answer: str, question: str, ctx: ContextText) -> str | None:
+    """Feedback when the answer's number is the subject of a sentence that gives it a
+    value ("... of vault 854 is 9933116") and shares at least two of the question's
+    content words: the answer is a step on the way, not what was asked."""
+    numbers = _INT.findall(answer)
+    if len(numbers) != 1:
+        return None
+    n = numbers[0]
+    asked = {w.lower() for w in _CONTENT.findall(question)} - _FUNCTION_WORDS
+    rx = re.compile(rf"(?<![\d.]){re.escape(n)}\s+(?:is|was|=|:)\s+(\d{{3,}})(?![\d])")
+    for m in ctx.find(rf"(?<![\d.]){re.escape(n)}\s+(?:is|was|=|:)\s+\d{{3,}}", 20):
+        lo = max(0, m.start - SENTENCE_BACK)
+        around = ctx.read(lo, m.end + 40)
+        rel = m.start - lo
+        cut = max(around.rfind(". ", 0, rel), around.rfind("\n", 0, rel))
+        end = around.find(".", rel + len(n))
+        sentence = around[cut + 1 : end if end > 0 else None].strip()
+        hit = rx.search(sentence)
+        words = {w.lower() for w in _CONTENT.findall(sentence)}
+        if hit is None or hit.group(1) == n or len(asked & words) < 2:
+            continue
+        return (
+            f"FINAL({_short(answer)}) was not accepted yet: line {m.line} says "
+            f'"{_clip(sentence)}." {n} leads to {hit.group(1)} there. If the question '
+            f"asks for that value, answer FINAL({hit.group(1)})."
+        )
     return None
 
 

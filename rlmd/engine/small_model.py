@@ -91,7 +91,11 @@ class SmallModelPolicy:
             if self.small:
                 return Verdict(answer=prompts.not_found_answer(query), how="not_found")
         if self.small and ctx is not None:
-            for check in (answer_checks.other_name, answer_checks.newer_value):
+            for check in (
+                answer_checks.other_name,
+                answer_checks.newer_value,
+                answer_checks.next_hop,
+            ):
                 if check.__name__ in self.sent:
                     continue
                 feedback = await asyncio.to_thread(check, answer, query, ctx)
