@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
+from rlmd.proc import status_kib
 from rlmd.testing.scripted_server import Rule, ScriptedReply, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,12 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 # -- helpers -------------------------------------------------------------------------------
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def descendants(pid: int) -> list[int]:
@@ -145,7 +140,7 @@ def _read_line(s: socket.socket) -> bytes:
 
 
 def cancel_flood(d: Daemon, small: int, huge: int, huge_mb: int) -> dict:
-    before = rss_mb(d.pid)
+    before = status_kib(d.pid) / 1024
     with contextlib.closing(d.connect(600)) as s:
         line = b'{"jsonrpc":"2.0","method":"query/cancel","params":{"job":"j%d"}}\n'
         step = 50_000
@@ -159,12 +154,12 @@ def cancel_flood(d: Daemon, small: int, huge: int, huge_mb: int) -> dict:
         s.sendall(b'{"jsonrpc":"2.0","method":"daemon/ping","id":1}\n')
         while b"pong" not in _read_line(s):
             pass
-        after = rss_mb(d.pid)
+        after = status_kib(d.pid) / 1024
         time.sleep(11)  # past the 10 s early-cancel expiry
         s.sendall(line % 0 + b'{"jsonrpc":"2.0","method":"daemon/ping","id":2}\n')
         while b"pong" not in _read_line(s):
             pass
-    return {"before": before, "after": after, "expired": rss_mb(d.pid)}
+    return {"before": before, "after": after, "expired": status_kib(d.pid) / 1024}
 
 
 def refuse_long_line(d: Daemon, limit: int) -> float:
@@ -242,7 +237,7 @@ def query_batch(d: Daemon, n: int) -> dict:
             rss = 0.0
             for k in kids:
                 with contextlib.suppress(OSError):
-                    rss += rss_mb(k)
+                    rss += status_kib(k) / 1024
             peak["procs"] = max(peak["procs"], len(kids))
             peak["rss"] = max(peak["rss"], rss)
             pings.append(d.ping_s())

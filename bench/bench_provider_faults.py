@@ -39,18 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlmd.client import Client, RpcError
 from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
+from rlmd.proc import status_kib
 from rlmd.testing.scripted_server import ChatCall, Rule, ScriptedReply, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "m"
 
 
-def _rss_kb(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class _Daemon:
@@ -120,10 +115,10 @@ def flood(tmp: Path, tree: Path | None, mib: int) -> list[str]:
     with ScriptedServer(rules, models=[MODEL]) as srv:
         d = _Daemon(tmp, _config(srv.url, "[cache]\nenabled = false\n"), tree)
         try:
-            before = _rss_kb(d.proc.pid)
+            before = status_kib(d.proc.pid)
             took, what = _query(d, {"query": "hello"})
-            peak = _rss_kb(d.proc.pid, "VmHWM")
-            after = _rss_kb(d.proc.pid)
+            peak = status_kib(d.proc.pid, "VmHWM")
+            after = status_kib(d.proc.pid)
         finally:
             d.stop()
     return [
@@ -160,7 +155,7 @@ def retry_after(tmp: Path, tree: Path | None) -> list[str]:
 
 def _mem_kb(pid: int) -> tuple[int, int, int]:
     """VmRSS, RssAnon (heap: what a leak grows) and RssFile (mapped files), in KB."""
-    return _rss_kb(pid), _rss_kb(pid, "RssAnon"), _rss_kb(pid, "RssFile")
+    return status_kib(pid), status_kib(pid, "RssAnon"), status_kib(pid, "RssFile")
 
 
 def soak(tmp: Path, tree: Path | None, n: int, cache: bool, bounds: str = "") -> list[str]:

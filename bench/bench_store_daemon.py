@@ -27,14 +27,7 @@ from bench_store import generate, parse_size
 
 from rlmd.client import Client
 from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
-
-
-def _kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+from rlmd.proc import status_kib
 
 
 def _start(root: Path) -> subprocess.Popen:
@@ -52,7 +45,7 @@ def run(sizes: list[str] | None = None) -> str:
         root = Path(tmp)
         proc = _start(root)
         pid = proc.pid
-        base_rss = _kib(pid, "VmRSS")
+        base_rss = status_kib(pid, "VmRSS")
         try:
             with Client(root / "d.sock", timeout=600) as c:
                 for label in sizes or ["100M", "1G"]:
@@ -63,7 +56,7 @@ def run(sizes: list[str] | None = None) -> str:
                     info = c.call("context/put", {"name": label, "path": str(src)})
                     put_s = time.perf_counter() - t
                     src.unlink()
-                    rss_put = _kib(pid, "VmRSS")
+                    rss_put = status_kib(pid, "VmRSS")
                     rng = random.Random(1)
                     t = time.perf_counter()
                     for _ in range(200):
@@ -88,8 +81,8 @@ def run(sizes: list[str] | None = None) -> str:
                             lit_s,
                             re_s,
                             rss_put,
-                            _kib(pid, "VmRSS"),
-                            _kib(pid, "VmHWM"),
+                            status_kib(pid, "VmRSS"),
+                            status_kib(pid, "VmHWM"),
                         )
                     )
                     c.call("context/drop", {"name": label})

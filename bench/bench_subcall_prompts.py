@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlmd.client import Client, RpcError
 from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
+from rlmd.proc import status_kib
 from rlmd.testing.scripted_server import ChatCall, ScriptedReply, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,12 +67,6 @@ print("{DONE}", sorted(set(seen)), len(seen))
 """
 
 
-def _rss_kb(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _config(url: str) -> str:
@@ -146,7 +141,7 @@ def case(tmp: Path, tree: Path | None, mib: int, threads: int) -> dict:
         )
         try:
             wait_until_answering(proc, sock, timeout_s=60)
-            before = _rss_kb(proc.pid)
+            before = status_kib(proc.pid)
             pinger = _Pinger(sock)
             pinger.start()
             t0 = time.monotonic()
@@ -161,9 +156,9 @@ def case(tmp: Path, tree: Path | None, mib: int, threads: int) -> dict:
             took = time.monotonic() - t0
             pinger.stop.set()
             pinger.join(30)
-            peak = _rss_kb(proc.pid, "VmHWM")
+            peak = status_kib(proc.pid, "VmHWM")
             time.sleep(2)
-            after = _rss_kb(proc.pid)
+            after = status_kib(proc.pid)
             trace = tmp / "state" / "traces" / "big.jsonl"
             size = trace.stat().st_size if trace.exists() else 0
             leaked = trace.exists() and key.encode() in trace.read_bytes()

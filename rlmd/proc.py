@@ -28,6 +28,19 @@ GENTLE: Sequence[tuple[int | None, float]] = (
 AT_ONCE: Sequence[tuple[int | None, float]] = ((signal.SIGKILL, 5.0),)
 
 
+def status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ``RssAnon``, ...), or 0
+    when the process or the field is gone: what the memory benchmarks read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def die_with_parent(sig: int, *, parent_pid: int | None = None, check: bool = True) -> None:
     """Have the kernel send ``sig`` to this process when its parent dies (Linux).
 

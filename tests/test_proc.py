@@ -85,3 +85,14 @@ def test_protection_summary_names_every_layer() -> None:
                     privileges_dropped=True)  # fmt: skip
     assert bw.summary() == "bwrap+seccomp+rlimits+landlock-scope+nocaps"
     assert Protection(bwrap=False, seccomp=False, rlimits=False).summary() == "none"
+
+
+def test_status_kib_reads_a_field_and_is_zero_for_a_gone_process() -> None:
+    import os
+
+    from rlmd.proc import status_kib
+
+    assert status_kib(os.getpid()) > 1000  # this interpreter's VmRSS, in kB
+    assert status_kib(os.getpid(), "VmHWM") >= status_kib(os.getpid(), "RssAnon") > 0
+    assert status_kib(os.getpid(), "NoSuchField") == 0
+    assert status_kib(2**22 + 12345) == 0  # beyond pid_max: no such process
