@@ -703,6 +703,8 @@ def test_name_locks_are_forgotten_after_use(store: ContextStore) -> None:
         assert store.info(f"_query:{i}").chars == len(f"document {i}")
         store.drop(f"_query:{i}")
     assert len(store._locks) == 0
+    # Nor a lock file on disk per dropped name.
+    assert list((store.root / ".locks").iterdir()) == []
     # Still one writer at a time per name: writers racing on one name all land, whole.
     store.put_text("shared", "0")
     errors: list[BaseException] = []
@@ -723,3 +725,35 @@ def test_name_locks_are_forgotten_after_use(store: ContextStore) -> None:
     text = store.peek("shared", 0, 10_000)
     assert len(set(text.split())) == 1 and len(text.split()) == 50
     assert len(store._locks) == 0
+
+
+def test_writers_and_droppers_of_one_name_across_processes_stay_one_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """A drop deletes the name's lock file while holding it; a writer of another process
+    that waited on the deleted file must take the new one, not write beside a second
+    writer (the inode is checked after the flock)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "st"
+    ContextStore(root)
+    script = (
+        "import sys\n"
+        "from rlmd.store.store import ContextStore\n"
+        "s = ContextStore(sys.argv[1])\n"
+        "for j in range(40):\n"
+        "    s.put_text('n', (sys.argv[2] + ' ') * 300)\n"
+        "    if j % 3 == 0: s.drop('n')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(root), f"w{k}"]) for k in range(3)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    store = ContextStore(root)
+    try:
+        text = store.peek("n", 0, 100_000)
+    except StoreError:
+        text = ""  # the last one to finish dropped it
+    assert text == "" or (len(set(text.split())) == 1 and len(text.split()) == 300)
+    assert len(list((root / ".locks").iterdir())) <= 1

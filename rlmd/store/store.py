@@ -437,7 +437,12 @@ class ContextStore:
         return hashlib.blake2b(name.encode("utf-8"), digest_size=16).hexdigest()
 
     @contextlib.contextmanager
-    def _locked(self, key: str, *, blocking: bool = True) -> Iterator[bool]:
+    def _locked(self, key: str, *, blocking: bool = True, remove: bool = False) -> Iterator[bool]:
+        """Hold the writers' lock of ``key`` (in-process and across processes).
+
+        ``remove``: delete the lock file before letting go (``drop``: one was left per
+        name ever used, i.e. per inline query).  Whoever then wakes up on the deleted file
+        sees it gone and takes a new one."""
         # One lock per name while someone holds or waits for it, then forgotten: every
         # inline query stores its text under a new name, and a lock kept per name ever
         # used grew without end (issue 14).
@@ -447,7 +452,7 @@ class ContextStore:
                 entry = self._locks[key] = _KeyLock()
             entry.users += 1
         try:
-            with self._flocked(key, entry.lock, blocking=blocking) as got:
+            with self._flocked(key, entry.lock, blocking=blocking, remove=remove) as got:
                 yield got
         finally:
             with self._mutex:
@@ -456,20 +461,35 @@ class ContextStore:
                     del self._locks[key]
 
     @contextlib.contextmanager
-    def _flocked(self, key: str, lock: threading.Lock, *, blocking: bool) -> Iterator[bool]:
+    def _flocked(
+        self, key: str, lock: threading.Lock, *, blocking: bool, remove: bool = False
+    ) -> Iterator[bool]:
         if not lock.acquire(blocking=blocking):
             yield False
             return
+        path = self.root / ".locks" / f"{key}.lock"
         try:
-            fd = os.open(self.root / ".locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    os.close(fd)
                     yield False
                     return
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # a drop deleted the file we waited on: take the new one
+            try:
                 yield True
             finally:
+                if remove:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
                 os.close(fd)  # releases the flock
         finally:
             lock.release()
@@ -761,7 +781,7 @@ class ContextStore:
     def drop(self, name: str) -> bool:
         """Delete context ``name``; False if there was none.  Open mappings stay valid."""
         key = self._key(name)
-        with self._locked(key):
+        with self._locked(key, remove=True):
             meta_path = self.root / key / _META
             try:
                 meta_path.unlink()
