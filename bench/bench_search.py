@@ -139,7 +139,7 @@ def run(size_label: str, scan: bool) -> str:
                         first_ok &= r["matches"][0]["text"] == NEEDLE
                 rss_after = _kib(pid, "VmRSS")
                 hwm = _kib(pid, "VmHWM")
-                idx_mb = sum(p.stat().st_size for p in (root / "state").rglob("*.fts")) / 2**20
+                idx_mb = sum(p.stat().st_size for p in (root / "state").rglob("*.sidx")) / 2**20
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)

@@ -1,32 +1,48 @@
-"""The per-context search index of a large text: SQLite FTS5 (standard library).
+"""The per-context search index of a large text: which blocks hold which word (numpy).
 
 What it stores, for one immutable version of a context: the text cut into blocks of whole
-lines (``rlmd.search.ranked.block_ends``, about 64 KiB each), each block a row of a
-contentless FTS5 table (``detail=none``: only which blocks hold which word; the ``ascii``
-tokenizer, the same words as ``ranked.TOKEN``), a ``fts5vocab`` table (blocks per word),
-and the block ends.  About 7 % of the text's size.
+lines (``rlmd.search.ranked.block_ends``, about 64 KiB each); for every word (hashed,
+``rlmd.search.words``), the blocks that hold it; the block ends; the file headers.  The
+blocks are grouped in segments of up to ``SEGMENT_BLOCKS``: each segment has its sorted
+word hashes, their offsets and their block numbers (``uint16``, within the segment).
+About 10-15 % of the text's size.
+
+The build reads the text 8 MiB at a time: words and their hashes by numpy passes over the
+bytes, one key ``hash | block`` per word, sorted and deduplicated; no Python object per
+word.  The file (``FILE_MAGIC``, the arrays, a JSON directory, a trailer) is written once
+by a child process and moved into place by the store.
 
 A query takes each word's block count (its weight, exactly as a scan computes it), then
 reads the blocks holding the rarest words and scores their passages with the same BM25 as
 the scan (``ranked.score``).  It stops when the k-th best score reaches the most that a
 passage without any word read so far could score (MaxScore), so the answer is the scan's;
-past ``MAX_CANDIDATE_BYTES`` (8 MiB) of blocks, once it has k passages, it stops anyway (then lower ranks may differ from
-a full scan; the best passages with rare words are still found).
+past ``MAX_CANDIDATE_BYTES`` (8 MiB) of blocks, once it has k passages, it stops anyway
+(then lower ranks may differ from a full scan; the best passages with rare words are
+still found).
 
-Why FTS5 over tantivy or bm25s (measured, docs/benchmarks.md): it ships with Python, builds
-in C from a few thousand rows per 100 MB (no per-passage Python work), and a block lookup
-answers in microseconds.  Passage-level BM25 stays ours, so index and scan agree.
+Why our own index over SQLite FTS5, tantivy or bm25s (measured side by side,
+``bench/bench_index_build.py``, docs/search.md): the daemon only needs "which blocks hold
+this word" (the passage scoring stays ours, so index and scan agree); FTS5 (~10 MB/s) and
+tantivy (~17 MB/s) tokenize and post every word one by one, bm25s in Python, while
+numpy's vectorized passes build this table at several times their speed, with numpy
+already a dependency.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import sqlite3
+import re
+import struct
 import sys
 import time
-from array import array
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from rlmd.search.hit import Hit
 from rlmd.search.locate import Locator, Source
@@ -41,108 +57,254 @@ from rlmd.search.ranked import (
     scan_passages,
     score,
 )
+from rlmd.search.words import chunk_words, word_hash
 
-FORMAT = 2
+FORMAT = 3
+FILE_MAGIC = b"RLMDSIX3"
+SEGMENT_BITS = 10
+SEGMENT_BLOCKS = 1 << SEGMENT_BITS  # a segment's block numbers fit the hash's low bits
+CHUNK_BYTES = 8 * 1024 * 1024  # the text read per numpy pass (bounds the child's memory)
 MAX_CANDIDATE_BYTES = 8 * 1024 * 1024
+_TERM = np.uint64(~(SEGMENT_BLOCKS - 1) & ((1 << 64) - 1))
+_LOCAL = np.uint64(SEGMENT_BLOCKS - 1)
+_TRAILER = struct.Struct("<QQ8s")  # directory offset, directory length, FILE_MAGIC
+_NON_WORD = re.compile(rb"[^A-Za-z0-9\x80-\xff]")
 
 
 class IndexError_(Exception):
     """The index file is missing, unreadable or not for this text."""
 
 
-def build(text_path: Path, out_path: Path, *, parent: int | None = None) -> int:
+def _pieces(buf: Any, lo: int, hi: int, chunk: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` (whole blocks) cut into pieces of about ``chunk`` bytes, each ending
+    after a non-word byte, so that no word is cut (a block can be one huge line)."""
+    out: list[tuple[int, int]] = []
+    while hi - lo > chunk:
+        m = _NON_WORD.search(buf, lo + chunk, hi)
+        cut = hi if m is None else m.end()
+        out.append((lo, cut))
+        lo = cut
+    if hi > lo:
+        out.append((lo, hi))
+    return out
+
+
+def _segment_keys(
+    buf: Any, ends: np.ndarray, b0: int, b1: int, check: Callable[[], None], chunk: int
+) -> np.ndarray:
+    """The sorted distinct keys ``word hash | block within the segment`` of blocks
+    ``[b0, b1)``."""
+    keys: list[np.ndarray] = []
+    start = int(ends[b0 - 1]) if b0 else 0
+    b = b0
+    while b < b1:
+        # whole blocks up to ``chunk`` bytes (at least one)
+        e = min(b1, max(b + 1, int(np.searchsorted(ends, start + chunk, "right"))))
+        stop = int(ends[e - 1])
+        for lo, hi in _pieces(buf, start, stop, chunk):
+            check()
+            starts, h = chunk_words(buf[lo:hi])
+            buf.madvise(mmap.MADV_DONTNEED, lo - lo % mmap.PAGESIZE, hi - lo + lo % mmap.PAGESIZE)
+            if not len(starts):
+                continue
+            # Words per block (the block ends into the sorted word starts), then each
+            # word's block: one pass, not a binary search per word.
+            per = np.diff(np.searchsorted(starts, ends[b:e] - lo), prepend=0)
+            local = np.repeat(np.arange(e - b, dtype=np.uint64), per)
+            k = (h & _TERM) | (local + np.uint64(b - b0))
+            k.sort()
+            if len(k) > 1:
+                k = k[np.concatenate(([True], k[1:] != k[:-1]))]
+            keys.append(k)
+        start, b = stop, e
+    if not keys:
+        return np.zeros(0, dtype=np.uint64)
+    k = np.concatenate(keys)
+    # Pieces of one block can repeat a key; pieces of different blocks cannot.
+    k.sort(kind="stable")
+    if len(k) > 1:
+        k = k[np.concatenate(([True], k[1:] != k[:-1]))]
+    return k
+
+
+def _segment(
+    text_path: str, ends: np.ndarray, b0: int, b1: int, parent: int | None, chunk: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(terms, offsets, blocks) of the segment of blocks ``[b0, b1)``: run in a worker."""
+
+    def check() -> None:
+        if parent is not None and os.getppid() != parent:
+            raise SystemExit(1)  # the builder is gone
+
+    with open(text_path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        k = _segment_keys(buf, ends, b0, b1, check, chunk)
+    finally:
+        buf.close()
+    term = k & _TERM
+    first = np.flatnonzero(np.concatenate(([True], term[1:] != term[:-1])))
+    return term[first], np.append(first, len(k)).astype(np.uint32), (k & _LOCAL).astype(np.uint16)
+
+
+def build(
+    text_path: Path,
+    out_path: Path,
+    *,
+    parent: int | None = None,
+    workers: int = 1,
+    chunk_bytes: int = CHUNK_BYTES,
+    segment_blocks: int = SEGMENT_BLOCKS,
+) -> int:
     """Write the index of ``text_path`` to ``out_path`` (a new file); its block count.
 
-    ``parent``: stop (exit) when the process of that pid is gone, checked between rows,
-    so that a builder never outlives the daemon that asked for it."""
-    import mmap
+    ``parent``: stop (exit) when the process of that pid is gone, checked between
+    segments, so that a builder never outlives the daemon that asked for it.
+    ``workers``: processes building segments side by side (forked; 1: this process).
+    ``chunk_bytes``: the text read per numpy pass (its memory is ~20x this);
+    ``segment_blocks``: blocks per segment (at most ``SEGMENT_BLOCKS``)."""
+    if not 1 <= segment_blocks <= SEGMENT_BLOCKS:
+        raise ValueError(f"segment_blocks must be between 1 and {SEGMENT_BLOCKS}")
+    from concurrent.futures import Executor, ProcessPoolExecutor
+    from multiprocessing import get_context
 
     with open(text_path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf: mmap.mmap | bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    db = sqlite3.connect(out_path)
+        buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    ends = np.fromiter(block_ends(buf), dtype=np.int64)
+    step = segment_blocks
+    spans = [(b, min(len(ends), b + step)) for b in range(0, len(ends), step)]
+    pool: Executor | None = None
+    if workers > 1 and len(spans) > 1:
+        pool = ProcessPoolExecutor(min(workers, len(spans)), mp_context=get_context("fork"))
     try:
-        db.execute("pragma journal_mode=off")
-        db.execute("pragma synchronous=off")
-        db.execute(
-            "create virtual table p using fts5(t, tokenize='ascii', content='', "
-            "columnsize=0, detail=none)"
-        )
-        db.execute("create virtual table v using fts5vocab(p, row)")
-        db.execute("create table meta(format int, nbytes int, ends blob, heads text)")
-        ends = array("Q")
+        if pool is None:
+            results: Any = (
+                _segment(str(text_path), ends, b0, b1, None, chunk_bytes) for b0, b1 in spans
+            )
+        else:
+            work = partial(_segment, str(text_path), ends, parent=os.getpid(), chunk=chunk_bytes)
+            results = pool.map(work, *zip(*spans, strict=True))
+        segments = []
+        with open(out_path, "wb") as out:
+            out.write(FILE_MAGIC)
 
-        def rows():
-            s = 0
-            for i, e in enumerate(block_ends(buf), 1):
-                if parent is not None and i % 64 == 0 and os.getppid() != parent:
+            def put(a: np.ndarray) -> list[int]:
+                out.write(b"\0" * (-out.tell() % 8))
+                at = out.tell()
+                out.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+                return [at, len(a)]
+
+            ends_at = put(ends)
+            for (b0, _), (terms, offs, blocks) in zip(spans, results, strict=False):
+                if parent is not None and os.getppid() != parent:
                     raise SystemExit(1)
-                ends.append(e)
-                yield i, buf[s:e].decode("utf-8", "replace")
-                s = e
-
-        db.executemany("insert into p(rowid, t) values (?, ?)", rows())
-        if sys.byteorder == "big":  # pragma: no cover
-            ends.byteswap()
-        # The file headers too, so that the first query need not find them in the text.
-        heads = Locator(Source(buf, ascii=True)).headers() if size else []
-        db.execute(
-            "insert into meta values (?, ?, ?, ?)",
-            (FORMAT, size, ends.tobytes(), json.dumps(heads)),
-        )
-        db.commit()
-        db.execute("insert into p(p) values ('optimize')")
-        db.commit()
+                segments.append(
+                    {"first_block": b0, "terms": put(terms), "offs": put(offs),
+                     "blocks": put(blocks)}
+                )  # fmt: skip
+            # The file headers too, so that the first query need not find them in the text.
+            heads = Locator(Source(buf, ascii=True)).headers() if size else []
+            directory = {
+                "format": FORMAT, "nbytes": size, "ends": ends_at, "segments": segments,
+                "heads": heads,
+            }  # fmt: skip
+            raw = json.dumps(directory).encode()
+            at = out.tell()
+            out.write(raw)
+            out.write(_TRAILER.pack(at, len(raw), FILE_MAGIC))
+            out.flush()
+            os.fsync(out.fileno())
     finally:
-        db.close()
-    with open(out_path, "rb+") as f:
-        os.fsync(f.fileno())
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     return len(ends)
 
 
+class _Segment:
+    def __init__(self, first_block: int, terms: np.ndarray, offs: np.ndarray, blocks: np.ndarray):
+        self.first_block, self.terms, self.offs, self.blocks = first_block, terms, offs, blocks
+
+    def find(self, key: np.uint64) -> tuple[int, int]:
+        i = int(np.searchsorted(self.terms, key))
+        if i < len(self.terms) and self.terms[i] == key:
+            return int(self.offs[i]), int(self.offs[i + 1])
+        return 0, 0
+
+
 class SearchIndex:
-    """An opened index file (read-only), for one text of ``nbytes`` bytes."""
+    """An opened index file (read-only, mapped), for one text of ``nbytes`` bytes."""
 
     def __init__(self, path: Path, nbytes: int) -> None:
         try:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            fmt, size, ends, heads = self.db.execute(
-                "select format, nbytes, ends, heads from meta"
-            ).fetchone()
-            ok = fmt == FORMAT and size == nbytes and len(ends) % 8 == 0
-            #: (byte offset, line, relative path) of the file headers (see Locator.headers)
-            self.heads = [(int(b), int(ln), str(rel)) for b, ln, rel in json.loads(heads)]
-        except (sqlite3.Error, TypeError, ValueError) as e:
+            with open(path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
             raise IndexError_(f"search index {path.name} is unreadable: {e}") from None
-        if not ok:
-            self.db.close()
-            raise IndexError_(f"search index {path.name} is not for this text")
-        self.ends = array("Q")
-        self.ends.frombytes(ends)
-        if sys.byteorder == "big":  # pragma: no cover
-            self.ends.byteswap()
-        if (self.ends[-1] if self.ends else 0) != nbytes:
-            self.db.close()
+        try:
+            m = self._map
+            if len(m) < len(FILE_MAGIC) + _TRAILER.size or m[: len(FILE_MAGIC)] != FILE_MAGIC:
+                raise ValueError("not a search index (or an older format)")
+            at, n, magic = _TRAILER.unpack(m[len(m) - _TRAILER.size :])
+            if magic != FILE_MAGIC or at + n + _TRAILER.size != len(m):
+                raise ValueError("truncated")
+            d = json.loads(m[at : at + n])
+            if d["format"] != FORMAT or d["nbytes"] != nbytes:
+                raise LookupError
+            self.ends = self._array(d["ends"], "<i8")
+            self.segments = [
+                _Segment(
+                    int(s["first_block"]),
+                    self._array(s["terms"], "<u8"),
+                    self._array(s["offs"], "<u4"),
+                    self._array(s["blocks"], "<u2"),
+                )
+                for s in d["segments"]
+            ]
+            #: (byte offset, line, relative path) of the file headers (see Locator.headers)
+            self.heads = [(int(b), int(ln), str(rel)) for b, ln, rel in d["heads"]]
+        except LookupError:
+            self.close()
+            raise IndexError_(f"search index {path.name} is not for this text") from None
+        except (TypeError, ValueError, KeyError, struct.error) as e:
+            self.close()
+            raise IndexError_(f"search index {path.name} is unreadable: {e}") from None
+        if (int(self.ends[-1]) if len(self.ends) else 0) != nbytes:
+            self.close()
             raise IndexError_(f"search index {path.name} does not cover the text")
 
+    def _array(self, where: list[int], dtype: str) -> np.ndarray:
+        at, n = int(where[0]), int(where[1])
+        a = np.frombuffer(self._map, dtype=dtype, count=n, offset=at)  # checks the bounds
+        return a
+
     def close(self) -> None:
-        self.db.close()
+        self.ends = self.segments = None  # type: ignore[assignment]  # drop the views first
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive somewhere: the GC closes it later
+            pass
 
     def blocks_holding(self, term: bytes) -> int:
-        row = self.db.execute("select doc from v where term = ?", (_term(term),)).fetchone()
-        return int(row[0]) if row else 0
+        key = np.uint64(word_hash(term)) & _TERM
+        total = 0
+        for s in self.segments:
+            lo, hi = s.find(key)
+            total += hi - lo
+        return total
 
     def blocks_with(self, term: bytes) -> list[int]:
-        """0-based numbers of the blocks holding ``term``."""
-        q = '"' + _term(term).replace('"', '""') + '"'
-        return [r[0] - 1 for r in self.db.execute("select rowid from p where p match ?", (q,))]
+        """0-based numbers of the blocks holding ``term``, in order."""
+        key = np.uint64(word_hash(term)) & _TERM
+        out: list[int] = []
+        for s in self.segments:
+            lo, hi = s.find(key)
+            if hi > lo:
+                out.extend((s.blocks[lo:hi].astype(np.int64) + s.first_block).tolist())
+        return out
 
     def block_range(self, i: int) -> tuple[int, int]:
-        return (self.ends[i - 1] if i else 0), self.ends[i]
-
-
-def _term(t: bytes) -> str:
-    return t.decode("utf-8", "replace")
+        return (int(self.ends[i - 1]) if i else 0), int(self.ends[i])
 
 
 def ranked_indexed(loc: Locator, index: SearchIndex, query: str, k: int = 10) -> list[Hit]:
@@ -178,12 +340,13 @@ def ranked_indexed(loc: Locator, index: SearchIndex, query: str, k: int = 10) ->
 
 
 def main(argv: list[str]) -> int:
-    """``python -m rlmd.search.index TEXT OUT PARENT_PID``: build one index (a child of
-    the daemon, so that its CPU and memory stay out of the daemon process)."""
+    """``python -m rlmd.search.index TEXT OUT PARENT_PID [WORKERS]``: build one index (a
+    child of the daemon, so that its CPU and memory stay out of the daemon process)."""
     text, out, parent = Path(argv[0]), Path(argv[1]), int(argv[2])
+    workers = int(argv[3]) if len(argv) > 3 else 1
     t0 = time.monotonic()
-    blocks = build(text, out, parent=parent)
-    print(f"{blocks} blocks in {time.monotonic() - t0:.2f} s", flush=True)
+    blocks = build(text, out, parent=parent, workers=workers)
+    print(f"{blocks} blocks in {time.monotonic() - t0:.2f} s ({workers} workers)", flush=True)
     return 0
 
 
