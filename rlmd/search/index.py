@@ -40,9 +40,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from rlmd.search.hit import Hit
 from rlmd.search.locate import Locator, Source
@@ -57,16 +55,21 @@ from rlmd.search.ranked import (
     scan_passages,
     score,
 )
-from rlmd.search.words import chunk_words, word_hash
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy (and rlmd.search.words, which needs it) is imported where used, never when this
+# module loads: the daemon must set its BLAS threading before numpy loads (rlmd/blas.py).
 
 FORMAT = 3
 FILE_MAGIC = b"RLMDSIX3"
 SEGMENT_BITS = 10
 SEGMENT_BLOCKS = 1 << SEGMENT_BITS  # a segment's block numbers fit the hash's low bits
-CHUNK_BYTES = 8 * 1024 * 1024  # the text read per numpy pass (bounds the child's memory)
+CHUNK_BYTES = 1024 * 1024  # the text read per numpy pass: its arrays stay in the CPU caches
 MAX_CANDIDATE_BYTES = 8 * 1024 * 1024
-_TERM = np.uint64(~(SEGMENT_BLOCKS - 1) & ((1 << 64) - 1))
-_LOCAL = np.uint64(SEGMENT_BLOCKS - 1)
+_TERM = ~(SEGMENT_BLOCKS - 1) & ((1 << 64) - 1)  # a key's word hash bits
+_LOCAL = SEGMENT_BLOCKS - 1  # a key's block bits
 _TRAILER = struct.Struct("<QQ8s")  # directory offset, directory length, FILE_MAGIC
 _NON_WORD = re.compile(rb"[^A-Za-z0-9\x80-\xff]")
 
@@ -94,6 +97,10 @@ def _segment_keys(
 ) -> np.ndarray:
     """The sorted distinct keys ``word hash | block within the segment`` of blocks
     ``[b0, b1)``."""
+    import numpy as np
+
+    from rlmd.search.words import chunk_words
+
     keys: list[np.ndarray] = []
     start = int(ends[b0 - 1]) if b0 else 0
     b = b0
@@ -111,7 +118,7 @@ def _segment_keys(
             # word's block: one pass, not a binary search per word.
             per = np.diff(np.searchsorted(starts, ends[b:e] - lo), prepend=0)
             local = np.repeat(np.arange(e - b, dtype=np.uint64), per)
-            k = (h & _TERM) | (local + np.uint64(b - b0))
+            k = (h & np.uint64(_TERM)) | (local + np.uint64(b - b0))
             k.sort()
             if len(k) > 1:
                 k = k[np.concatenate(([True], k[1:] != k[:-1]))]
@@ -131,6 +138,7 @@ def _segment(
     text_path: str, ends: np.ndarray, b0: int, b1: int, parent: int | None, chunk: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(terms, offsets, blocks) of the segment of blocks ``[b0, b1)``: run in a worker."""
+    import numpy as np
 
     def check() -> None:
         if parent is not None and os.getppid() != parent:
@@ -142,9 +150,10 @@ def _segment(
         k = _segment_keys(buf, ends, b0, b1, check, chunk)
     finally:
         buf.close()
-    term = k & _TERM
+    term = k & np.uint64(_TERM)
     first = np.flatnonzero(np.concatenate(([True], term[1:] != term[:-1])))
-    return term[first], np.append(first, len(k)).astype(np.uint32), (k & _LOCAL).astype(np.uint16)
+    blocks = (k & np.uint64(_LOCAL)).astype(np.uint16)
+    return term[first], np.append(first, len(k)).astype(np.uint32), blocks
 
 
 def build(
@@ -168,6 +177,8 @@ def build(
     from concurrent.futures import Executor, ProcessPoolExecutor
     from multiprocessing import get_context
 
+    import numpy as np
+
     with open(text_path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -185,6 +196,9 @@ def build(
         else:
             work = partial(_segment, str(text_path), ends, parent=os.getpid(), chunk=chunk_bytes)
             results = pool.map(work, *zip(*spans, strict=True))
+        # The file headers too, so that the first query need not find them in the text
+        # (found here while the workers run).
+        heads = Locator(Source(buf, ascii=True)).headers() if size else []
         segments = []
         with open(out_path, "wb") as out:
             out.write(FILE_MAGIC)
@@ -203,8 +217,6 @@ def build(
                     {"first_block": b0, "terms": put(terms), "offs": put(offs),
                      "blocks": put(blocks)}
                 )  # fmt: skip
-            # The file headers too, so that the first query need not find them in the text.
-            heads = Locator(Source(buf, ascii=True)).headers() if size else []
             directory = {
                 "format": FORMAT, "nbytes": size, "ends": ends_at, "segments": segments,
                 "heads": heads,
@@ -226,7 +238,7 @@ class _Segment:
         self.first_block, self.terms, self.offs, self.blocks = first_block, terms, offs, blocks
 
     def find(self, key: np.uint64) -> tuple[int, int]:
-        i = int(np.searchsorted(self.terms, key))
+        i = int(self.terms.searchsorted(key))
         if i < len(self.terms) and self.terms[i] == key:
             return int(self.offs[i]), int(self.offs[i + 1])
         return 0, 0
@@ -274,6 +286,8 @@ class SearchIndex:
             raise IndexError_(f"search index {path.name} does not cover the text")
 
     def _array(self, where: list[int], dtype: str) -> np.ndarray:
+        import numpy as np
+
         at, n = int(where[0]), int(where[1])
         a = np.frombuffer(self._map, dtype=dtype, count=n, offset=at)  # checks the bounds
         return a
@@ -285,8 +299,21 @@ class SearchIndex:
         except BufferError:  # a view is still alive somewhere: the GC closes it later
             pass
 
+    def release(self) -> None:
+        """Unmap this process's pages of the index (the page cache keeps them): a query's
+        binary searches touch a few pages per segment, and the kernel maps 64 KiB around
+        each, which would stay in the daemon's resident size."""
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+    def _key(self, term: bytes) -> np.uint64:
+        import numpy as np
+
+        from rlmd.search.words import word_hash
+
+        return np.uint64(word_hash(term) & _TERM)
+
     def blocks_holding(self, term: bytes) -> int:
-        key = np.uint64(word_hash(term)) & _TERM
+        key = self._key(term)
         total = 0
         for s in self.segments:
             lo, hi = s.find(key)
@@ -295,7 +322,9 @@ class SearchIndex:
 
     def blocks_with(self, term: bytes) -> list[int]:
         """0-based numbers of the blocks holding ``term``, in order."""
-        key = np.uint64(word_hash(term)) & _TERM
+        import numpy as np
+
+        key = self._key(term)
         out: list[int] = []
         for s in self.segments:
             lo, hi = s.find(key)
@@ -336,6 +365,7 @@ def ranked_indexed(loc: Locator, index: SearchIndex, query: str, k: int = 10) ->
         rest = sum((K1 + 1) * weights[u] for u in order[i + 1 :])
         if len(scored) >= k and -scored[k - 1][0] >= rest:
             break
+    index.release()
     return hits(loc, scored, k)
 
 
