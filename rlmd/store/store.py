@@ -388,7 +388,7 @@ class ContextStore:
         search_window_chars: int = 4 * 1024 * 1024,
         search_overlap_chars: int = 512 * 1024,
         search_index_min_bytes: int | None = DEFAULT_SEARCH_INDEX_MIN_BYTES,
-        search_index_workers: int = 2,
+        search_index_workers: int = 1,
     ) -> None:
         """``search_index_min_bytes``: contexts this large get a search index, built in the
         background after a put (None: never), by ``search_index_workers`` processes (at
