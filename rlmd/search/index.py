@@ -4,13 +4,14 @@ What it stores, for one immutable version of a context: the text cut into blocks
 lines (``rlmd.search.ranked.block_ends``, about 64 KiB each); for every word (hashed,
 ``rlmd.search.words``), the blocks that hold it; the block ends; the file headers.  The
 blocks are grouped in segments of up to ``SEGMENT_BLOCKS``: each segment has its sorted
-word hashes, their offsets and their block numbers (``uint16``, within the segment).
-About 10-15 % of the text's size.
+word hashes, an offset per word, its block numbers (``uint16``, within the segment) and a
+fence (every ``FENCE``-th hash, kept in memory by a reader).  About 12 % of the text's
+size on English-like text.
 
-The build reads the text 8 MiB at a time: words and their hashes by numpy passes over the
-bytes, one key ``hash | block`` per word, sorted and deduplicated; no Python object per
-word.  The file (``FILE_MAGIC``, the arrays, a JSON directory, a trailer) is written once
-by a child process and moved into place by the store.
+The build reads the text ``CHUNK_BYTES`` at a time: words and their hashes by numpy
+passes over the bytes, one key ``hash | block`` per word, sorted and deduplicated; no
+Python object per word.  The file (``FILE_MAGIC``, the arrays, a JSON directory, a
+trailer) is written once by a child process and moved into place by the store.
 
 A query takes each word's block count (its weight, exactly as a scan computes it), then
 reads the blocks holding the rarest words and scores their passages with the same BM25 as
@@ -22,10 +23,10 @@ still found).
 
 Why our own index over SQLite FTS5, tantivy or bm25s (measured side by side,
 ``bench/bench_index_build.py``, docs/search.md): the daemon only needs "which blocks hold
-this word" (the passage scoring stays ours, so index and scan agree); FTS5 (~10 MB/s) and
-tantivy (~17 MB/s) tokenize and post every word one by one, bm25s in Python, while
-numpy's vectorized passes build this table at several times their speed, with numpy
-already a dependency.
+this word" (the passage scoring stays ours, so index and scan agree); FTS5 and tantivy
+post every word one by one (12-27 and ~21 MB/s here), bm25s tokenizes in Python (6 MB/s),
+while numpy's vectorized passes build this table at about 70 MB/s on the same machine,
+with numpy already a dependency.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,18 @@ def _segment_keys(
     return k
 
 
+def _released(buf: Any, ends: Iterator[int]) -> Iterator[int]:
+    """``ends``, letting go of the pages passed every 16 MiB: finding a block's end maps
+    the whole large folio around it, which would otherwise map the whole text."""
+    done = 0
+    for e in ends:
+        yield e
+        if e - done >= 16 * 1024 * 1024 and isinstance(buf, mmap.mmap):
+            lo = done - done % mmap.PAGESIZE
+            buf.madvise(mmap.MADV_DONTNEED, lo, e - lo)
+            done = e
+
+
 def _segment(
     text_path: str, ends: np.ndarray, b0: int, b1: int, parent: int | None, chunk: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -185,7 +198,7 @@ def build(
     with open(text_path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    ends = np.fromiter(block_ends(buf), dtype=np.int64)
+    ends = np.fromiter(_released(buf, block_ends(buf)), dtype=np.int64)
     step = segment_blocks
     spans = [(b, min(len(ends), b + step)) for b in range(0, len(ends), step)]
     pool: Executor | None = None

@@ -10,7 +10,7 @@ BLAKE2b in a Python loop, since a vectorized round per 8 bytes would cost a pass
 Why hashes and not the words: a hash is one ``uint64`` per word, sortable in C at numpy's
 speed; the words themselves would need Python objects (the cost that made the SQLite FTS5
 build ~10 MB/s here).  A collision of two words (about ``D**2 / 2**55`` expected pairs for
-``D`` distinct words, with the low ``BLOCK_BITS`` bits given to the block number) only
+``D`` distinct words: the index keeps 54 bits, the low 10 hold a block number) only
 makes the index offer extra blocks and count a word in more blocks than it is; it never
 hides a passage, since the query reads the blocks' text again.
 """
@@ -21,7 +21,7 @@ import hashlib
 
 import numpy as np
 
-SHORT = 32
+SHORT = 64  # vectorized rounds of 8 bytes up to this length (hex digests fit)
 MASK64 = (1 << 64) - 1
 _MUL = 0x9E3779B97F4A7C15  # odd: the mixing multiplier
 _LEN = 0xC2B2AE3D27D4EB4F
@@ -50,7 +50,8 @@ def chunk_words(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     end), in text order, as ``int64`` and ``uint64`` arrays."""
     m = len(data)
     low = np.zeros(m + 16, dtype=np.uint8)  # lower-cased, zero-padded for 8-byte reads
-    low[:m] = np.frombuffer(data.lower(), dtype=np.uint8)
+    lowered = data.lower()
+    low[:m] = np.frombuffer(lowered, dtype=np.uint8)
     b = low[: m + 1]  # ends with a zero (the padding): no word is open at the end
     w = (np.subtract(b, 97, dtype=np.uint8) < 26) | (np.subtract(b, 48, dtype=np.uint8) < 10)
     w |= b >= 128  # ranked.TOKEN on lower-cased bytes (a lookup table is 3x slower)
@@ -81,5 +82,5 @@ def chunk_words(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         h ^= h >> np.uint64(29)
     for i in np.flatnonzero(lens > SHORT).tolist():
         s = int(starts[i])
-        h[i] = word_hash(bytes(low[s : s + int(lens[i])]))
+        h[i] = word_hash(lowered[s : s + int(lens[i])])
     return starts, h
