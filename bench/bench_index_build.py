@@ -192,6 +192,21 @@ def one(name: str, text: Path, out: Path) -> dict:
             "found": found}  # fmt: skip
 
 
+def _versions(extra: list[str]) -> str:
+    import sqlite3
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [f"SQLite {sqlite3.sqlite_version}"]
+    for pkg in ("numpy", "tantivy", "bm25s"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            out.append(f"{pkg} not installed")
+    if extra:
+        out.append("tantivy and bm25s from a scratch directory (`--extra-path`), not dependencies")
+    return ", ".join(out)
+
+
 def run(size_label: str, only: list[str], extra: list[str]) -> str:
     size = parse_size(size_label)
     with tempfile.TemporaryDirectory(prefix="rlmd-bib-", dir="/tmp") as tmp:
@@ -236,6 +251,10 @@ def run(size_label: str, only: list[str], extra: list[str]) -> str:
             "| candidate | build | speed | build / put | index | peak RSS | word lookup |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
+            "",
+            f"Versions: {_versions(extra)}. Peak RSS: the build's largest process, pages of "
+            "the text it mapped included. The put is `ContextStore.put_path` in this process "
+            "(through the daemon's socket it takes longer; see search-1G).",
         ]
     )
 
