@@ -1,7 +1,7 @@
 """The index's words and blocks against an independent reading of the text: the numpy word
 pass finds exactly ``ranked.TOKEN``'s words with the query's hash; a built index lists,
-for every word, exactly the blocks that hold it (blocks cut into pieces too); a truncated
-or foreign file is refused."""
+for every word, exactly the blocks that hold it (blocks cut into pieces too), and the file
+headers that the locator finds; a truncated or foreign file is refused."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlmd.search.index import IndexError_, SearchIndex, build
+from rlmd.search.index import IndexError_, SearchIndex, _pieces, build
+from rlmd.search.locate import Locator, Source
 from rlmd.search.ranked import TOKEN, block_ends
 from rlmd.search.words import SHORT, chunk_words, word_hash
 
@@ -88,3 +89,36 @@ def test_a_truncated_or_foreign_index_is_refused(tmp_path: Path) -> None:
     out.write_bytes(b"")
     with pytest.raises(IndexError_, match="unreadable"):
         SearchIndex(out, 110_000)
+
+
+def test_index_finds_the_file_headers_the_locator_finds(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    rows = ["===== first.txt ====="]
+    for i in range(40_000):
+        r = rng.random()
+        if r < 0.05:
+            rows.append(f"===== dir{i % 7}/f{i}.py =====")
+        elif r < 0.06:
+            rows.append(rng.choice(["===== not closed", "x ===== a =====", "===== =====", ""]))
+        else:
+            rows.append(" ".join(rng.choices(["alpha", "beta", "gamma", "é", "42"], k=12)))
+    data = ("\n".join(rows) + "\n").encode()
+    src = tmp_path / "t.txt"
+    src.write_bytes(data)
+    expected = Locator(Source(data, ascii=False)).headers()
+    assert len(expected) > 1500
+    at_piece_start = 0
+    for chunk in (300, 777, 1000, 4096):
+        out = tmp_path / f"t{chunk}.sidx"
+        build(src, out, chunk_bytes=chunk, segment_blocks=4)
+        index = SearchIndex(out, len(data))
+        try:
+            assert index.heads == expected
+        finally:
+            index.close()
+        lo = 0
+        for hi in block_ends(data):
+            starts = {p for p, _ in _pieces(data, lo, hi, chunk)}
+            at_piece_start += sum(1 for b, _, _ in expected if b in starts and b > 0)
+            lo = hi
+    assert at_piece_start  # the case where "\n" ends one piece and "=====" opens the next
