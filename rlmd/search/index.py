@@ -84,12 +84,15 @@ class IndexError_(Exception):
 
 
 def _pieces(buf: Any, lo: int, hi: int, chunk: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` (whole blocks) cut into pieces of about ``chunk`` bytes, each ending
-    after a non-word byte, so that no word is cut (a block can be one huge line)."""
+    """``[lo, hi)`` (whole blocks) cut into pieces of ``chunk`` to ``2 * chunk`` bytes, each
+    ending after a non-word byte, so that no word is cut (a block can be one huge line).
+    Only a word longer than ``chunk`` is cut (its pieces are indexed as words): a bound on
+    the builder's memory that no query word can reach."""
     out: list[tuple[int, int]] = []
     while hi - lo > chunk:
-        m = _NON_WORD.search(buf, lo + chunk, hi)
-        cut = hi if m is None else m.end()
+        limit = min(hi, lo + 2 * chunk)
+        m = _NON_WORD.search(buf, lo + chunk, limit)
+        cut = limit if m is None else m.end()
         out.append((lo, cut))
         lo = cut
     if hi > lo:
