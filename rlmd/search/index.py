@@ -86,8 +86,8 @@ class IndexError_(Exception):
 def _pieces(buf: Any, lo: int, hi: int, chunk: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` (whole blocks) cut into pieces of ``chunk`` to ``2 * chunk`` bytes, each
     ending after a non-word byte, so that no word is cut (a block can be one huge line).
-    Only a word longer than ``chunk`` is cut (its pieces are indexed as words): a bound on
-    the builder's memory that no query word can reach."""
+    Only a word longer than ``chunk`` is cut (its pieces are indexed as words, so a query
+    for it whole finds nothing here): a bound on the builder's memory."""
     out: list[tuple[int, int]] = []
     while hi - lo > chunk:
         limit = min(hi, lo + 2 * chunk)
