@@ -49,15 +49,20 @@ def chunk_words(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """(start offset, hash) of every word of ``data`` (raw bytes; no word may run past its
     end), in text order, as ``int64`` and ``uint64`` arrays."""
     m = len(data)
-    low = np.zeros(m + 16, dtype=np.uint8)  # lower-cased, zero-padded for 8-byte reads
+    low = np.empty(m + 16, dtype=np.uint8)  # lower-cased, zero-padded for 8-byte reads
     lowered = data.lower()
     low[:m] = np.frombuffer(lowered, dtype=np.uint8)
+    low[m:] = 0
     b = low[: m + 1]  # ends with a zero (the padding): no word is open at the end
-    w = (np.subtract(b, 97, dtype=np.uint8) < 26) | (np.subtract(b, 48, dtype=np.uint8) < 10)
-    w |= b >= 128  # ranked.TOKEN on lower-cased bytes (a lookup table is 3x slower)
-    edge = np.flatnonzero(w[1:] ^ w[:-1]) + 1  # word starts and ends, alternating
-    if w[0]:
-        edge = np.concatenate(([0], edge))
+    # w[j + 1]: is byte j a word byte (ranked.TOKEN on lower-cased bytes; a lookup table
+    # is 3x slower); w[0] = False, so that a change at j is an edge at byte j.
+    w = np.empty(m + 2, dtype=bool)
+    w[0] = False
+    wb = w[1:]
+    np.less(np.subtract(b, 97, dtype=np.uint8), 26, out=wb)
+    wb |= np.subtract(b, 48, dtype=np.uint8) < 10
+    wb |= b >= 128
+    edge = np.flatnonzero(w[1:] ^ w[:-1])  # word starts and ends, alternating
     starts, ends = edge[0::2], edge[1::2]
     lens = ends - starts
     # An unaligned little-endian uint64 at every byte offset (a view, no copy).
