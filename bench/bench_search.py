@@ -1,9 +1,9 @@
 """Ranked search through the daemon: put, the background index build, queries, the loop.
 
-    python bench/bench_search.py [--size 1G] [--scan] [--doc docs/benchmarks.md]
+    python bench/bench_search.py [--size 1G] [--scan] [--workers N] [--doc docs/benchmarks.md]
 
-Starts a real ``rlmd`` (``[search] index_min_mb = 50``) on a temp socket and state dir,
-writes a generated haystack (an 8 MiB block of random words drawn Zipf-like from a
+Starts a real ``rlmd`` (``[search] index_min_mb = 50``, ``index_workers = N``, default 1)
+on a temp socket and state dir, writes a generated haystack (an 8 MiB block of random words drawn Zipf-like from a
 60,000-word vocabulary, repeated under numbered headers, with common query words among
 the frequent ones; one
 needle line at 50 % and an outdated distractor at 20 %) and measures over the socket:
@@ -89,11 +89,11 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:.1f} ms (worst {max(xs) * 1000:.1f})"
 
 
-def run(size_label: str, scan: bool) -> str:
+def run(size_label: str, scan: bool, workers: int = 1) -> str:
     size = parse_size(size_label)
     with tempfile.TemporaryDirectory(prefix="rlmd-bse-", dir="/tmp") as tmp:
         root = Path(tmp)
-        (root / "c.toml").write_text("[search]\nindex_min_mb = 50\n")
+        (root / "c.toml").write_text(f"[search]\nindex_min_mb = 50\nindex_workers = {workers}\n")
         sock = root / "d.sock"
         argv = daemon_command(
             sock, state_dir=root / "state", config=root / "c.toml", log_level="warning"
@@ -139,7 +139,7 @@ def run(size_label: str, scan: bool) -> str:
                         first_ok &= r["matches"][0]["text"] == NEEDLE
                 rss_after = _kib(pid, "VmRSS")
                 hwm = _kib(pid, "VmHWM")
-                idx_mb = sum(p.stat().st_size for p in (root / "state").rglob("*.fts")) / 2**20
+                idx_mb = sum(p.stat().st_size for p in (root / "state").rglob("*.sidx")) / 2**20
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -166,7 +166,8 @@ def run(size_label: str, scan: bool) -> str:
         "| --- | ---: | --- |",
         f"| `context/put` by path | {put_s:.2f} s | |",
         f"| index build after the put (background, child process) | {build_s:.2f} s | "
-        f"{build_s / put_s:.2f}x the put time (target <= 3x); index {idx_mb:.0f} MiB |",
+        f"{build_s / put_s:.2f}x the put time (target <= 3x); index {idx_mb:.0f} MiB; "
+        f"{workers} worker(s) |",
         f"| `daemon/ping` during the build ({len(pings)} pings) | {_ms(pings)} | "
         f"p99 {sorted(pings)[int(0.99 * (len(pings) - 1))] * 1000:.1f} ms |",
         f"| ranked `context/search`, indexed (20 queries, k=10) | {_ms(lat)} | "
@@ -182,10 +183,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1G")
     ap.add_argument("--scan", action="store_true", help="also time ranked search by scan")
+    ap.add_argument("--workers", type=int, default=1, help="[search] index_workers")
     ap.add_argument("--doc", type=Path, help="write the report into this Markdown file")
     a = ap.parse_args()
-    report = run(a.size, a.scan)
+    report = run(a.size, a.scan, a.workers)
     print(report)
     if a.doc:
-        cmd = f"python bench/bench_search.py --size {a.size}" + (" --scan" if a.scan else "")
+        cmd = f"python bench/bench_search.py --size {a.size}"
+        cmd += (f" --workers {a.workers}" if a.workers != 1 else "") + (" --scan" if a.scan else "")
         update_doc(a.doc, f"search-{a.size}", report, cmd)

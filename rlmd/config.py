@@ -337,10 +337,13 @@ class SearchConfig(_Section):
     """Ranked search over contexts (``rlmd/search``)."""
 
     index_min_mb: float = 50.0  # contexts this large get a search index after a put
+    index_workers: int = 1  # processes one index build uses side by side (capped at the cores)
 
     def __post_init__(self) -> None:
         if self.index_min_mb < 0:
             raise ValueError("index_min_mb must be >= 0")
+        if not 1 <= self.index_workers <= 64:
+            raise ValueError("index_workers must be between 1 and 64")
 
 
 class Config(_Section):

@@ -176,6 +176,7 @@ async def build_app(config: Config, socket_path: Path, state_dir: Path) -> Async
         ContextStore,
         state_dir / "contexts",
         search_index_min_bytes=int(config.search.index_min_mb * 1024 * 1024),
+        search_index_workers=config.search.index_workers,
     )
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(store.close)  # stops a search index build still running

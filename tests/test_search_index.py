@@ -76,9 +76,9 @@ def test_a_damaged_index_is_rebuilt_and_search_scans_meanwhile(tmp_path: Path) -
     store.put_text("h", text)
     wait_for(lambda: store.info("h").search_index == "ready")
     store.close()
-    (fts,) = (tmp_path / "c").glob("*/*.fts")
-    good_size = fts.stat().st_size
-    fts.write_bytes(b"this is not an sqlite database" * 100)
+    (six,) = (tmp_path / "c").glob("*/*.sidx")
+    good_size = six.stat().st_size
+    six.write_bytes(b"this is not a search index" * 100)
     store = ContextStore(tmp_path / "c", search_index_min_bytes=1)  # no cached handle
     try:
         hits, indexed = store.search_ranked_ex("h", QUERY, 3)
@@ -86,7 +86,7 @@ def test_a_damaged_index_is_rebuilt_and_search_scans_meanwhile(tmp_path: Path) -
         wait_for(lambda: store.info("h").search_index == "ready")
         hits2, indexed = store.search_ranked_ex("h", QUERY, 3)
         assert indexed and hits2[0] == hits[0]
-        assert fts.stat().st_size == good_size
+        assert six.stat().st_size == good_size
     finally:
         store.close()
 
@@ -96,7 +96,7 @@ def test_small_contexts_get_no_index(tmp_path: Path) -> None:
     store.put_text("s", "small text\n" * 1000)
     assert store.info("s").search_index is None
     assert store.search_ranked_ex("s", "small", 1)[1] is False
-    assert not list((tmp_path / "c").glob("*/*.fts"))
+    assert not list((tmp_path / "c").glob("*/*.sidx"))
 
 
 def test_the_daemon_answers_pings_while_an_index_builds(make_daemon, tmp_path: Path) -> None:

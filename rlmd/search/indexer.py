@@ -32,9 +32,11 @@ Install = Callable[[str, str, Path], None]  # (key, version, built temp file)
 class Indexer:
     """A queue of index builds ``(key, version, text path)``, run one at a time."""
 
-    def __init__(self, tmp_dir: Path, install: Install) -> None:
+    def __init__(self, tmp_dir: Path, install: Install, workers: int = 1) -> None:
+        """``workers``: processes that one build uses side by side (see index.build)."""
         self.tmp_dir = tmp_dir
         self.install = install
+        self.workers = max(1, workers)
         self._q: queue.Queue[tuple[str, str, Path] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending: set[tuple[str, str]] = set()
@@ -85,10 +87,11 @@ class Indexer:
 
     def _build(self, key: str, version: str, text: Path) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.tmp_dir / f"{version}.{secrets.token_hex(6)}.fts"
+        tmp = self.tmp_dir / f"{version}.{secrets.token_hex(6)}.sidx"
         pkg_root = str(Path(rlmd.__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, *sys.path[1:]])}
-        argv = [sys.executable, "-m", "rlmd.search.index", str(text), str(tmp), str(os.getpid())]
+        argv = [sys.executable, "-m", "rlmd.search.index", str(text), str(tmp), str(os.getpid()),
+                str(self.workers)]  # fmt: skip
         try:
             with self._lock:
                 if self._closed:

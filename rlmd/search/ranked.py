@@ -3,10 +3,10 @@
 Passages are lines; a line longer than ``PASSAGE_BYTES`` is cut into pieces at the last
 space before each limit (or at the limit, on a character boundary, when there is none),
 so every passage is found from its own line alone.  Tokens are runs of ASCII letters and
-digits and non-ASCII characters (ASCII folded to lower case, the rest kept as is), the
-same rule as SQLite FTS5's ``ascii`` tokenizer, so the index (``rlmd/search/index.py``)
-and this scan see the same words.  Query words in ``STOPWORDS`` are dropped (unless
-nothing else is left).
+digits and bytes >= 0x80 (ASCII folded to lower case, the rest kept as is), byte for
+byte the words that the index finds (``rlmd/search/words.py``, ``index.py``), so the
+index and this scan see the same words.  Query words in ``STOPWORDS`` are dropped
+(unless nothing else is left).
 
 BM25 (k1 = 1.2, b = 0.75) with a passage's length in bytes and an average length that
 both the scan and the index compute from the text's size alone: ``nbytes / N`` with

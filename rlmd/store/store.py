@@ -8,7 +8,7 @@ Layout of ``root`` (``<state_dir>/contexts``)::
         meta.json                the commit point: name, version, sizes, times
         <version>.txt            the text, UTF-8; immutable once written
         <version>.idx            its character index (see ``charindex.py``)
-        <version>.fts            its search index, large contexts only (``rlmd/search/index.py``)
+        <version>.sidx           its search index, large contexts only (``rlmd/search/index.py``)
         .tmp-*                   a write in progress (removed at startup if left over)
 
 ``version`` is the SHA-256 (hex) of the UTF-8 text, computed while writing (what
@@ -396,12 +396,15 @@ class ContextStore:
         search_window_chars: int = 4 * 1024 * 1024,
         search_overlap_chars: int = 512 * 1024,
         search_index_min_bytes: int | None = DEFAULT_SEARCH_INDEX_MIN_BYTES,
+        search_index_workers: int = 1,
     ) -> None:
         """``search_index_min_bytes``: contexts this large get a search index, built in the
-        background after a put (None: never)."""
+        background after a put (None: never), by ``search_index_workers`` processes (at
+        most one per core)."""
         self.root = Path(root)
         self.index_min_bytes = search_index_min_bytes
-        self._indexer = Indexer(self.root / _INDEX_TMP, self._install_index)
+        workers = min(search_index_workers, os.cpu_count() or 1)
+        self._indexer = Indexer(self.root / _INDEX_TMP, self._install_index, workers)
         self.max_peek_chars = max_peek_chars
         self._window = search_window_chars
         self._overlap = search_overlap_chars
@@ -528,7 +531,7 @@ class ContextStore:
         for p in entries:
             if p.name == _META and meta is not None:
                 continue
-            if p.stem in keep and p.suffix in (".txt", ".idx", ".fts"):
+            if p.stem in keep and p.suffix in (".txt", ".idx", ".sidx"):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 if p.is_dir() and not p.is_symlink():
@@ -1044,7 +1047,7 @@ class ContextStore:
     # -- the search index ---------------------------------------------------------------
 
     def _index_path(self, key: str, version: str) -> Path:
-        return self.root / key / f"{version}.fts"
+        return self.root / key / f"{version}.sidx"
 
     def _indexable(self, nbytes: int) -> bool:
         # Under BLOCK_MODE_BYTES a scan weighs words by passage, which the index cannot.
