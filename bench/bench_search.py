@@ -38,6 +38,7 @@ from bench_store import parse_size
 from rlmd.bench.doc import machine, update_doc
 from rlmd.client import Client
 from rlmd.launch import daemon_command, spawn_daemon, wait_until_answering
+from rlmd.proc import status_kib
 
 NEEDLE = "The special magic number for zephyr-aurora is 4471828."
 DISTRACTOR = "Outdated: the special magic number for zephyr-aurora was 1190021."
@@ -77,12 +78,6 @@ def generate(path: Path, size: int) -> int:
     return written
 
 
-def _kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _ms(xs: list[float]) -> str:
@@ -105,7 +100,7 @@ def run(size_label: str, scan: bool, workers: int = 1) -> str:
         nbytes = generate(src, size)
         try:
             with Client(sock, timeout=3600) as c, Client(sock, timeout=60) as pinger:
-                rss0 = _kib(pid, "VmRSS")
+                rss0 = status_kib(pid, "VmRSS")
                 t = time.perf_counter()
                 c.call("context/put", {"name": "h", "path": str(src)})
                 put_s = time.perf_counter() - t
@@ -117,7 +112,7 @@ def run(size_label: str, scan: bool, workers: int = 1) -> str:
                     t = time.perf_counter()
                     pinger.call("daemon/ping")
                     pings.append(time.perf_counter() - t)
-                    rss_peak = max(rss_peak, _kib(pid, "VmRSS"))
+                    rss_peak = max(rss_peak, status_kib(pid, "VmRSS"))
                     state = c.call("context/info", {"name": "h"}).get("search_index")
                     if state != "building":
                         break
@@ -137,8 +132,8 @@ def run(size_label: str, scan: bool, workers: int = 1) -> str:
                     assert r["indexed"]
                     if i % len(QUERIES) == 0:
                         first_ok &= r["matches"][0]["text"] == NEEDLE
-                rss_after = _kib(pid, "VmRSS")
-                hwm = _kib(pid, "VmHWM")
+                rss_after = status_kib(pid, "VmRSS")
+                hwm = status_kib(pid, "VmHWM")
                 idx_mb = sum(p.stat().st_size for p in (root / "state").rglob("*.sidx")) / 2**20
         finally:
             proc.send_signal(signal.SIGTERM)
