@@ -49,8 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 # -- helpers -------------------------------------------------------------------------------
 
 
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (REPL workers and their helpers)."""
     children: dict[int, list[int]] = {}

@@ -46,8 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "m"
 
 
-
-
 class _Daemon:
     def __init__(self, root: Path, config: str, tree: Path | None) -> None:
         self.sock = root / "s.sock"

@@ -78,8 +78,6 @@ def generate(path: Path, size: int) -> int:
     return written
 
 
-
-
 def _ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:.1f} ms (worst {max(xs) * 1000:.1f})"
 

@@ -67,8 +67,6 @@ print("{DONE}", sorted(set(seen)), len(seen))
 """
 
 
-
-
 def _config(url: str) -> str:
     return f"""
 [[providers]]

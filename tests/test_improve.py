@@ -168,7 +168,9 @@ def test_wrong_patch_then_right_one_reaches_the_gate_at_round_2(served, root, re
 
     rec = call(served, "improve/show", {"job": "fix-1"})
     assert rec["state"] == "applied" and len(rec["rounds"]) == 2
-    assert rec["rounds"][0]["tests"]["passed"] is False and rec["decisions"][0]["state"] == "applied"
+    assert (
+        rec["rounds"][0]["tests"]["passed"] is False and rec["decisions"][0]["state"] == "applied"
+    )
     assert rec["decisions"][0]["at"] > 0
     listed = call(served, "improve/list", {})["cycles"]
     assert [c["job"] for c in listed] == ["fix-1"] and listed[0]["state"] == "applied"
@@ -203,7 +205,9 @@ def test_reject_with_feedback_runs_the_next_round_with_it(served, root, repo):
     res = start(served, repo, job="fb")
     assert res["state"] == "awaiting_approval" and "b + a" in res["diff"]
     events: list[dict] = []
-    nxt = call(served, "improve/reject", {"job": "fb", "feedback": "use a plus sign please"}, events)
+    nxt = call(
+        served, "improve/reject", {"job": "fb", "feedback": "use a plus sign please"}, events
+    )
     assert nxt["state"] == "awaiting_approval" and nxt["round"] == 2 and "a + b" in nxt["diff"]
     assert any(e["kind"] == "test" for e in events)
     rec = call(served, "improve/show", {"job": "fb"})
@@ -306,7 +310,9 @@ def test_a_symlink_leading_out_is_refused(tmp_path):
     assert touched_paths(repo, ok) == ["inner/x.py"]  # a link that stays inside is fine
     with pytest.raises(PatchError, match="symlink"):
         touched_paths(repo, RIGHT.replace("calc.py", "link/x.py"))
-    new_link = "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc\n"
+    new_link = (
+        "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc\n"
+    )
     with pytest.raises(PatchError, match="symlink"):
         touched_paths(repo, new_link)
 
@@ -427,7 +433,10 @@ def test_bad_requests_get_clear_errors(served, root, repo, tmp_path):
 def rlm_cli(d, *args: str, input: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         [PY, "-m", "rlmd.cli.main", "--socket", str(d.socket), *args],
-        capture_output=True, text=True, timeout=120, input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=input,
     )
 
 
@@ -451,7 +460,17 @@ def test_cli_shows_the_gate_and_applies_only_on_approve(served, root, repo):
     assert (repo / "calc.py").read_text() == BUGGY
     # A new cycle, approved at the prompt.
     root.rules = [(r"round 1 of", as_fenced(RIGHT))]
-    r3 = rlm_cli(served, "improve", "-g", "fix add()", "--test", test, "--interactive", str(repo), input="a\n")
+    r3 = rlm_cli(
+        served,
+        "improve",
+        "-g",
+        "fix add()",
+        "--test",
+        test,
+        "--interactive",
+        str(repo),
+        input="a\n",
+    )
     assert r3.returncode == 0, r3.stderr
     assert "applied to the working tree (not committed): calc.py" in r3.stdout
     assert (repo / "calc.py").read_text() == BUGGY.replace("a - b", "a + b")

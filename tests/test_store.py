@@ -746,9 +746,7 @@ def test_writers_and_droppers_of_one_name_across_processes_stay_one_at_a_time(
         "    s.put_text('n', (sys.argv[2] + ' ') * 300)\n"
         "    if j % 3 == 0: s.drop('n')\n"
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(root), f"w{k}"]) for k in range(3)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), f"w{k}"]) for k in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     store = ContextStore(root)
     try:

@@ -31,7 +31,9 @@ _COLOURS = {"+": "\x1b[32m", "-": "\x1b[31m", "@": "\x1b[36m", "d": "\x1b[1m"}
 def add_parser(sub: Any) -> None:
     """Register ``improve`` on the ``rlm`` parser's subcommands."""
     im = sub.add_parser("improve", help="propose, test and (on your approval) apply a change")
-    im.add_argument("args", nargs="*", help="PATH (default .), or log | show JOB | approve JOB | reject JOB")
+    im.add_argument(
+        "args", nargs="*", help="PATH (default .), or log | show JOB | approve JOB | reject JOB"
+    )
     im.add_argument("-g", "--goal", help="what to improve")
     im.add_argument("--test", help="test command, run in a disposable copy (e.g. 'pytest -q')")
     im.add_argument("--bench", help="benchmark command, run before and after the patch")
@@ -76,8 +78,14 @@ def _print_point(point: dict[str, Any], use_pager: bool) -> None:
     if b:
         before = b["before"]["elapsed_s"]
         after = b.get("after", {}) and b["after"]["elapsed_s"]
-        print(f"bench: {before:.2f} s before, " + (f"{after:.2f} s after" if after else "not run after"))
-    print(f"\nrlm improve: {point['job']} round {rnd}: {state} — {point.get('summary', '')}", file=sys.stderr)
+        print(
+            f"bench: {before:.2f} s before, "
+            + (f"{after:.2f} s after" if after else "not run after")
+        )
+    print(
+        f"\nrlm improve: {point['job']} round {rnd}: {state} — {point.get('summary', '')}",
+        file=sys.stderr,
+    )
 
 
 def _progress(ev: dict[str, Any]) -> None:
@@ -90,7 +98,9 @@ def _progress(ev: dict[str, Any]) -> None:
         line = f"round {ev['round']}: {ev.get('phase')}"
     elif kind == "proposal":
         line = f"round {ev.get('round')}: proposal " + (
-            f"touching {', '.join(ev.get('files', []))}" if ev.get("accepted") else f"refused: {ev.get('reason', '')}"
+            f"touching {', '.join(ev.get('files', []))}"
+            if ev.get("accepted")
+            else f"refused: {ev.get('reason', '')}"
         )
     elif kind == "test":
         line = f"round {ev.get('round')}: tests {'passed' if ev.get('passed') else 'failed'} ({ev.get('elapsed_s', 0):.1f} s)"
@@ -136,9 +146,17 @@ def cmd_improve(c: Client, args: argparse.Namespace) -> int:
         print("rlm: improve needs -g GOAL (what to improve)", file=sys.stderr)
         return 2
     repo = Path(rest[0] if rest else ".").expanduser().resolve()
-    params: dict[str, Any] = {"repo": str(repo), "goal": args.goal, "job": f"improve-{uuid.uuid4().hex[:8]}"}
-    for key, val in (("test_command", args.test), ("bench_command", args.bench),
-                     ("max_rounds", args.rounds), ("paths", args.paths)):
+    params: dict[str, Any] = {
+        "repo": str(repo),
+        "goal": args.goal,
+        "job": f"improve-{uuid.uuid4().hex[:8]}",
+    }
+    for key, val in (
+        ("test_command", args.test),
+        ("bench_command", args.bench),
+        ("max_rounds", args.rounds),
+        ("paths", args.paths),
+    ):
         if val is not None:
             params[key] = val
     t0 = time.monotonic()
@@ -168,8 +186,10 @@ def _gate(c: Client, point: dict[str, Any], args: argparse.Namespace) -> int:
         if point["state"] != "awaiting_approval":
             return 1 if point["state"] == "failed" else 0
         if not (sys.stdin.isatty() or args.interactive):
-            print(f"decide with: rlm improve approve {job} | rlm improve reject {job} [-m FEEDBACK]",
-                  file=sys.stderr)
+            print(
+                f"decide with: rlm improve approve {job} | rlm improve reject {job} [-m FEEDBACK]",
+                file=sys.stderr,
+            )
             return 0
         choice, feedback = _ask()
         if choice == "quit":
@@ -190,7 +210,9 @@ def _action(c: Client, action: str, rest: list[str], args: argparse.Namespace) -
             print("no improvement cycles yet")
         for cy in cycles:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cy["created"]))
-            print(f"{cy['job']:<20} {when}  {cy['state']:<18} {cy['rounds']} round(s)  {cy['goal'][:60]}  ({cy['repo']})")
+            print(
+                f"{cy['job']:<20} {when}  {cy['state']:<18} {cy['rounds']} round(s)  {cy['goal'][:60]}  ({cy['repo']})"
+            )
         return 0
     if not rest:
         print(f"rlm: improve {action} needs a JOB (see rlm improve log)", file=sys.stderr)
@@ -202,7 +224,9 @@ def _action(c: Client, action: str, rest: list[str], args: argparse.Namespace) -
             print(f"--- round {rnd['round']}: {rnd.get('summary', '')}")
         for d in rec["decisions"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["at"]))
-            print(f"--- {d['state']} at {when}" + (f": {d['feedback']}" if d.get("feedback") else ""))
+            print(
+                f"--- {d['state']} at {when}" + (f": {d['feedback']}" if d.get("feedback") else "")
+            )
         if rec["rounds"] and rec["rounds"][-1].get("diff"):
             _show_diff(rec["rounds"][-1]["diff"], not args.no_pager)
         return 0

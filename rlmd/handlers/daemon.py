@@ -29,7 +29,9 @@ def status(app: App, conn: Notifier, req: Request, p: NoParams) -> DaemonStatus:
             ProviderBrief(s.name, s.kind, s.healthy, s.in_flight, s.capacity)
             for s in app.models.pool.status()
         ]
-    prot: Any = msgspec.to_builtins(app.models.protection) if app.models.protection is not None else {}
+    prot: Any = (
+        msgspec.to_builtins(app.models.protection) if app.models.protection is not None else {}
+    )
     contexts = app.store.list()
     return DaemonStatus(
         version=__version__,
@@ -41,7 +43,9 @@ def status(app: App, conn: Notifier, req: Request, p: NoParams) -> DaemonStatus:
         state_dir=str(app.state_dir),
         jobs=len(app.jobs),
         sandbox=prot,
-        embedded=app.models.embedded.describe() if app.models.embedded is not None else app.models.embedded_note,
+        embedded=app.models.embedded.describe()
+        if app.models.embedded is not None
+        else app.models.embedded_note,
         queries_running=app.admission.running,
         queries_queued=app.admission.waiting,
         damaged_contexts=[DamagedBrief(c.name, c.damaged) for c in contexts if c.damaged],

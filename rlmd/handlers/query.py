@@ -65,7 +65,8 @@ async def run(app: App, conn: Notifier, req: Request, p: QueryParams) -> QueryRe
     if engine is None:
         raise AppError(
             "unavailable",
-            app.models.embedded_note or "no model is available: configure [[providers]] in the config",
+            app.models.embedded_note
+            or "no model is available: configure [[providers]] in the config",
             code=UNAVAILABLE,
         )
     if p.context is not None and p.text is not None:

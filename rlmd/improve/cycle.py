@@ -131,8 +131,12 @@ def _tests_brief(r: CommandResult | None) -> TestsBrief | None:
     if r is None:
         return None
     return TestsBrief(
-        passed=r.passed, output=r.output, elapsed_s=r.elapsed_s, exit_code=r.exit_code,
-        timed_out=r.timed_out, protection=r.protection,
+        passed=r.passed,
+        output=r.output,
+        elapsed_s=r.elapsed_s,
+        exit_code=r.exit_code,
+        timed_out=r.timed_out,
+        protection=r.protection,
     )
 
 
@@ -168,8 +172,10 @@ def _summary(rnd: Round) -> str:
     if rnd.problem:
         return f"round {rnd.round}: {rnd.problem.splitlines()[0][:300]}"
     t = rnd.tests
-    tests = "no test command" if t is None else (
-        f"tests passed in {t.elapsed_s:.1f} s" if t.passed else "tests failed"
+    tests = (
+        "no test command"
+        if t is None
+        else (f"tests passed in {t.elapsed_s:.1f} s" if t.passed else "tests failed")
     )
     return f"round {rnd.round}: changes {files}; {tests}"
 
@@ -227,9 +233,16 @@ class ImproveService:
             raise improve_error("bad_params", exc.message) from None
         now = time.time()
         rec = CycleRecord(
-            job=job, repo=str(repo), goal=p.goal, test_command=p.test_command,
-            bench_command=p.bench_command, max_rounds=rounds, paths=list(p.paths or []),
-            created=now, updated=now, state="running",
+            job=job,
+            repo=str(repo),
+            goal=p.goal,
+            test_command=p.test_command,
+            bench_command=p.bench_command,
+            max_rounds=rounds,
+            paths=list(p.paths or []),
+            created=now,
+            updated=now,
+            state="running",
         )
         cyc = _Cycle(rec, p.options)
         self._cycles[job] = cyc
@@ -246,14 +259,17 @@ class ImproveService:
             rec = cyc.rec
             if rec.state != "awaiting_approval":
                 raise improve_error(
-                    "wrong_state", f"cycle {job!r} is {rec.state}; only a proposal awaiting approval can be applied"
+                    "wrong_state",
+                    f"cycle {job!r} is {rec.state}; only a proposal awaiting approval can be applied",
                 )
             rnd = rec.rounds[-1]
             repo = Path(rec.repo)
             now_fp = await asyncio.to_thread(fingerprint, repo)
             changes = rec.fingerprint.changes(now_fp) if rec.fingerprint else []
             if changes:
-                shown = "; ".join(changes[:10]) + (f"; and {len(changes) - 10} more" if len(changes) > 10 else "")
+                shown = "; ".join(changes[:10]) + (
+                    f"; and {len(changes) - 10} more" if len(changes) > 10 else ""
+                )
                 raise improve_error(
                     "tree_changed",
                     f"the repository changed under the proposal ({shown}); nothing was applied. "
@@ -265,7 +281,9 @@ class ImproveService:
             except WorkspaceError as exc:
                 raise improve_error("apply_failed", exc.message) from None
             rec.state = "applied"
-            rec.decisions.append(Decision(state="applied", at=time.time(), round=rnd.round, files=rnd.files))
+            rec.decisions.append(
+                Decision(state="applied", at=time.time(), round=rnd.round, files=rnd.files)
+            )
             await self._save(rec)
             self._cycles.pop(job, None)
             return {"state": "applied", "job": job, "files": rnd.files}
@@ -278,7 +296,9 @@ class ImproveService:
         async with cyc.lock:
             rec = cyc.rec
             if rec.state not in ("awaiting_approval", "failed"):
-                raise improve_error("wrong_state", f"cycle {job!r} is {rec.state}; nothing to reject")
+                raise improve_error(
+                    "wrong_state", f"cycle {job!r} is {rec.state}; nothing to reject"
+                )
             last = rec.rounds[-1] if rec.rounds else None
             fb = (feedback or "").strip()
             if last is not None:
@@ -308,7 +328,9 @@ class ImproveService:
             return cyc.rec
         rec = await asyncio.to_thread(self._records.load, job)
         if rec is None:
-            raise improve_error("not_found", f"no improvement cycle {job!r} (improve/list shows them)", NOT_FOUND)
+            raise improve_error(
+                "not_found", f"no improvement cycle {job!r} (improve/list shows them)", NOT_FOUND
+            )
         return rec
 
     # -- rounds -------------------------------------------------------------------------
@@ -337,7 +359,13 @@ class ImproveService:
         except BaseException:
             if rec.state == "running":
                 rec.state = "failed"
-                rec.rounds.append(Round(round=len(rec.rounds) + 1, started=time.time(), problem="stopped: the cycle was cancelled or hit an error"))
+                rec.rounds.append(
+                    Round(
+                        round=len(rec.rounds) + 1,
+                        started=time.time(),
+                        problem="stopped: the cycle was cancelled or hit an error",
+                    )
+                )
                 await asyncio.shield(self._save(rec))
             raise
 
@@ -364,7 +392,9 @@ class ImproveService:
                 )
             emit({"kind": "proposal", "round": n, "accepted": False, "reason": exc.message})
             return rnd
-        emit({"kind": "proposal", "round": n, "accepted": True, "files": rnd.files, "diff": rnd.diff})
+        emit(
+            {"kind": "proposal", "round": n, "accepted": True, "files": rnd.files, "diff": rnd.diff}
+        )
         await self._test(rec, rnd, emit)
         return rnd
 
@@ -376,7 +406,8 @@ class ImproveService:
             await asyncio.to_thread(self._store.put_path, name, rec.repo, **kw)
         except Exception as exc:
             raise improve_error(
-                "bad_params", f"cannot read the repository as a context: {getattr(exc, 'message', exc)}"
+                "bad_params",
+                f"cannot read the repository as a context: {getattr(exc, 'message', exc)}",
             ) from None
         options = cyc.options
         if options.cache is None:
@@ -405,8 +436,11 @@ class ImproveService:
         cfg = self._config.improve
         copy = self._scratch / f"improve-{rec.job}-r{rnd.round}-{secrets.token_hex(4)}"
         run = dict(
-            state_dir=self._state_dir, use_bwrap=self._use_bwrap, timeout_s=cfg.test_timeout_s,
-            memory_mb=cfg.memory_mb, output_bytes=cfg.output_bytes,
+            state_dir=self._state_dir,
+            use_bwrap=self._use_bwrap,
+            timeout_s=cfg.test_timeout_s,
+            memory_mb=cfg.memory_mb,
+            output_bytes=cfg.output_bytes,
         )
         try:
             await asyncio.to_thread(make_copy, Path(rec.repo), copy)
@@ -417,17 +451,30 @@ class ImproveService:
                 await asyncio.to_thread(apply_diff, copy, rnd.diff)
             except WorkspaceError as exc:
                 rnd.problem = f"The diff does not apply: {exc.message}"
-                emit({"kind": "proposal", "round": rnd.round, "accepted": False, "reason": rnd.problem})
+                emit(
+                    {
+                        "kind": "proposal",
+                        "round": rnd.round,
+                        "accepted": False,
+                        "reason": rnd.problem,
+                    }
+                )
                 return
             emit({"kind": "phase", "phase": "testing", "round": rnd.round})
             if rec.test_command:
                 rnd.tests = await run_command(rec.test_command, copy, **run)
                 t = rnd.tests
-                emit({
-                    "kind": "test", "round": rnd.round, "passed": t.passed,
-                    "elapsed_s": t.elapsed_s, "exit_code": t.exit_code,
-                    "timed_out": t.timed_out, "output": t.output[-4000:],
-                })
+                emit(
+                    {
+                        "kind": "test",
+                        "round": rnd.round,
+                        "passed": t.passed,
+                        "elapsed_s": t.elapsed_s,
+                        "exit_code": t.exit_code,
+                        "timed_out": t.timed_out,
+                        "output": t.output[-4000:],
+                    }
+                )
                 if not t.passed:
                     why = "ran past its time limit" if t.timed_out else f"exited {t.exit_code}"
                     rnd.problem = (
@@ -446,8 +493,15 @@ class ImproveService:
     def _point(self, rec: CycleRecord) -> DecisionPoint:
         rnd = rec.rounds[-1]
         return DecisionPoint(
-            job=rec.job, state=rec.state, round=rnd.round, diff=rnd.diff, files=rnd.files,
-            tests=_tests_brief(rnd.tests), bench=rnd.bench, summary=rnd.summary, repo=rec.repo,
+            job=rec.job,
+            state=rec.state,
+            round=rnd.round,
+            diff=rnd.diff,
+            files=rnd.files,
+            tests=_tests_brief(rnd.tests),
+            bench=rnd.bench,
+            summary=rnd.summary,
+            repo=rec.repo,
         )
 
     async def _get(self, job: str) -> _Cycle:
@@ -456,7 +510,9 @@ class ImproveService:
             return cyc
         rec = await asyncio.to_thread(self._records.load, job)
         if rec is None:
-            raise improve_error("not_found", f"no improvement cycle {job!r} (improve/list shows them)", NOT_FOUND)
+            raise improve_error(
+                "not_found", f"no improvement cycle {job!r} (improve/list shows them)", NOT_FOUND
+            )
         cyc = _Cycle(rec, QueryOptions())  # held at the gate across a daemon restart
         self._cycles[job] = cyc
         return cyc

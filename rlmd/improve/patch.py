@@ -62,7 +62,9 @@ def _strip_prefix(raw: str) -> str | None:
 def _check_one(repo: Path, rel: str) -> None:
     p = PurePosixPath(rel)
     if p.is_absolute() or rel.startswith("~"):
-        raise PatchError(f"the diff names an absolute path ({rel!r}); use paths relative to the repository root")
+        raise PatchError(
+            f"the diff names an absolute path ({rel!r}); use paths relative to the repository root"
+        )
     if any(part == ".." for part in p.parts):
         raise PatchError(f"the diff names a path outside the repository ({rel!r})")
     if any(part == ".git" for part in p.parts):

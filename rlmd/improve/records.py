@@ -124,8 +124,13 @@ class Records:
                 continue
             out.append(
                 CycleBrief(
-                    job=r.job, repo=r.repo, goal=r.goal, state=r.state,
-                    rounds=len(r.rounds), created=r.created, updated=r.updated,
+                    job=r.job,
+                    repo=r.repo,
+                    goal=r.goal,
+                    state=r.state,
+                    rounds=len(r.rounds),
+                    created=r.created,
+                    updated=r.updated,
                 )
             )
         return sorted(out, key=lambda b: b.created, reverse=True)

@@ -75,8 +75,16 @@ def bwrap_command(tree: Path, tmp: Path, shell_cmd: list[str], *, state_dir: Pat
     """
     bw = shutil.which("bwrap") or "bwrap"
     argv = [
-        bw, *BWRAP_ISOLATION, "--new-session",
-        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+        bw,
+        *BWRAP_ISOLATION,
+        "--new-session",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
     ]
     for d in _hidden_dirs(state_dir):
         argv += ["--tmpfs", d]

@@ -138,7 +138,9 @@ def apply_diff(tree: Path, diff: str, *, check_only: bool = False) -> None:
     try:
         _git(tree, *args, "-", input=diff.encode())
     except WorkspaceError as exc:
-        raise WorkspaceError(exc.message.replace("git apply failed", "the diff does not apply")) from None
+        raise WorkspaceError(
+            exc.message.replace("git apply failed", "the diff does not apply")
+        ) from None
 
 
 def remove_tree(path: Path) -> None:

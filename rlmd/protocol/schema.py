@@ -91,7 +91,6 @@ class DaemonStatus(msgspec.Struct):
     damaged_contexts: list[DamagedBrief] = []
 
 
-
 # --- REPL sessions and single model calls (repl/*, llm/query) ------------------------
 
 

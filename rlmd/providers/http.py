@@ -208,7 +208,9 @@ async def sse_events(
             # Many short data lines make one event: bound the event as a line is bounded.
             size += len(value)
             if lines is not None and size > _MAX_EVENT_CHARS:
-                raise ResponseTooLarge(f"one server-sent event is over {_MAX_EVENT_CHARS} characters")
+                raise ResponseTooLarge(
+                    f"one server-sent event is over {_MAX_EVENT_CHARS} characters"
+                )
         if field == "event":
             event = value
         elif field == "error":
