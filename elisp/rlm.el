@@ -638,18 +638,20 @@ buffer, region or file they came from."
                                                              (max 1 (plist-get p :length))))))
                                 parts))))
     (cond
+     ;; Text Emacs sent from a buffer goes back there, even when it names files
+     ;; of its own (a buffer holding joined sources has file headers).
+     ((and part (or (plist-get part :buffer) (markerp (plist-get part :start))))
+      (let ((base (plist-get part :start)))
+        (list 'buffer (if (markerp base) (marker-buffer base) (plist-get part :buffer))
+              (+ (if (markerp base) (marker-position base) (or base 1))
+                 (- start (plist-get part :offset)))
+              (plist-get part :label))))
      ((plist-get source :file)
       (list 'file (expand-file-name (plist-get source :file)
                                     (or (plist-get (car parts) :dir) default-directory))
             (or (plist-get source :file_line) 1) nil))
      ((and part (plist-get part :file))
-      (list 'file (plist-get part :file) nil (- start (plist-get part :offset))))
-     (part
-      (let ((base (plist-get part :start)))
-        (list 'buffer (if (markerp base) (marker-buffer base) (plist-get part :buffer))
-              (+ (if (markerp base) (marker-position base) (or base 1))
-                 (- start (plist-get part :offset)))
-              (plist-get part :label)))))))
+      (list 'file (plist-get part :file) nil (- start (plist-get part :offset)))))))
 
 (defun rlm-visit-source (target)
   "Show TARGET, a location from `rlm-source-location'."

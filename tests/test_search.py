@@ -35,9 +35,9 @@ def expected_location(text: str, start: int) -> tuple[int, str | None, int | Non
     file = file_line = None
     rows = text.split("\n")
     for i in range(line - 1, -1, -1):
-        m = re.fullmatch(r"===== (.+) =====", rows[i])
+        m = re.fullmatch(r"===== (.+) =====|==> (.+) <==|# ==== FILE: (\S+) ====", rows[i])
         if m:
-            file = m.group(1)
+            file = next(g for g in m.groups() if g)
             file_line = (line - 1 - i) or None
             break
     return line, file, file_line
@@ -184,3 +184,53 @@ def test_headers_found_across_scan_windows(monkeypatch: pytest.MonkeyPatch) -> N
     for w in (7, 64, 1000):
         monkeypatch.setattr(locate, "_HEAD_WINDOW", w)
         assert Locator(text).headers() == want and len(want) == 12
+
+
+def test_header_kinds_and_near_misses() -> None:
+    from rlmd.search.locate import header_path
+
+    assert header_path(b"===== a/b c.txt =====") == "a/b c.txt"
+    assert header_path(b"==> /var/log/syslog <==") == "/var/log/syslog"
+    assert header_path(b"# ==== FILE: json/decoder.py ====") == "json/decoder.py"
+    assert header_path(b"// ===== FILE: src/main.rs =====\r") == "src/main.rs"
+    assert header_path(b"==== FILE:x.py ====") == "x.py"
+    for line in [
+        b"FILE: notes.txt",  # a field in a log, not a banner
+        b"# ==== FILE: two words ====",
+        b"a ==> b <== c",
+        b"==>  <==",
+        b"===== =====",
+        b"x = 1  # ==== FILE: y ====",
+        b"==> " + b"x" * 5000 + b" <==",
+    ]:
+        assert header_path(line) is None, line
+
+
+@pytest.mark.parametrize(
+    "head", ["# ==== FILE: {} ====", "==> {} <==", "===== {} ====="], ids=["banner", "tail", "rlmd"]
+)
+def test_a_text_of_joined_files_is_located_by_file(head: str, tmp_path: Path) -> None:
+    """Issue 10's codeqa trace: sources joined with "# ==== FILE: x ====" banners gave hits
+    with a line only, so "which file defines X" stayed open."""
+    parts = []
+    for name, body in [
+        ("contextlib.py", "import abc\n\nclass ExitStack:\n    pass\n"),
+        ("json/decoder.py", "import re\n\n\ndef _push_exit_callback(cb):\n    return cb\n"),
+    ]:
+        parts.append(head.format(name) + "\n" + body)
+    text = "Joined sources, one after another.\n" + "".join(parts)
+    store = ContextStore(tmp_path / "ctx")
+    store.put_text("t", text)
+    for hits in (
+        ranked(text, "def _push_exit_callback", k=1),
+        store.search_ranked("t", "def _push_exit_callback", k=1),
+        store.grep("t", r"def _push_exit_callback"),
+        grep(text, "def _push"),
+    ):
+        h = hits[0]
+        assert (h.file, h.file_line, h.line) == ("json/decoder.py", 4, 11), h
+        check_hit(text, h)
+    first = ranked(text, "ExitStack", k=1)[0]
+    assert (first.file, first.file_line) == ("contextlib.py", 3)
+    before = store.locate("t", 0, 6)  # the text before the first header has no file
+    assert before.file is None and before.line == 1

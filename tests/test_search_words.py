@@ -100,9 +100,20 @@ def test_index_finds_the_file_headers_the_locator_finds(tmp_path: Path) -> None:
     for i in range(40_000):
         r = rng.random()
         if r < 0.05:
-            rows.append(f"===== dir{i % 7}/f{i}.py =====")
+            # every kind of header (locate.header_path): rlmd's, head/tail's, a banner
+            rows.append(
+                rng.choice(
+                    [
+                        f"===== dir{i % 7}/f{i}.py =====",
+                        f"==> f{i}.c <==",
+                        f"# ==== FILE: f{i}.rs ====",
+                    ]
+                )
+            )
         elif r < 0.06:
-            rows.append(rng.choice(["===== not closed", "x ===== a =====", "===== =====", ""]))
+            near = ["===== not closed", "x ===== a =====", "===== =====", "", "a ==> b <== c"]
+            near += ["FILE: x.py", "# ==== FILE: a b ====", "==> <=="]
+            rows.append(rng.choice(near))
         else:
             rows.append(" ".join(rng.choices(["alpha", "beta", "gamma", "é", "42"], k=12)))
     data = ("\n".join(rows) + "\n").encode()
@@ -110,6 +121,7 @@ def test_index_finds_the_file_headers_the_locator_finds(tmp_path: Path) -> None:
     src.write_bytes(data)
     expected = Locator(Source(data, ascii=False)).headers()
     assert len(expected) > 1500
+    assert {rel.rsplit(".", 1)[1] for _, _, rel in expected} == {"txt", "py", "c", "rs"}
     at_piece_start = 0
     for chunk in (300, 777, 1000, 4096):
         out = tmp_path / f"t{chunk}.sidx"

@@ -70,6 +70,7 @@ def evidence_text(hits: list[Hit], question: str) -> str:
     """The evidence block for ``hits`` (best first), or "" for none."""
     passages = []
     for h in hits:
-        where = f"{h.file}:{h.file_line}" if h.file else f"line {h.line}"
+        # A header line has a file but no line in it: its file alone.
+        where = f"{h.file}:{h.file_line}" if h.file_line else (h.file or f"line {h.line}")
         passages.append((where, snippet(str(h.text), question)))
     return prompts.evidence_block(passages)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlmd.search.hit import Hit
-from rlmd.search.locate import _HEAD_CLOSE, _HEAD_OPEN, Locator
+from rlmd.search.locate import HEAD_MAX, Locator, find_headers
 from rlmd.search.ranked import (
     K1,
     Found,
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 # numpy (and rlmd.search.words, which needs it) is imported where used, never when this
 # module loads: the daemon must set its BLAS threading before numpy loads (rlmd/blas.py).
 
-FORMAT = 3
+FORMAT = 4  # 4: the file headers of joined texts too (locate.header_path)
 FILE_MAGIC = b"RLMDSIX3"
 SEGMENT_BITS = 10
 SEGMENT_BLOCKS = 1 << SEGMENT_BITS  # a segment's block numbers fit the hash's low bits
@@ -103,22 +103,14 @@ def _pieces(buf: Any, lo: int, hi: int, chunk: int) -> list[tuple[int, int]]:
 def _piece_heads(buf: Any, lo: int, hi: int, data: bytes, lines_before: int) -> list[Head]:
     """The file headers starting in bytes ``[lo, hi)`` of the text (``data``), as
     ``Locator.headers`` finds them, with lines counted from ``lines_before`` newlines.
-    A header's opening may run past ``hi`` (a piece can end inside it)."""
-    # The openings, then those that start a line.
-    end = min(len(buf), hi - 1 + len(_HEAD_OPEN))
-    starts = []
-    pos = buf.find(_HEAD_OPEN, lo, end)
-    while pos >= 0:
-        if pos == 0 or buf[pos - 1] == 0x0A:
-            starts.append(pos)
-        pos = buf.find(_HEAD_OPEN, pos + 1, end)
-    heads = []
-    for p in starts:
-        e = buf.find(b"\n", p)
-        line = buf[p : len(buf) if e < 0 else e]
-        if line.endswith(_HEAD_CLOSE) and len(line) > len(_HEAD_OPEN) + len(_HEAD_CLOSE):
-            rel = line[len(_HEAD_OPEN) : -len(_HEAD_CLOSE)].decode("utf-8", "replace")
-            heads.append((p, lines_before + data.count(b"\n", 0, p - lo) + 1, rel))
+    A header may run past ``hi`` (a piece can end inside it)."""
+    heads, line, done = [], lines_before + 1, 0
+    for at, rel in find_headers(buf, lo, hi):
+        # Newlines counted from the last header on, not from the piece's start each time:
+        # a piece of joined sources holds hundreds of headers.
+        line += data.count(b"\n", done, at - lo)
+        done = at - lo
+        heads.append((at, line, rel))
     return heads
 
 
@@ -146,9 +138,11 @@ def _segment_keys(
             check()
             data = buf[lo:hi]
             raw = np.frombuffer(data, dtype=np.uint8)
-            # numpy's compares are ~5x faster than bytes.count/find here (measured).
-            if (raw == _HEAD_OPEN[0]).any():  # a header opens with "=", in this piece
+            # Every kind of file header holds a "=" (locate.header_path), perhaps just
+            # past the piece's end: prose without one skips the header search.
+            if buf.find(b"=", lo, hi + HEAD_MAX) >= 0:
                 heads += _piece_heads(buf, lo, hi, data, newlines)
+            # numpy's compare is ~5x faster than bytes.count here (measured).
             newlines += int(np.count_nonzero(raw == 0x0A))
             starts, h = chunk_words(data)
             buf.madvise(mmap.MADV_DONTNEED, lo - lo % mmap.PAGESIZE, hi - lo + lo % mmap.PAGESIZE)

@@ -1,12 +1,11 @@
-"""Where a span of a context is: its line, and for directory contexts its file and line there.
+"""Where a span of a context is: its line, and in a text of joined files its file and line there.
 
 Everything here works on the context's UTF-8 bytes (a ``bytes`` object or a read-only
 ``mmap``) without decoding the whole text.  A :class:`Source` knows how to turn byte
 offsets into character offsets (the caller gives the conversion: the store's char index,
 the REPL view's own, or a block index built here for a ``str``); a :class:`Locator` adds
 line numbers (newline counts every ``_NL_BLOCK`` bytes, built on first use) and the file
-headers of a directory context (``===== rel =====`` lines, see
-``rlmd/store/ingest.py:file_header``), found once with a C-speed ``find`` loop.
+headers (:func:`header_path`), found once with C-speed ``find`` loops.
 
 This module runs in REPL workers too: standard library and msgspec only.
 """
@@ -16,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import mmap
+import re
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +28,11 @@ _CHAR_BLOCK = 1 << 16
 _CONTINUATION = bytes(range(0x80, 0xC0))
 _HEAD_OPEN = b"===== "
 _HEAD_CLOSE = b" ====="
+# What a header line holds, to find candidates with ``find``: every kind has one of these.
+_HEAD_MARKS = (_HEAD_OPEN, b"==> ", b"FILE:")
+HEAD_MAX = 4096  # bytes: a longer line is never a header (and bounds the search back)
+_HEAD_TAIL = re.compile(rb"==> (\S(?:.*\S)?) <==")
+_HEAD_BANNER = re.compile(rb"(?:#|//|--|;+)? ?={3,} ?FILE: ?(\S+) ?={3,}")
 
 
 def count_chars(data: bytes) -> int:
@@ -35,6 +40,52 @@ def count_chars(data: bytes) -> int:
     if data.isascii():
         return len(data)
     return len(data.translate(None, _CONTINUATION))
+
+
+def header_path(line: bytes) -> str | None:
+    """The file a header line names, or None when ``line`` (without its newline) is not one.
+
+    Three kinds, each a line of its own: ``===== rel =====``, which rlmd writes before each
+    file of a directory context (``rlmd/store/ingest.py:file_header``); ``==> rel <==``,
+    which ``head`` and ``tail`` write for several files; and a ``==== FILE: rel ====``
+    banner, optionally after a comment marker (``#``, ``//``, ``--``, ``;``), a common way
+    to join sources into one text.  (Issue 10's codeqa traces: a text of joined sources
+    with banners gave hits with a line only, so "which file defines X" could not be
+    answered from the passages and the model re-ran one search twenty times.)"""
+    if len(line) > HEAD_MAX:
+        return None
+    line = line.rstrip(b"\r")
+    if line.startswith(_HEAD_OPEN) and line.endswith(_HEAD_CLOSE):
+        rel = line[len(_HEAD_OPEN) : -len(_HEAD_CLOSE)]
+    else:
+        m = _HEAD_TAIL.fullmatch(line) or _HEAD_BANNER.fullmatch(line)
+        rel = m.group(1) if m else b""
+    return rel.decode("utf-8", "replace") if rel.strip() else None
+
+
+def find_headers(buf: Any, lo: int, hi: int) -> list[tuple[int, str]]:
+    """(byte offset, file) of the header lines that start in bytes ``[lo, hi)`` of ``buf``
+    (bytes or a read-only mmap), in order.  A header that starts before ``hi`` may end
+    after it; one that starts before ``lo`` is not included."""
+    n = len(buf)
+    end = min(n, hi + HEAD_MAX)
+    starts: set[int] = set()
+    for mark in _HEAD_MARKS:
+        pos = buf.find(mark, lo, end)
+        while pos >= 0:
+            s = buf.rfind(b"\n", max(0, pos - HEAD_MAX), pos) + 1
+            if (s or pos <= HEAD_MAX) and lo <= s < hi:
+                starts.add(s)
+            pos = buf.find(mark, pos + 1, end)
+    out = []
+    for s in sorted(starts):
+        e = buf.find(b"\n", s, min(n, s + HEAD_MAX + 1))
+        if e < 0 and n - s > HEAD_MAX:
+            continue  # a line too long to be a header
+        rel = header_path(buf[s : n if e < 0 else e])
+        if rel is not None:
+            out.append((s, rel))
+    return out
 
 
 class _BlockIndex:
@@ -154,7 +205,7 @@ def source_of(text: Any) -> Source:
 
 
 class Locator:
-    """Maps offsets of one text to lines and, for directory contexts, files.
+    """Maps offsets of one text to lines and, in a text of joined files, files.
 
     Cheap to build: the newline blocks and the header list are computed on first use
     (one pass each over the bytes) and kept, so keep a Locator per text version."""
@@ -198,24 +249,11 @@ class Locator:
         if self._heads is None:
             buf, n = self.src.buf, self.src.nbytes
             heads: list[tuple[int, int, str]] = []
-            starts = [0] if buf[: len(_HEAD_OPEN)] == _HEAD_OPEN else []
-            pat = b"\n" + _HEAD_OPEN
             # Window by window, letting go of each one: one pass, a small resident size.
             for w0 in range(0, n, _HEAD_WINDOW):
-                w1 = min(n, w0 + _HEAD_WINDOW + len(pat))
-                pos = buf.find(pat, w0, w1)
-                while pos >= 0:
-                    if pos < w0 + _HEAD_WINDOW:
-                        starts.append(pos + 1)
-                    pos = buf.find(pat, pos + 1, w1)
-                self.src.release(w0, w1)
-            for pos in starts:
-                e = buf.find(b"\n", pos)
-                e = n if e < 0 else e
-                line = buf[pos:e]
-                if line.endswith(_HEAD_CLOSE) and len(line) > len(_HEAD_OPEN) + len(_HEAD_CLOSE):
-                    rel = line[len(_HEAD_OPEN) : -len(_HEAD_CLOSE)].decode("utf-8", "replace")
-                    heads.append((pos, self.line_of_byte(pos), rel))
+                w1 = min(n, w0 + _HEAD_WINDOW)
+                heads += [(at, self.line_of_byte(at), rel) for at, rel in find_headers(buf, w0, w1)]
+                self.src.release(w0, min(n, w1 + HEAD_MAX))
             self._heads = heads
             self._head_bytes = [h[0] for h in heads]
         return self._heads

@@ -750,6 +750,23 @@
         (kill-buffer buf))
       (delete-directory repo t))))
 
+;; A buffer of joined files (`head' headers): the sources name those files,
+;; but the text came from this buffer, so the button goes back into it.
+(ert-deftest rlm-test-daemon-sources-of-joined-files-stay-in-the-buffer ()
+  (rlm-test-with-daemon
+    (with-temp-buffer
+      (rename-buffer "rlm-test-daemon-joined" t)
+      (insert "==> a.txt <==\nnothing here\n\n==> b.txt <==\nfirst line\n"
+              "The needle is 4242.\n")
+      (let* ((job (rlm-test-finish (rlm-query "sourcetest: which file has the needle?")))
+             (source (car (rlm-job-sources job))))
+        (should (equal (plist-get source :file) "b.txt"))
+        (should (equal (plist-get source :file_line) 2))
+        (pcase-let ((`(buffer ,b ,pos ,_) (rlm-source-location job source)))
+          (should (eq b (current-buffer)))
+          (should (string-prefix-p "The needle is 4242"
+                                   (buffer-substring-no-properties pos (point-max)))))))))
+
 (ert-deftest rlm-test-daemon-sources-of-a-directory-open-file-and-line ()
   (rlm-test-with-daemon
     (let ((dir (make-temp-file (expand-file-name "srcdir" rlm-test-tmp) t)))
