@@ -9,6 +9,7 @@ small conversation whose answers can only come out right if the code really ran.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import string
@@ -450,7 +451,11 @@ async def test_small_model_outputs_are_shorter_and_history_is_compacted(rig, scr
 
 async def test_max_iterations_best_effort(rig, script):
     script.on_root(r"used all your turns", "From what I saw: FINAL(probably 5)")
-    script.on_root(r"", repl("print('still looking')", before="Looking further."))
+    # A new block each turn (the same block twice in a row is steer.stuck).
+    turns = itertools.count()
+    script.on_root(
+        r"", lambda m, c: repl(f"print('still looking', {next(turns)})", before="Looking further.")
+    )
     res = await rig.run("loop", options={"max_iterations": 3})
     assert res.answer == "probably 5"
     assert res.finish == "best_effort"
@@ -458,12 +463,25 @@ async def test_max_iterations_best_effort(rig, script):
 
 
 async def test_max_iterations_error_carries_partial(rig, script):
-    script.on_root(r"", repl("print('still looking')", before="Seen 3 candidates so far."))
+    turns = itertools.count()
+    script.on_root(
+        r"",
+        lambda m, c: repl(f"print('still looking', {next(turns)})", before="Seen 3 candidates."),
+    )
     with pytest.raises(EngineError) as ei:
         await rig.run("loop", options={"max_iterations": 2})
     assert ei.value.kind == "max_iterations"
-    assert "Seen 3 candidates" in ei.value.partial
+    assert "Seen 3 candidates" in ei.value.partial and "after 2 iterations" in str(ei.value)
     assert ei.value.to_error()["data"]["partial"] == ei.value.partial
+
+
+async def test_stuck_without_an_answer_says_why(rig, script):
+    script.on_root(r"", repl("print('still looking')", before="Seen 3 candidates so far."))
+    with pytest.raises(EngineError) as ei:
+        await rig.run("loop", options={"max_iterations": 10})
+    # one block run, refused twice, then the last-chance call
+    assert ei.value.kind == "max_iterations" and "after 4 iterations" in str(ei.value)
+    assert "kept re-sending code that had already run" in str(ei.value)
 
 
 async def test_max_sub_calls(rig, script):

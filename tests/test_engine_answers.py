@@ -343,3 +343,42 @@ def test_a_first_hop_answer_is_sent_on_to_the_fact_it_leads_to(small_served, scr
     res, _ = ask(d, {"query": t.question, "context": "hop", "options": {"mode": "rlm"}})
     assert res["answer"] == t.gold[0] and res["iterations"] == 2
     assert f"vault {t.meta['vault']} is {t.gold[0]}" in srv.calls[1].last_user
+
+
+def test_a_model_that_keeps_resending_run_code_goes_to_its_last_chance(served, script):
+    # Issue 10's codeqa trace: one search() sent 20 times, each refused as already run,
+    # until max_iterations; the last-chance call then answered from what it had seen.
+    d, srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"no more code will run", "FINAL(0.45)"))
+    script.root.append((r".", repl('print(context.count("price"))')))
+    res, _ = ask(d, {"query": "Price?", "context": "cfg", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "0.45" and res["iterations"] == 4, res  # ran, refused twice, asked
+    calls = [c for c in srv.calls if c.model == ROOT]
+    assert len(calls) == 4 and "You keep sending code that already ran" in calls[-1].last_user
+    assert "not run again" in calls[-1].last_user  # the refusal leads the last message
+
+
+def test_which_file_of_joined_sources_is_answered_from_the_passages(small_served, script):
+    # Issue 10's codeqa trace: stdlib sources joined with "# ==== FILE: x ====" banners; the
+    # passages named only lines, the answer "FILE: line 498" was refused, and the whole text
+    # (7,378 tokens, 216 s) was shown.  Now the passages name the file.
+    d, srv = small_served
+    filler = "".join(f"    value_{i} = compute_{i}(value_{i - 1})\n" for i in range(1, 200))
+    text = (
+        f"# ==== FILE: contextlib.py ====\nimport abc\n\ndef helper():\n{filler}"
+        f"# ==== FILE: json/decoder.py ====\nimport re\n\n"
+        f"def _push_exit_callback(cb):\n    return cb\n\ndef other():\n{filler}"
+    )
+    d.call("context/put", {"name": "src", "text": text})
+    script.root.append(
+        (r"(?=.*else READ)([\w/]+\.py):\d+: def _push_exit_callback", lambda m, c: f"FINAL({m[1]})")
+    )
+    q = "Which file defines the function or method `_push_exit_callback`?"
+    res, _ = ask(d, {"query": q, "context": "src"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "json/decoder.py" and res["iterations"] == 1, res
+    assert len(srv.calls) == 1 and "passages a search found" in srv.calls[0].system
+    assert "json/decoder.py:3: def _push_exit_callback" in srv.calls[0].last_user
+    assert res["supported"] is True

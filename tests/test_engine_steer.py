@@ -11,6 +11,7 @@ from rlmd.engine.steer import (
     repeated,
     slice_reading,
     steer,
+    stuck,
 )
 
 Q = "What is the current value of the quartz-lantern key?"
@@ -124,3 +125,16 @@ def test_searches_that_find_nothing_three_times_are_steered_to_not_found():
     # A search that found something breaks the run.
     mem.outputs[-2] = "[line 4 @10:40] the quartz lantern"
     assert no_hits(mem, key, "[]") is None
+
+
+def test_a_block_refused_twice_in_a_row_is_stuck():
+    # Issue 10's codeqa trace: the same search() sent 19 times after it first ran.
+    mem = LoopMemory(question=Q)
+    key = normalize('search("_push_exit_callback", 1)')
+    assert repeated(mem, key) is None  # first time: it runs
+    mem.ran[key] = "[line 498 @16375:16417] self._push_exit_callback(exit)"
+    assert repeated(mem, key) is not None and not stuck(mem)  # told once
+    other = normalize('grep("def _push_exit_callback")')
+    assert repeated(mem, other) is None and not stuck(mem)  # new code: the count starts over
+    assert repeated(mem, key) is not None and not stuck(mem)
+    assert repeated(mem, key) is not None and stuck(mem)  # told twice in a row

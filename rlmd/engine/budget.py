@@ -181,14 +181,20 @@ class Meter:
             self.best_partial(),
         )
 
-    def iterations_error(self) -> EngineError:
-        return EngineError(
-            "max_iterations",
-            f"no answer after {self.budget.max_iterations} iterations "
-            "(options.max_iterations / limits.max_iterations); the partial answer is the "
-            "model's last words",
-            self.best_partial(),
+    def iterations_error(self, stuck: bool = False) -> EngineError:
+        """No answer by the last-chance call: at max_iterations, or ``stuck`` re-sending
+        code that already ran (steer.stuck)."""
+        why = (
+            f"no answer after {self.iterations} iterations: the model kept re-sending code "
+            "that had already run"
+            if stuck
+            else f"no answer after {self.budget.max_iterations} iterations "
+            "(options.max_iterations / limits.max_iterations)"
         )
+        return EngineError(
+            "max_iterations", f"{why}; the partial answer is the model's last words",
+            self.best_partial(),
+        )  # fmt: skip
 
     # -- prompt bytes ---------------------------------------------------------------------
 

@@ -417,6 +417,12 @@ LAST_CHANCE = (
     "give your best answer now, on a line of its own: FINAL(your answer)"
 )
 
+# After steer.STUCK_REPEATS refusals in a row of a block already run.
+STUCK_LAST_CHANCE = (
+    "You keep sending code that already ran; no more code will run. From what you have "
+    "seen so far, give your best answer now, on a line of its own: FINAL(your answer)"
+)
+
 
 # --- the context shown whole ("auto" mode on a short context) ----------------------------
 

@@ -30,6 +30,20 @@ class LoopMemory:
     # What the blocks alone printed, in order.
     outputs: list[str] = field(default_factory=list)
     steered: set[str] = field(default_factory=set)
+    # Blocks in a row refused as already run (reset by a block that runs).
+    repeats_in_row: int = 0
+
+
+# Issue 10's codeqa trace: told "already ran, not run again" after its first repeat, the
+# embedded model sent the same search 18 more times (20 turns, 182 s) and only the
+# last-chance call answered, rightly, from what it had already seen.  After this many
+# refusals in a row the loop goes to that call at once.
+STUCK_REPEATS = 2
+
+
+def stuck(memory: LoopMemory) -> bool:
+    """The model keeps sending a block it already ran, though told it was not run again."""
+    return memory.repeats_in_row >= STUCK_REPEATS
 
 
 def normalize(code: str) -> str:
@@ -39,6 +53,12 @@ def normalize(code: str) -> str:
 
 def repeated(memory: LoopMemory, key: str) -> str | None:
     """A block the model already ran: not run again (small models loop on one block)."""
+    notice = _repeat_notice(memory, key)
+    memory.repeats_in_row = memory.repeats_in_row + 1 if notice is not None else 0
+    return notice
+
+
+def _repeat_notice(memory: LoopMemory, key: str) -> str | None:
     if key in memory.ran:
         found = [p for p in memory.outputs if not prompts.is_empty_output(p)]
         return prompts.repeated_code(memory.ran[key], memory.question, found[-1] if found else "")

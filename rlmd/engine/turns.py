@@ -34,7 +34,7 @@ from rlmd.engine.parse import (
 from rlmd.engine.record import Recorder
 from rlmd.engine.small_model import SmallModelPolicy
 from rlmd.engine.sources import is_not_found
-from rlmd.engine.steer import LoopMemory, normalize, repeated, steer
+from rlmd.engine.steer import LoopMemory, normalize, repeated, steer, stuck
 from rlmd.engine.subcalls import ChatPool, SubCalls
 from rlmd.engine.trace import clip_for_trace
 from rlmd.engine.types import EngineError
@@ -226,6 +226,9 @@ class RootLoop:
                         return prose, "reply"
                     outputs.append(prompts.NO_CODE_NO_FINAL)
                 feedback = "\n\n".join(outputs) if outputs else prompts.NO_CODE_NO_FINAL
+                if reply.blocks and stuck(self.memory):
+                    self.rec.note("steer", rule="stuck", repeats=self.memory.repeats_in_row)
+                    return await self._last_chance(messages, session, stuck=feedback)
                 if self.policy.small and reply.blocks:
                     feedback += "\n\n" + prompts.question_reminder(self.start.query)
                 messages.append(Message("user", feedback))
@@ -471,13 +474,22 @@ class RootLoop:
             return None, f"there is no variable named {final.value!r} in the REPL"
         return str(value), None
 
-    async def _last_chance(self, messages: list[Message], session: LazyRepl) -> tuple[str, str]:
-        """At max_iterations: one more call, no tools, output capped, for the best answer."""
-        messages.append(Message("user", prompts.LAST_CHANCE))
-        self.rec.note("message", role="user", content=prompts.LAST_CHANCE)
-        reply, _text, _ = await self._root_turn(
-            messages, session, turn=self.run_.meter.budget.max_iterations + 1, tools=False
-        )
+    async def _last_chance(
+        self, messages: list[Message], session: LazyRepl, *, stuck: str | None = None
+    ) -> tuple[str, str]:
+        """At max_iterations: one more call, no tools, output capped, for the best answer.
+        ``stuck``: the feedback of a turn that only re-sent code already run, to lead the
+        call's message (earlier, see steer.stuck)."""
+        if stuck is None:
+            prompt, turn = prompts.LAST_CHANCE, self.run_.meter.budget.max_iterations + 1
+        else:
+            prompt, turn = (
+                stuck + "\n\n" + prompts.STUCK_LAST_CHANCE,
+                self.run_.meter.iterations + 1,
+            )
+        messages.append(Message("user", prompt))
+        self.rec.note("message", role="user", content=prompt)
+        reply, _text, _ = await self._root_turn(messages, session, turn=turn, tools=False)
         answer: str | None = None
         if reply.final is None:
             reply.final = find_final(reply.prose, anywhere=True)
@@ -493,7 +505,7 @@ class RootLoop:
             return answer, "best_effort"
         if reply.prose.strip():
             self.run_.meter.partial = reply.prose.strip()
-        raise self.run_.meter.iterations_error()
+        raise self.run_.meter.iterations_error(stuck=stuck is not None)
 
     # ------------------------------------------------------------------ recursion
 
