@@ -382,3 +382,23 @@ def test_which_file_of_joined_sources_is_answered_from_the_passages(small_served
     assert len(srv.calls) == 1 and "passages a search found" in srv.calls[0].system
     assert "json/decoder.py:3: def _push_exit_callback" in srv.calls[0].last_user
     assert res["supported"] is True
+
+
+def test_a_last_chance_answered_with_code_is_asked_afresh_from_the_outputs(served, script):
+    # Issue 10's codeqa trace: told no more code would run, the model sent its search block
+    # a fourth time, with both hits on screen; the query ended in an error.
+    d, srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append(
+        (r"What the program printed:.*price_per_kwh = ([\d.]+)", lambda m, c: f"FINAL({m[1]})")
+    )
+    script.root.append((r"What the program printed", "FINAL(wrong)"))
+    script.root.append((r".", repl('print([l for l in context.splitlines() if "kwh" in l])')))
+    res, _ = ask(d, {"query": "Price?", "context": "cfg", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "0.45" and res["iterations"] == 5, res
+    calls = [c for c in srv.calls if c.model == ROOT]
+    last = calls[-1]
+    assert last.system.startswith("You answer a question from what a program printed")
+    assert "```" not in last.last_user and len(last.messages) == 2  # no history to copy
+    assert "The question is: Price?" in last.last_user

@@ -460,6 +460,30 @@ def direct_first_message(
     )
 
 
+OUTPUTS_TURN_SYSTEM = """\
+You answer a question from what a program printed while it searched a text. Write the
+answer on a line of its own: FINAL(the answer)
+Quote values exactly as printed."""
+OUTPUTS_TURN_NOT_FOUND = " If the output does not answer it, write FINAL(not found)."
+
+# What the last-chance fallback shows of the outputs, newest first kept.
+OUTPUTS_TURN_CHARS = 6000
+
+
+def outputs_turn_message(query: str, printed: list[str]) -> str:
+    """The question and the blocks' outputs (the newest that fit ``OUTPUTS_TURN_CHARS``)."""
+    kept: list[str] = []
+    room = OUTPUTS_TURN_CHARS
+    for out in reversed(printed):
+        piece = truncate_head(out, room)
+        kept.insert(0, piece)
+        room -= len(piece)
+        if room <= 200:
+            break
+    body = "\n---\n".join(kept)
+    return f"What the program printed:\n{body}\n\nThe question is: {query}"
+
+
 EVIDENCE_TURN_SYSTEM = """\
 You answer a question from passages a search found in a longer text. If the passages
 answer it, write the answer on a line of its own: FINAL(the answer)

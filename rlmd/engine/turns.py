@@ -490,6 +490,12 @@ class RootLoop:
         messages.append(Message("user", prompt))
         self.rec.note("message", role="user", content=prompt)
         reply, _text, _ = await self._root_turn(messages, session, turn=turn, tools=False)
+        printed = [o for o in self.memory.outputs if not prompts.is_empty_output(o)]
+        if reply.blocks and reply.final is None and printed:
+            # Issue 10's codeqa trace: told that no more code would run, the embedded model
+            # sent its search block a fourth time, with the answer's two hits on screen.
+            # Asked afresh, without the code-writing conversation to copy, it answers.
+            reply = await self._outputs_turn(session, printed, turn=turn + 1)
         answer: str | None = None
         if reply.final is None:
             reply.final = find_final(reply.prose, anywhere=True)
@@ -506,6 +512,20 @@ class RootLoop:
         if reply.prose.strip():
             self.run_.meter.partial = reply.prose.strip()
         raise self.run_.meter.iterations_error(stuck=stuck is not None)
+
+    async def _outputs_turn(
+        self, session: LazyRepl, printed: list[str], *, turn: int
+    ) -> ParsedReply:
+        """One call without tools or history: the question and what the blocks printed."""
+        shown = prompts.outputs_turn_message(self.start.query, printed)
+        system = prompts.OUTPUTS_TURN_SYSTEM
+        if self.start.qa:  # a question, not a task like the improvement cycle's diff
+            system += prompts.OUTPUTS_TURN_NOT_FOUND
+        messages = [Message("system", system), Message("user", shown)]
+        for m in messages:
+            self.rec.note("message", role=m.role, content=m.content)
+        reply, _text, _ = await self._root_turn(messages, session, turn=turn, tools=False)
+        return reply
 
     # ------------------------------------------------------------------ recursion
 
