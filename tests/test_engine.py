@@ -424,7 +424,8 @@ async def test_small_model_outputs_are_shorter_and_history_is_compacted(rig, scr
         k = sum(1 for msg in call.messages if msg.role == "user")
         if k >= 8:
             return "FINAL(turn7)"  # shown by the last output, so taken at once
-        return repl(f"print('turn{k}', 'x' * 10000)")
+        # A letter of its own per turn: blocks that differ only in numbers are steer.stuck.
+        return repl(f"print('turn{k}', 'x' * 10000, '{chr(97 + k)}')")
 
     script.on_root(r"", turn)
     res = await rig.run("big outputs", options={"root_model": SMALL})
@@ -481,7 +482,7 @@ async def test_stuck_without_an_answer_says_why(rig, script):
         await rig.run("loop", options={"max_iterations": 10})
     # one block run, refused twice, the last-chance call, the call afresh from the outputs
     assert ei.value.kind == "max_iterations" and "after 5 iterations" in str(ei.value)
-    assert "kept re-sending code that had already run" in str(ei.value)
+    assert "kept sending the same code" in str(ei.value)
 
 
 async def test_max_sub_calls(rig, script):

@@ -356,7 +356,7 @@ def test_a_model_that_keeps_resending_run_code_goes_to_its_last_chance(served, s
     assert not isinstance(res, Exception), res
     assert res["answer"] == "0.45" and res["iterations"] == 4, res  # ran, refused twice, asked
     calls = [c for c in srv.calls if c.model == ROOT]
-    assert len(calls) == 4 and "You keep sending code that already ran" in calls[-1].last_user
+    assert len(calls) == 4 and "You keep sending the same code" in calls[-1].last_user
     assert "not run again" in calls[-1].last_user  # the refusal leads the last message
 
 
@@ -402,3 +402,16 @@ def test_a_last_chance_answered_with_code_is_asked_afresh_from_the_outputs(serve
     assert last.system.startswith("You answer a question from what a program printed")
     assert "```" not in last.last_user and len(last.messages) == 2  # no history to copy
     assert "The question is: Price?" in last.last_user
+
+
+def test_a_model_sending_one_search_with_other_numbers_goes_to_its_last_chance(served, script):
+    # Issue 10's codeqa trace: search(path, 1), search(path, 2) ... 13, until the time ran out.
+    d, _srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"no more code will run", "FINAL(0.45)"))
+    script.root.append(
+        (r".", lambda m, c: repl(f'print(search("price_per_kwh", {len(c.messages)}))'))
+    )
+    res, _ = ask(d, {"query": "Price?", "context": "cfg", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "0.45" and res["iterations"] == 6, res  # five blocks, then asked

@@ -9,6 +9,7 @@ from rlmd.engine.steer import (
     normalize,
     reindexing,
     repeated,
+    same_shape_run,
     slice_reading,
     steer,
     stuck,
@@ -138,3 +139,22 @@ def test_a_block_refused_twice_in_a_row_is_stuck():
     assert repeated(mem, other) is None and not stuck(mem)  # new code: the count starts over
     assert repeated(mem, key) is not None and not stuck(mem)
     assert repeated(mem, key) is not None and stuck(mem)  # told twice in a row
+
+
+def test_one_block_with_other_numbers_five_times_is_stuck():
+    # The codeqa trace: search("lib2to3/pgen2/tokenize.py", 1), 2, 3 ... 13.
+    mem = LoopMemory(question=Q)
+    for k in range(1, 5):
+        ran(mem, f'search("lib2to3/pgen2/tokenize.py", {k})')
+    assert same_shape_run(mem) == 4 and not stuck(mem)
+    ran(mem, 'search("lib2to3/pgen2/tokenize.py", 5)')
+    assert stuck(mem)
+    # Near misses: another block in between starts the count over; other words are
+    # another shape.
+    mem = LoopMemory(question=Q)
+    ran(mem, *[f"print(context[{i * 300}:{i * 300 + 300}])" for i in range(4)])
+    ran(mem, 'grep("price")', "print(context[1200:1500])")
+    assert same_shape_run(mem) == 1 and not stuck(mem)
+    ran(mem, 'search("a", 1)', 'search("b", 1)', 'search("c", 1)', 'search("d", 1)')
+    ran(mem, 'search("e", 1)')
+    assert not stuck(mem)

@@ -182,11 +182,10 @@ class Meter:
         )
 
     def iterations_error(self, stuck: bool = False) -> EngineError:
-        """No answer by the last-chance call: at max_iterations, or ``stuck`` re-sending
-        code that already ran (steer.stuck)."""
+        """No answer by the last-chance call: at max_iterations, or ``stuck`` sending the
+        same code again (steer.stuck)."""
         why = (
-            f"no answer after {self.iterations} iterations: the model kept re-sending code "
-            "that had already run"
+            f"no answer after {self.iterations} iterations: the model kept sending the same code"
             if stuck
             else f"no answer after {self.budget.max_iterations} iterations "
             "(options.max_iterations / limits.max_iterations)"

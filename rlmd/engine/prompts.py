@@ -417,9 +417,10 @@ LAST_CHANCE = (
     "give your best answer now, on a line of its own: FINAL(your answer)"
 )
 
-# After steer.STUCK_REPEATS refusals in a row of a block already run.
+# When steer.stuck: a block already run sent again and again, or one block with other
+# numbers.
 STUCK_LAST_CHANCE = (
-    "You keep sending code that already ran; no more code will run. From what you have "
+    "You keep sending the same code; no more code will run. From what you have "
     "seen so far, give your best answer now, on a line of its own: FINAL(your answer)"
 )
 

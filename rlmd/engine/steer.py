@@ -41,9 +41,32 @@ class LoopMemory:
 STUCK_REPEATS = 2
 
 
+# The codeqa trace of the same round: search("lib2to3/pgen2/tokenize.py", 1), then with 2,
+# 3 ... 13 (each printing one more hit, the first always the file's header) until the
+# time ran out.  Blocks that differ only in their numbers, this many in a row, are stuck
+# too (slice after slice of a text is the same shape: the demo trace's 300-character
+# slices).
+STUCK_SHAPES = 5
+_NUMBER = re.compile(r"\d+")
+
+
+def same_shape_run(memory: LoopMemory) -> int:
+    """How many of the last blocks run differ from each other only in their numbers."""
+    if not memory.history:
+        return 0
+    shape = _NUMBER.sub("N", memory.history[-1])
+    n = 0
+    for key in reversed(memory.history):
+        if _NUMBER.sub("N", key) != shape:
+            break
+        n += 1
+    return n
+
+
 def stuck(memory: LoopMemory) -> bool:
-    """The model keeps sending a block it already ran, though told it was not run again."""
-    return memory.repeats_in_row >= STUCK_REPEATS
+    """The model keeps sending a block it already ran, though told it was not run again,
+    or keeps sending one block with other numbers."""
+    return memory.repeats_in_row >= STUCK_REPEATS or same_shape_run(memory) >= STUCK_SHAPES
 
 
 def normalize(code: str) -> str:
