@@ -2,7 +2,7 @@
 
     python bench/bench_search.py [--size 1G] [--scan] [--workers N] [--doc docs/benchmarks.md]
 
-Starts a real ``rlmd`` (``[search] index_min_mb = 50``, ``index_workers = N``, default 1)
+Starts a real ``rlmd`` (``[search] index_min_mb = 50``, ``index_workers = N``, default 2, the daemon's)
 on a temp socket and state dir, writes a generated haystack (an 8 MiB block of random words drawn Zipf-like from a
 60,000-word vocabulary, repeated under numbered headers, with common query words among
 the frequent ones; one
@@ -82,7 +82,7 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:.1f} ms (worst {max(xs) * 1000:.1f})"
 
 
-def run(size_label: str, scan: bool, workers: int = 1) -> str:
+def run(size_label: str, scan: bool, workers: int = 2) -> str:
     size = parse_size(size_label)
     with tempfile.TemporaryDirectory(prefix="rlmd-bse-", dir="/tmp") as tmp:
         root = Path(tmp)
@@ -176,12 +176,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1G")
     ap.add_argument("--scan", action="store_true", help="also time ranked search by scan")
-    ap.add_argument("--workers", type=int, default=1, help="[search] index_workers")
+    ap.add_argument("--workers", type=int, default=2, help="[search] index_workers")
     ap.add_argument("--doc", type=Path, help="write the report into this Markdown file")
     a = ap.parse_args()
     report = run(a.size, a.scan, a.workers)
     print(report)
     if a.doc:
         cmd = f"python bench/bench_search.py --size {a.size}"
-        cmd += (f" --workers {a.workers}" if a.workers != 1 else "") + (" --scan" if a.scan else "")
+        cmd += (f" --workers {a.workers}" if a.workers != 2 else "") + (" --scan" if a.scan else "")
         update_doc(a.doc, f"search-{a.size}", report, cmd)

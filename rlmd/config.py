@@ -337,7 +337,8 @@ class SearchConfig(_Section):
     """Ranked search over contexts (``rlmd/search``)."""
 
     index_min_mb: float = 50.0  # contexts this large get a search index after a put
-    index_workers: int = 1  # processes one index build uses side by side (capped at the cores)
+    # Processes one index build uses side by side (capped at the cores; they run at nice +5).
+    index_workers: int = 2
 
     def __post_init__(self) -> None:
         if self.index_min_mb < 0:
