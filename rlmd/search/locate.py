@@ -249,10 +249,19 @@ class Locator:
         if self._heads is None:
             buf, n = self.src.buf, self.src.nbytes
             heads: list[tuple[int, int, str]] = []
+            done, line = 0, 1  # the newlines counted so far: up to byte ``done``
             # Window by window, letting go of each one: one pass, a small resident size.
             for w0 in range(0, n, _HEAD_WINDOW):
                 w1 = min(n, w0 + _HEAD_WINDOW)
-                heads += [(at, self.line_of_byte(at), rel) for at, rel in find_headers(buf, w0, w1)]
+                for at, rel in find_headers(buf, w0, w1):
+                    if self.src._newlines_before is not None:
+                        line = self.line_of_byte(at)
+                    else:
+                        # From the last header on: counting from the newline block's start
+                        # for each header took 3.5 s over 64 MiB of joined sources.
+                        line += buf[done:at].count(b"\n")
+                        done = at
+                    heads.append((at, line, rel))
                 self.src.release(w0, min(n, w1 + HEAD_MAX))
             self._heads = heads
             self._head_bytes = [h[0] for h in heads]
