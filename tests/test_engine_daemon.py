@@ -12,6 +12,7 @@ import pytest
 from rlmd.client import RpcError
 from rlmd.engine.trace import format_trace
 from rlmd.testing.script import ScriptedModels, run_query
+from rlmd.testing.scripted_server import estimate
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -228,6 +229,46 @@ def test_base_mode_reads_the_text_cut_to_the_window(served, script):
     assert "characters of the text were cut" in call.last_user
     assert len(call.last_user) < (4096 - 1024) * 3 + 2000
     assert events[-1]["kind"] == "final"
+
+
+def test_base_mode_cuts_again_by_the_numbers_a_full_server_gives(served, script):
+    # Issue 10's OOLONG run at 32k: the cut came to 16,865 tokens, over the server's
+    # 16,384, and every base query failed with HTTP 400.  The server's own numbers say how
+    # much to drop; the query is asked once more with the shorter text.
+    d, srv = served
+    srv.n_ctx = 1500
+    text = "".join(f"line {i}: filler words here\n" for i in range(5000))
+    text = text.replace("line 10: filler", "line 10: the password is OTTER")
+    d.call("context/put", {"name": "big", "text": text})
+    script.root.append((r"Question: What is the password", "OTTER"))
+    result, _events = run_query(
+        d,
+        {
+            "query": "What is the password?",
+            "context": "big",
+            "options": {"mode": "base", "window_tokens": 4096},
+        },
+    )
+    assert result["answer"] == "OTTER" and result["finish"] == "base"
+    assert result["iterations"] == 1
+    first, second = [c for c in srv.calls if c.model == ROOT]
+    sent = [sum(estimate(m.content) for m in c.messages) for c in (first, second)]
+    assert sent[0] > 1500 >= sent[1] > 1500 - 1024
+    assert "line 10: the password is OTTER" in second.last_user
+    assert "characters of the text were cut" in second.last_user
+    recs = d.call("query/trace", {"job": result["job"]})["records"]
+    refits = [r for r in recs if r["type"] == "base_refit"]
+    assert refits and refits[0]["window_tokens"] == 1500
+
+
+def test_base_mode_says_what_failed_when_the_server_refuses_for_another_reason(served, script):
+    d, srv = served
+    srv.n_ctx = 10
+    script.root.append((r"Question:", "never"))
+    res, _events = run_query(d, {"query": "What is it?", "text": "", "options": {"mode": "base"}})
+    assert isinstance(res, RpcError) and res.kind == "model_error"
+    assert "exceeds the available context size" in str(res)
+    assert len([c for c in srv.calls if c.model == ROOT]) == 1
 
 
 def test_nosub_mode_switches_sub_calls_off(served, script):

@@ -30,7 +30,16 @@ from rlmd.engine.evidence import evidence_text
 from rlmd.engine.followup import Earlier, FollowUps
 from rlmd.engine.parse import parse_reply
 from rlmd.engine.record import Emit, Recorder
-from rlmd.engine.sizing import ModelStates, Tokenizer, fits_whole, model_address, window_tokens
+from rlmd.engine.sizing import (
+    ModelStates,
+    Tokenizer,
+    cut_to_limit,
+    fits_whole,
+    model_address,
+    overflow,
+    refit,
+    window_tokens,
+)
 from rlmd.engine.sources import find_sources
 from rlmd.engine.subcalls import ChatPool
 from rlmd.engine.trace import TraceWriter, clip_for_trace, prune_traces, trace_path
@@ -41,6 +50,8 @@ from rlmd.providers.base import ChatRequest, Message, ProviderError
 from rlmd.store.store import ContextStore, StoreError
 
 HEAD_CHARS = 1200  # how much of the context is peeked for its description
+# Base mode leaves this much of the window free for its instructions, the question and the answer.
+BASE_RESERVE = 1024
 
 
 @dataclasses.dataclass
@@ -456,32 +467,46 @@ class Engine:
     ) -> tuple[str, str]:
         """The baseline the paper compares against: the text in the prompt, cut to fit."""
         window = window_tokens(self._config, run.root_model, params.options.window_tokens)
-        # ~3 characters a token keeps the cut text inside the window for code and prose
-        # alike; 1,024 tokens stay free for the instructions, question and answer.
-        budget_chars = max(0, (window - 1024) * 3)
-        text, cut = "", 0
+        text, total = "", 0
         if ctx.text is not None and ctx.desc is not None and ctx.desc.chars:
-            reader = ctx.text
-            text = await asyncio.to_thread(reader.read, 0, budget_chars)
-            cut = max(0, ctx.desc.chars - len(text))
-        system, user = prompts.base_messages(params.query, text, cut)
-        run.shown.append(text)
-        messages = [Message("system", system), Message("user", user)]
-        for m in messages:
-            rec.note("message", role=m.role, content=m.content, cut_chars=cut)
-        run.meter.iterations += 1
-        req = ChatRequest(model=run.root_model, messages=tuple(messages))
+            reader, total = ctx.text, ctx.desc.chars
+            text = await cut_to_limit(
+                lambda chars: asyncio.to_thread(reader.read, 0, chars),
+                model=run.root_model,
+                limit=max(0, window - BASE_RESERVE),
+                chars_per_token=self._config.engine.chars_per_token,
+                tokenizer=self._tokenizer,
+            )
 
         def on_delta(piece: str) -> bool:
             rec.record("root_delta", {"text": piece}, trace=False)
             return False
 
-        try:
-            result = await run.pool.chat(req, on_delta=on_delta, affinity=run.job)
-        except ProviderError as exc:
-            raise EngineError(
-                "model_error", f"the root model {run.root_model!r} failed: {exc}"
-            ) from None
+        run.meter.iterations += 1
+        for attempt in range(2):
+            cut = max(0, total - len(text))
+            system, user = prompts.base_messages(params.query, text, cut)
+            messages = [Message("system", system), Message("user", user)]
+            for m in messages:
+                rec.note("message", role=m.role, content=m.content, cut_chars=cut)
+            req = ChatRequest(model=run.root_model, messages=tuple(messages))
+            try:
+                result = await run.pool.chat(req, on_delta=on_delta, affinity=run.job)
+                break
+            except ProviderError as exc:
+                over = overflow(str(exc))
+                if attempt or over is None or not text:
+                    raise EngineError(
+                        "model_error", f"the root model {run.root_model!r} failed: {exc}"
+                    ) from None
+                # The server knows its window better than our estimate or config: cut once
+                # more by the numbers it gave.
+                sent, server_window = over
+                text = refit(text, tokens=sent, limit=max(0, server_window - BASE_RESERVE))
+                rec.note(
+                    "base_refit", sent_tokens=sent, window_tokens=server_window, chars=len(text)
+                )
+        run.shown.append(text)
         run.meter.charge_root(result)
         rec.note(
             "message",

@@ -10,7 +10,10 @@ Ollama      ``GET /`` ("Ollama is running"), ``GET /api/ps``, ``GET /api/tags``,
             ``POST /api/embed``
 OpenAI      ``POST /v1/chat/completions`` (SSE when ``"stream": true``; a usage chunk with
             ``"choices": []`` last when ``stream_options.include_usage``),
-            ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``
+            ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``; llama.cpp's
+            ``POST /tokenize`` (``{"content": ...}`` -> ``{"tokens": [...]}``, as many
+            tokens as ``estimate`` gives) and, with ``n_ctx``, its HTTP 400 for a prompt
+            over the window
 Anthropic   ``POST /v1/messages`` (SSE when ``"stream": true``: ``message_start``,
             ``content_block_start``, ``ping``, ``content_block_delta``/``text_delta``,
             ``content_block_stop``, ``message_delta`` with usage, ``message_stop``;
@@ -342,9 +345,12 @@ class ScriptedServer:
         delay_s: float = 0.0,
         port: int = 0,
         health_endpoint: bool = True,
+        n_ctx: int | None = None,
     ) -> None:
         """``health_endpoint=False`` answers ``GET /health`` with 404, as servers without
-        one (DeepSeek, OpenAI) do."""
+        one (DeepSeek, OpenAI) do.  ``n_ctx`` refuses a chat whose messages come to more
+        tokens (by ``estimate``) as llama.cpp's server does."""
+        self.n_ctx = n_ctx
         self.health_endpoint = health_endpoint
         self._rules = list(rules or [])
         self._used = [0] * len(self._rules)
@@ -602,6 +608,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/api/embed", "/v1/embeddings"):
             if path == "/api/embed" or self._auth_ok("openai"):
                 self._embed(path, body)
+        elif path == "/tokenize":
+            self._send_json(200, {"tokens": list(range(estimate(str(body.get("content", "")))))})
         else:
             self._send_json(404, {"error": f"no such path: POST {path}"})
 
@@ -743,6 +751,17 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.owner._enter(call)
         try:
+            n_ctx, n_prompt = self.owner.n_ctx, sum(estimate(m.content) for m in messages)
+            if n_ctx is not None and n_prompt > n_ctx:
+                message = (
+                    f"request ({n_prompt} tokens) exceeds the available context size "
+                    f"({n_ctx} tokens), try increasing it"
+                )
+                error = {"code": 400, "message": message, "type": "exceed_context_size_error"}
+                self._send_json(
+                    400, {"error": error | {"n_prompt_tokens": n_prompt, "n_ctx": n_ctx}}
+                )
+                return
             try:
                 reply = self.owner.choose(call)
             except Exception as exc:
