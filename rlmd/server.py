@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from .protocol.jsonrpc import Dispatcher, encode
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
+PEER_CHECK_S = 0.5  # how often a half-closed connection with work in flight is looked at
 # The code of the one error a connection gets before it is closed, by FrameError kind.
 _FATAL_CODES = {
     "frame_too_large": INVALID_REQUEST,
@@ -41,6 +43,17 @@ def peer_uid(sock: Any) -> int | None:
     except (OSError, AttributeError):
         return None
     return _PEERCRED.unpack(raw)[1]
+
+
+def peer_gone(sock: Any) -> bool:
+    """Whether the other end of a Unix socket has closed it both ways (POLLHUP), not just
+    shut its writing side."""
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
 class Connection(asyncio.Protocol):
@@ -132,6 +145,8 @@ class Connection(asyncio.Protocol):
         self.eof = True
         if not self.tasks:
             self._close()
+        else:
+            self._watch_peer()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -224,6 +239,23 @@ class Connection(asyncio.Protocol):
                 kind="idle_timeout",
             )
         )
+
+    def _watch_peer(self) -> None:
+        """Cancel the work of a client that has gone, not only half-closed.
+
+        A killed client reads as end-of-file, like ``socat -t``'s half-close, and a query
+        that writes nothing for minutes (a base query's prompt on a CPU) ran on to its end
+        with no one to read it.  Linux flags a Unix socket whose peer closed both ways
+        with POLLHUP; a half-closed one only with POLLRDHUP.  Checked while work is in
+        flight, twice a second (one poll(2) of one fd).
+        """
+        if self.closed or not self.tasks or self.transport is None:
+            return
+        if peer_gone(self.transport.get_extra_info("socket")):
+            log.info("client went away with %d request(s) in flight: cancelled", len(self.tasks))
+            self.transport.abort()  # connection_lost cancels the tasks
+            return
+        asyncio.get_running_loop().call_later(PEER_CHECK_S, self._watch_peer)
 
     def _write(self, body: bytes) -> None:
         t = self.transport

@@ -3,6 +3,8 @@ points at the scripted loopback model server running in this test process."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -269,6 +271,57 @@ def test_base_mode_says_what_failed_when_the_server_refuses_for_another_reason(s
     assert isinstance(res, RpcError) and res.kind == "model_error"
     assert "exceeds the available context size" in str(res)
     assert len([c for c in srv.calls if c.model == ROOT]) == 1
+
+
+def _send_query(d, job: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(d.socket))
+    params = {"query": "What is it?", "text": "it is 42\n", "job": job, "options": {"mode": "base"}}
+    s.sendall(
+        json.dumps({"jsonrpc": "2.0", "method": "query/run", "id": 1, "params": params}).encode()
+        + b"\n"
+    )
+    return s
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_goes_away_mid_query_cancels_it(served, script):
+    # A killed client reads as end-of-file, as a half-close does; the query's model call
+    # ran on for its whole length (minutes for a base prompt on a CPU) with no one to read.
+    d, srv = served
+    srv.delay_s = 60
+    script.root.append((r"Question:", "42"))
+    s = _send_query(d, "gone-1")
+    assert _wait(lambda: srv.in_flight == 1), "the model call never started"
+    t0 = time.monotonic()
+    s.close()
+    assert _wait(lambda: srv.in_flight == 0), "the model call outlived its client"
+    assert time.monotonic() - t0 < 5
+    recs = d.call("query/trace", {"job": "gone-1"})["records"]
+    assert any(r["type"] == "error" and r["kind"] == "cancelled" for r in recs)
+
+
+def test_a_half_closed_client_still_gets_its_answer(served, script):
+    d, srv = served
+    srv.delay_s = 1.5  # three looks at the peer while the model answers
+    script.root.append((r"Question:", "42"))
+    s = _send_query(d, "half-1")
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(20)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    [reply] = [m for m in map(json.loads, data.splitlines()) if m.get("id") == 1]
+    assert reply["result"]["answer"] == "42"
 
 
 def test_nosub_mode_switches_sub_calls_off(served, script):
