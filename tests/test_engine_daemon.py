@@ -208,13 +208,13 @@ def test_cancel_from_another_connection(served, script):
     assert not (_children(daemon_pid) & workers), "worker still alive after cancel"
 
 
-def test_base_mode_reads_the_text_cut_to_the_window(served, script):
-    d, srv = served
+def _ask_base_for_the_password(d, script) -> tuple[dict, list[dict]]:
+    """Base mode over 5,000 filler lines with the password on line 10, in a 4,096 window."""
     text = "".join(f"line {i}: filler words here\n" for i in range(5000))
     text = text.replace("line 10: filler", "line 10: the password is OTTER")
     d.call("context/put", {"name": "big", "text": text})
     script.root.append((r"Question: What is the password", "OTTER"))
-    result, events = run_query(
+    return run_query(
         d,
         {
             "query": "What is the password?",
@@ -222,6 +222,11 @@ def test_base_mode_reads_the_text_cut_to_the_window(served, script):
             "options": {"mode": "base", "window_tokens": 4096},
         },
     )
+
+
+def test_base_mode_reads_the_text_cut_to_the_window(served, script):
+    d, srv = served
+    result, events = _ask_base_for_the_password(d, script)
     assert result["answer"] == "OTTER" and result["finish"] == "base"
     assert result["iterations"] == 1 and result["sub_calls"] == 0
     [call] = [c for c in srv.calls if c.model == ROOT]
@@ -239,18 +244,7 @@ def test_base_mode_cuts_again_by_the_numbers_a_full_server_gives(served, script)
     # much to drop; the query is asked once more with the shorter text.
     d, srv = served
     srv.n_ctx = 1500
-    text = "".join(f"line {i}: filler words here\n" for i in range(5000))
-    text = text.replace("line 10: filler", "line 10: the password is OTTER")
-    d.call("context/put", {"name": "big", "text": text})
-    script.root.append((r"Question: What is the password", "OTTER"))
-    result, _events = run_query(
-        d,
-        {
-            "query": "What is the password?",
-            "context": "big",
-            "options": {"mode": "base", "window_tokens": 4096},
-        },
-    )
+    result, _events = _ask_base_for_the_password(d, script)
     assert result["answer"] == "OTTER" and result["finish"] == "base"
     assert result["iterations"] == 1
     first, second = [c for c in srv.calls if c.model == ROOT]
