@@ -333,6 +333,23 @@ def test_a_bare_short_reply_is_the_answer_when_the_text_holds_it(small_served, s
     assert res["answer"] == "0.45" and res["iterations"] == 2
 
 
+def test_a_bare_fence_of_repl_code_runs_and_is_never_the_answer(served, script):
+    # The codeqa trace at 32k: a bare fence of grep(...) was refused as "no repl block",
+    # sent again, and that second copy became the answer.
+    d, _srv = served
+    d.call("context/put", {"name": "cfg", "text": CONFIG})
+    script.root.append((r"\] price_per_kwh = 0\.45", "FINAL(0.45)"))
+    script.root.append((r".", '```\nprint(grep(r"price_per_kwh"))\n```'))
+    res, _ = ask(d, {"query": "Price?", "context": "cfg", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "0.45" and res["iterations"] == 2, res
+    # A fence that does not call the REPL is not run, and is not taken as the answer.
+    script.root[:] = [(r"no more code will run", "FINAL(0.45)"), (r".", "```\nsome notes\n```")]
+    res, _ = ask(d, {"query": "Price?", "context": "cfg", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert "```" not in res["answer"]
+
+
 def test_a_first_hop_answer_is_sent_on_to_the_fact_it_leads_to(small_served, script):
     # The two-hop bench at 1M characters: 6 of 10 answers were the vault number.
     d, srv = small_served

@@ -161,3 +161,14 @@ def test_stream_without_cut_keeps_everything():
     c, kept, stop = _stream(text, 4, stop_at_block=False)
     assert not stop
     assert c.text == text == "".join(kept)
+
+
+def test_a_bare_fence_that_calls_the_repl_runs():
+    # The codeqa trace at 32k: a bare fence of grep(...) sent twice, read as prose.
+    r = parse_reply(f'{FENCE}\nprint(grep(r"__new__", 5))\n{FENCE}\n')
+    assert r.blocks == ['print(grep(r"__new__", 5))\n']
+    # Bare fences of other text, or beside a runnable fence, stay prose.
+    assert parse_reply(f"{FENCE}\nx = 1 + 2\n{FENCE}\n").blocks == []
+    assert parse_reply(f"{FENCE}\nthe context holds it\n{FENCE}\n").blocks == []
+    both = parse_reply(f"{FENCE}\nprint(context[:9])\n{FENCE}\n{FENCE}repl\nprint(1)\n{FENCE}\n")
+    assert both.blocks == ["print(1)\n"]

@@ -18,6 +18,12 @@ from typing import Literal
 # Fence languages whose blocks run.  ```repl is the convention; small models often write
 # ```python for the same thing, and running it is better than a wasted turn.
 RUNNABLE = frozenset({"repl", "python", "py", "python3"})
+# A bare ``` fence runs only when its code calls the REPL: a codeqa trace at 32k sent
+# ```\nprint(grep(r"__new__", 5))\n``` twice, was told it wrote no code, and the second copy
+# was taken as the answer.  Bare fences of other text stay prose.
+_REPL_CALL = re.compile(
+    r"\b(?:context|search|grep|llm_query(?:_batched)?|rlm_query|FINAL_VAR|SHOW_VARS)\b"
+)
 
 _FENCE_OPEN = re.compile(r"^[ \t]*(`{3,})[ \t]*([A-Za-z0-9_+-]*)[^`\n]*$")
 _FENCE_CLOSE = re.compile(r"^[ \t]*(`{3,})[ \t]*$")
@@ -98,12 +104,20 @@ def parse_reply(text: str) -> ParsedReply:
     ```repl blocks run; ```python blocks run only when the reply has no ```repl block (a
     model that uses both is illustrating with one of them).  A runnable block that is not
     valid Python but holds a ``FINAL(...)`` line is taken as that FINAL: models put their
-    final answer in a fence.  Other fences (```text, bare ```) are prose, so a FINAL in them
-    counts.
+    final answer in a fence.  A bare ``` fence runs when nothing else would and its code
+    calls the REPL (``context``, ``search``, ``grep``, ``llm_query`` ...).  Other fences
+    (```text, other bare ```) are prose, so a FINAL in them counts.
     """
     all_blocks = _split_blocks(text)
     has_repl = any(b.lang == "repl" for b in all_blocks)
     run_langs = {"repl"} if has_repl else RUNNABLE
+    if not any(b.lang in RUNNABLE for b in all_blocks):
+        all_blocks = [
+            _Block("repl", b.code, b.start, b.end)
+            if b.lang == "" and _REPL_CALL.search(b.code) and _is_python(b.code)
+            else b
+            for b in all_blocks
+        ]
     reply = ParsedReply()
     prose_parts: list[str] = []
     pos = 0

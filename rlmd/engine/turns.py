@@ -221,7 +221,14 @@ class RootLoop:
                         messages.append(Message("user", "\n\n".join(outputs)))
                         self.rec.note("message", role="user", content=messages[-1].content)
                         continue
-                    if bare_replies >= 2 and prose and non_answer_reason(prose) is None:
+                    # A fenced block is never an answer (the codeqa trace above parse.py's
+                    # _REPL_CALL: code taken as the answer).
+                    if (
+                        bare_replies >= 2
+                        and prose
+                        and "```" not in prose
+                        and non_answer_reason(prose) is None
+                    ):
                         self.rec.note("final", answer=clip_for_trace(prose), how="reply")
                         return prose, "reply"
                     outputs.append(prompts.NO_CODE_NO_FINAL)
