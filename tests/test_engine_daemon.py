@@ -14,7 +14,6 @@ import pytest
 from rlmd.client import RpcError
 from rlmd.engine.trace import format_trace
 from rlmd.testing.script import ScriptedModels, run_query
-from rlmd.testing.scripted_server import estimate
 
 ROOT = "root-model"
 SUB = "sub-model"
@@ -248,7 +247,7 @@ def test_base_mode_cuts_again_by_the_numbers_a_full_server_gives(served, script)
     assert result["answer"] == "OTTER" and result["finish"] == "base"
     assert result["iterations"] == 1
     first, second = [c for c in srv.calls if c.model == ROOT]
-    sent = [sum(estimate(m.content) for m in c.messages) for c in (first, second)]
+    sent = [c.prompt_tokens for c in (first, second)]
     assert sent[0] > 1500 >= sent[1] > 1500 - 1024
     assert "line 10: the password is OTTER" in second.last_user
     assert "characters of the text were cut" in second.last_user

@@ -206,6 +206,12 @@ class ChatCall(msgspec.Struct, kw_only=True):
         return ""
 
     @property
+    def prompt_tokens(self) -> int:
+        """The messages' tokens by ``estimate``: the reported usage, and what ``n_ctx``
+        is held against."""
+        return sum(estimate(m.content) for m in self.messages)
+
+    @property
     def system(self) -> str:
         """The system prompt (what ``Rule.system_pattern`` is matched against)."""
         return "\n\n".join(m.content for m in self.messages if m.role == "system")
@@ -751,7 +757,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.owner._enter(call)
         try:
-            n_ctx, n_prompt = self.owner.n_ctx, sum(estimate(m.content) for m in messages)
+            n_ctx, n_prompt = self.owner.n_ctx, call.prompt_tokens
             if n_ctx is not None and n_prompt > n_ctx:
                 message = (
                     f"request ({n_prompt} tokens) exceeds the available context size "
@@ -796,7 +802,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         usage_in = reply.usage_in
         if usage_in is None:
-            usage_in = sum(estimate(m.content) for m in call.messages)
+            usage_in = call.prompt_tokens
         text = _cut_at_stop(reply.text, call.stop)
         usage_out = reply.usage_out if reply.usage_out is not None else estimate(text)
         pieces = split_chunks(text, reply.chunks)
