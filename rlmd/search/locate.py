@@ -250,11 +250,12 @@ class Locator:
             buf, n = self.src.buf, self.src.nbytes
             heads: list[tuple[int, int, str]] = []
             done, line = 0, 1  # the newlines counted so far: up to byte ``done``
+            indexed = self.src._newlines_before is not None  # the store's newline index
             # Window by window, letting go of each one: one pass, a small resident size.
             for w0 in range(0, n, _HEAD_WINDOW):
                 w1 = min(n, w0 + _HEAD_WINDOW)
                 for at, rel in find_headers(buf, w0, w1):
-                    if self.src._newlines_before is not None:
+                    if indexed:
                         line = self.line_of_byte(at)
                     else:
                         # From the last header on: counting from the newline block's start
