@@ -113,6 +113,23 @@ def test_sources_name_the_file_and_line_of_a_directory_context(served, script, t
     assert peek["text"] == "price_per_kwh = 0.37"
 
 
+def test_the_source_is_the_line_that_spells_the_answer_as_given(served, script):
+    # Issue 10's codeqa trace: the answer "Class" was sourced to "an abstract base class"
+    # in the text's opening lines, not to the line defining the class of that name.
+    d, _srv = served
+    text = (
+        '"""Contains Compiler, an abstract base class."""\n'
+        + "".join(f"x{i} = {i}\n" for i in range(30))
+        + "class Class(Table):\n    pass\n"
+    )
+    d.call("context/put", {"name": "code", "text": text})
+    script.root.append((r"Question:", "FINAL(Class)"))
+    res, _ = ask(d, {"query": "Which class has most methods?", "context": "code"})
+    assert res["answer"] == "Class" and res["supported"] is True
+    [src] = res["sources"]
+    assert src["text"] == "class Class(Table):" and src["line"] == 32
+
+
 def test_an_invented_answer_is_not_supported(served, script):
     d, _srv = served
     d.call("context/put", {"name": "cfg", "text": CONFIG})

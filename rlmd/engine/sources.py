@@ -94,6 +94,12 @@ def find_sources(answer: str, ctx: ContextText, shown: list[str]) -> tuple[list[
     def holds(span: Span) -> set[int]:
         return {i for i, (_f, rx) in enumerate(compiled) if rx.search(span.text)}
 
+    def same_case(span: Span, held: set[int]) -> int:
+        # Words match in any case, so "Class" found "an abstract base class" in the
+        # text's opening lines before "class Class(SymbolTable):" (issue 10's codeqa
+        # trace): the line that spells the answer as given is the better source.
+        return sum(facts[i].text in span.text for i in held)
+
     covered: set[int] = set()
     chosen: list[Span] = []
     pool = list(lines.values())
@@ -102,6 +108,7 @@ def find_sources(answer: str, ctx: ContextText, shown: list[str]) -> tuple[list[
             pool,
             key=lambda s: (
                 len(holds(s) - covered),
+                same_case(s, holds(s) - covered),
                 s.text.strip().lower() in seen if s.text.strip() else False,
                 -s.start,
             ),
