@@ -74,6 +74,28 @@ async def test_a_cut_the_estimate_overshoots_is_counted_and_cut_again():
         assert ("POST", "/tokenize") in srv.requests
 
 
+async def test_a_cut_counted_well_within_the_limit_is_read_again_longer():
+    # Issue 10's codeqa base run: estimated at 3 characters a token, Python source came to
+    # 9,919 tokens of a 15,360 budget.  Here the estimate (2) is half the truth (4).
+    with ScriptedServer(models=["m"]) as srv:
+        tokenizer = LlamaCppTokenizer(_States("m", "ready", srv.url))
+        text = await cut_to_limit(
+            _read, model="m", limit=5000, chars_per_token=2.0, tokenizer=tokenizer
+        )
+        assert TEXT.startswith(text) and len(text) > 10_000
+        assert 0.9 * 5000 <= estimate(text) <= 5000
+        # A text shorter than the budget is read once, whole, and not grown.
+        whole = TEXT[:3000]
+
+        async def read_short(chars: int) -> str:
+            return whole[:chars]
+
+        got = await cut_to_limit(
+            read_short, model="m", limit=5000, chars_per_token=2.0, tokenizer=tokenizer
+        )
+        assert got == whole
+
+
 async def test_a_cold_or_unknown_model_is_not_counted():
     with ScriptedServer(models=["m"]) as srv:
         for states in (_States("m", "idle", srv.url), _States("other", "ready", srv.url)):

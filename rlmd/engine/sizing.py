@@ -23,6 +23,8 @@ DEFAULT_WINDOW = 32_768
 COUNT_MARGIN = 1.6
 # A cut text is counted again at most this often; each recount aims 2 % under the line.
 REFIT_ROUNDS = 3
+# A counted prefix this close to the limit is not read again longer.
+FULL_ENOUGH = 0.9
 
 # What a server says when a prompt is over its window: (tokens sent, tokens it takes).
 _OVERFLOW = (
@@ -156,14 +158,28 @@ async def cut_to_limit(
     tokens: estimated, then counted with the model's tokenizer where it can count.
 
     Issue 10's OOLONG run at 32k: a cut at 3 characters a token came to 16,865 tokens,
-    over the embedded model's 16,384, and every base query failed with HTTP 400.
+    over the embedded model's 16,384, and every base query failed with HTTP 400. Its
+    codeqa run the other way: Python source runs at 4.7 characters a token, so the same
+    estimate showed base 9,919 tokens of a 15,360 budget. A prefix counted well within
+    the limit is therefore read again, longer in proportion, and the longest prefix
+    counted within the limit is the one returned.
     """
-    text = await read(max(0, int(limit * chars_per_token)))
+    asked = max(0, int(limit * chars_per_token))
+    text = await read(asked)
     if tokenizer is None or not text:
         return text
+    fitting: str | None = None
     for _ in range(REFIT_ROUNDS):
         counted = await tokenizer.count(model, text)
-        if counted is None or counted <= limit:
+        if counted is None:
             break
-        text = refit(text, tokens=counted, limit=limit)
-    return text
+        if counted > limit:
+            text = refit(text, tokens=counted, limit=limit)
+            continue
+        fitting = text
+        # A short read is the whole text; a prefix cut down from an overshoot stays cut.
+        if len(text) < asked or counted >= limit * FULL_ENOUGH:
+            break
+        asked = int(len(text) * limit / counted * 0.98)
+        text = await read(asked)
+    return text if fitting is None else fitting
