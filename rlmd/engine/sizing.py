@@ -105,7 +105,7 @@ def estimate_tokens(chars: int, chars_per_token: float) -> int:
 
 async def fits_whole(
     text_chars: int,
-    read: object,
+    read: Callable[[], Awaitable[str]],
     *,
     model: str,
     window: int,
@@ -122,7 +122,7 @@ async def fits_whole(
     if limit <= 0 or text_chars == 0:
         return False, est
     if tokenizer is not None and limit / COUNT_MARGIN <= est <= limit * COUNT_MARGIN:
-        text = await read()  # type: ignore[operator]
+        text = await read()
         counted = await tokenizer.count(model, text)
         if counted is not None:
             return counted <= limit, counted
