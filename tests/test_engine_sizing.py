@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rlmd.engine.sizing import LlamaCppTokenizer, cut_to_limit, overflow, refit
+from rlmd.providers.base import ProviderError
 from rlmd.providers.embedded import EmbeddedStatus, ModelStatus
 from rlmd.testing.scripted_server import ScriptedServer, estimate
 
@@ -13,12 +14,18 @@ TEXT = "".join(f"def f{i}(x): return x * {i}  # line {i}\n" for i in range(4000)
 
 
 class _States:
-    """The embedded provider's status as it reads while ``model`` is served at ``url``."""
+    """The embedded provider's status as it reads while ``model`` is served at ``url``;
+    ``wait_ready`` makes it ready, or fails as a model that cannot load does."""
 
-    def __init__(self, model: str, state: str, url: str) -> None:
+    def __init__(self, model: str, state: str, url: str, *, loads: bool = True) -> None:
+        self._model, self._url, self._loads = model, url, loads
+        self.loaded: list[str | None] = []
+        self._set(state)
+
+    def _set(self, state: str) -> None:
         self._status = EmbeddedStatus(
             name="embedded",
-            models=[ModelStatus(name=model, state=state, address=url)],  # type: ignore[arg-type]
+            models=[ModelStatus(name=self._model, state=state, address=self._url)],  # type: ignore[arg-type]
             parallel=1,
             ctx_size=16_384,
             threads=2,
@@ -26,6 +33,12 @@ class _States:
 
     def status(self) -> EmbeddedStatus:
         return self._status
+
+    async def wait_ready(self, model: str | None = None) -> None:
+        self.loaded.append(model)
+        if not self._loads:
+            raise ProviderError("embedded model: llama-server exited with status 1")
+        self._set("ready")
 
 
 async def _read(chars: int) -> str:
@@ -101,8 +114,23 @@ async def test_a_cold_or_unknown_model_is_not_counted():
         for states in (_States("m", "idle", srv.url), _States("other", "ready", srv.url)):
             tokenizer = LlamaCppTokenizer(states)
             assert await tokenizer.count("m", "abcd") is None
-            text = await cut_to_limit(
-                _read, model="m", limit=1000, chars_per_token=3.0, tokenizer=tokenizer
-            )
-            assert text == TEXT[:3000]
+            assert states.loaded == []  # counting alone never loads a model
+        # A model that cannot load leaves the estimate standing (its call will say why).
+        states = _States("m", "idle", srv.url, loads=False)
+        text = await cut_to_limit(
+            _read, model="m", limit=1000, chars_per_token=3.0, tokenizer=LlamaCppTokenizer(states)
+        )
+        assert text == TEXT[:3000] and states.loaded == ["m"]
         assert ("POST", "/tokenize") not in srv.requests
+
+
+async def test_a_base_cut_loads_the_cold_model_to_count():
+    # The first base query of a fresh bench daemon was cut by the estimate alone (9,919
+    # tokens of 15,360): the model was still cold, though the query was about to load it.
+    with ScriptedServer(models=["m"]) as srv:
+        states = _States("m", "idle", srv.url)
+        text = await cut_to_limit(
+            _read, model="m", limit=1000, chars_per_token=3.0, tokenizer=LlamaCppTokenizer(states)
+        )
+        assert states.loaded == ["m"] and ("POST", "/tokenize") in srv.requests
+        assert TEXT.startswith(text) and 0.9 * 1000 <= estimate(text) <= 1000

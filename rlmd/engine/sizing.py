@@ -16,6 +16,7 @@ from typing import Protocol
 import httpx
 
 from rlmd.config import Config
+from rlmd.providers.base import ProviderError
 
 DEFAULT_WINDOW = 32_768
 # Counting with the server costs a round trip and its CPU; texts far from the line are
@@ -43,15 +44,20 @@ _OVERFLOW = (
 
 
 class Tokenizer(Protocol):
-    """Counts tokens with a model's own tokenizer; None when it cannot now."""
+    """Counts tokens with a model's own tokenizer; None when it cannot now.
 
-    async def count(self, model: str, text: str) -> int | None: ...
+    ``load``: start a cold model and wait for it, for a caller about to call it anyway."""
+
+    async def count(self, model: str, text: str, *, load: bool = False) -> int | None: ...
 
 
 class ModelStates(Protocol):
-    """The embedded provider's view of its models (``EmbeddedProvider.status()``)."""
+    """The embedded provider's view of its models (``EmbeddedProvider.status()``), and
+    its ``wait_ready``, which loads one (raises ProviderError when it cannot)."""
 
     def status(self) -> object: ...
+
+    async def wait_ready(self, model: str | None = None) -> None: ...
 
 
 def model_address(states: ModelStates, model: str) -> tuple[str, str]:
@@ -70,8 +76,14 @@ class LlamaCppTokenizer:
         self._states = states
         self._timeout_s = timeout_s
 
-    async def count(self, model: str, text: str) -> int | None:
+    async def count(self, model: str, text: str, *, load: bool = False) -> int | None:
         state, address = model_address(self._states, model)
+        if load and state in ("idle", "loading"):
+            try:
+                await self._states.wait_ready(model)
+            except ProviderError:
+                return None  # the call that follows says why, better than a count could
+            state, address = model_address(self._states, model)
         if state != "ready" or not address:
             return None
         url = address if address.startswith("http") else f"http://{address}"
@@ -162,7 +174,9 @@ async def cut_to_limit(
     codeqa run the other way: Python source runs at 4.7 characters a token, so the same
     estimate showed base 9,919 tokens of a 15,360 budget. A prefix counted well within
     the limit is therefore read again, longer in proportion, and the longest prefix
-    counted within the limit is the one returned.
+    counted within the limit is the one returned. A cold model is loaded to count: the
+    caller is about to call it (the first base query of a fresh daemon was cut by the
+    estimate alone).
     """
     asked = max(0, int(limit * chars_per_token))
     text = await read(asked)
@@ -170,7 +184,7 @@ async def cut_to_limit(
         return text
     fitting: str | None = None
     for _ in range(REFIT_ROUNDS):
-        counted = await tokenizer.count(model, text)
+        counted = await tokenizer.count(model, text, load=True)
         if counted is None:
             break
         if counted > limit:
