@@ -418,6 +418,31 @@ def test_which_file_of_joined_sources_is_answered_from_the_passages(small_served
     assert res["supported"] is True
 
 
+def test_the_lines_defining_a_quoted_name_lead_the_passages(small_served, script):
+    # Issue 10's codeqa trace: for "Which file defines ... `__new__`?" the ranked passages
+    # matched "file" and "header", and the model answered with a file that only called it.
+    d, srv = small_served
+    filler = "".join(f"    value_{i} = compute_{i}(value_{i - 1})\n" for i in range(1, 200))
+    calls = "".join(f"    frob(path)  # the file header path, form {i}\n" for i in range(6))
+    text = (
+        f"# ==== FILE: calls.py ====\nimport os\n\ndef main():\n{calls}{filler}"
+        f"# ==== FILE: pkg/defs.py ====\nimport re\n\nclass Box:\n"
+        f"    def frob(self, x):\n        return x\n{filler}"
+    )
+    d.call("context/put", {"name": "src", "text": text})
+    script.root.append((r"\[1\] ([\w/]+\.py):\d+: def frob", lambda m, c: f"FINAL({m[1]})"))
+    q = (
+        "Which file defines the function or method `frob`? Give your final answer in the"
+        " form 'Answer: <file path as in the FILE header>'."
+    )
+    res, _ = ask(d, {"query": q, "context": "src"})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "pkg/defs.py" and res["iterations"] == 1, res
+    first = srv.calls[0].last_user
+    assert "[1] pkg/defs.py:4: def frob(self, x):" in first
+    assert "] calls.py:4: frob(path)" in first  # the ranked passages follow
+
+
 def test_a_last_chance_answered_with_code_is_asked_afresh_from_the_outputs(served, script):
     # Issue 10's codeqa trace: told no more code would run, the model sent its search block
     # a fourth time, with both hits on screen; the query ended in an error.

@@ -66,6 +66,38 @@ def _centre(flat: str, question: str) -> int:
     return best
 
 
+_DEFINES = re.compile(r"\bdefin(?:e|es|ed|ing|ition)\b", re.I)
+_QUOTED_NAME = re.compile(r"[`\"“']([A-Za-z_][\w.-]*)[`\"”']")
+# Line openings that define a name: Python, JavaScript, Rust, Go, Perl, Emacs Lisp.
+_DEFINERS = (
+    r"(?:(?:async[ \t]+)?def|class|function|fn|func|sub|defun|defmacro|defvar|defcustom|defconst)"
+)
+
+
+def definition_pattern(question: str) -> str | None:
+    """For a question asking where a quoted name is defined, a regex for the lines that
+    define it (``def name``, ``class name``, ``(defun name`` …), else None.
+
+    Issue 10's codeqa trace: asked "Which file defines the function or method `__new__`?",
+    the ranked search matched the question's other words ("file", "header") and the
+    model, shown both a call in hmac.py and ``def __new__`` in _threading_local.py,
+    answered with the first it saw."""
+    if not _DEFINES.search(question):
+        return None
+    names = [m.group(1).rsplit(".", 1)[-1] for m in _QUOTED_NAME.finditer(question)]
+    names = [n for n in dict.fromkeys(names) if n]
+    if not names:
+        return None
+    alt = "|".join(re.escape(n) for n in names)
+    return rf"(?m)^[ \t]*\(?{_DEFINERS}[ \t]+(?:{alt})(?![\w-])"
+
+
+def with_definitions(definitions: list[Hit], ranked: list[Hit], k: int) -> list[Hit]:
+    """The lines defining the question's name first, then the ranked passages, ``k`` in all."""
+    taken = {h.line for h in definitions}
+    return (definitions + [h for h in ranked if h.line not in taken])[:k]
+
+
 def evidence_text(hits: list[Hit], question: str) -> str:
     """The evidence block for ``hits`` (best first), or "" for none."""
     passages = []

@@ -26,7 +26,7 @@ from rlmd.engine import prompts
 from rlmd.engine.anchors import missing_names
 from rlmd.engine.budget import Meter, resolve_budget
 from rlmd.engine.context_text import ContextText
-from rlmd.engine.evidence import evidence_text
+from rlmd.engine.evidence import definition_pattern, evidence_text, with_definitions
 from rlmd.engine.followup import Earlier, FollowUps
 from rlmd.engine.parse import parse_reply
 from rlmd.engine.record import Emit, Recorder
@@ -47,6 +47,7 @@ from rlmd.engine.turns import LoopStart, QueryRun, RootLoop
 from rlmd.engine.types import EngineError, QueryParams, QueryResult, Source
 from rlmd.protocol.errors import AppError
 from rlmd.providers.base import ChatRequest, Message, ProviderError
+from rlmd.search.hit import Hit
 from rlmd.store.store import ContextStore, StoreError
 
 HEAD_CHARS = 1200  # how much of the context is peeked for its description
@@ -406,8 +407,16 @@ class Engine:
         if k <= 0 or ranked is None:
             return ""
         rec.record("phase", {"phase": "searching"}, trace=False)
+        defining = definition_pattern(query)
+
+        def find() -> list[Hit]:
+            hits = ranked(name, query, k)
+            if defining is None:
+                return hits
+            return with_definitions(self._store.grep(name, defining, k), hits, k)
+
         try:
-            hits = await asyncio.to_thread(ranked, name, query, k)
+            hits = await asyncio.to_thread(find)
         except (StoreError, ValueError) as exc:
             rec.note("evidence", error=str(exc))
             return ""
