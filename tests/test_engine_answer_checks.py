@@ -10,7 +10,7 @@ from rlmd.bench.facts import build_absent, build_distractor, build_needle, build
 from rlmd.engine.anchors import missing_names, name_pattern, question_names
 from rlmd.engine.answer_checks import missing_name, newer_value, next_hop, other_name
 from rlmd.engine.context_text import ContextText
-from rlmd.engine.evidence import snippet
+from rlmd.engine.evidence import definition_pattern, snippet
 from rlmd.engine.parse import find_final, parse_reply
 
 
@@ -76,6 +76,25 @@ def test_an_evidence_snippet_is_cut_around_the_asked_name():
     assert shown.startswith("… ") and shown.endswith(" …")
     # A short passage is shown whole.
     assert snippet("a b c", t.question) == "a b c"
+
+
+def test_a_definition_question_finds_definers_and_a_count_question_does_not():
+    import re
+
+    code = (
+        "    other = self.__class__.__new__(self.__class__)\n"
+        "    def __new__(cls, *args):\n"
+        "(defun rlm-query (text)\n"
+        "(rlm-query-region)\n"
+    )
+    rx = definition_pattern("Which file defines the function or method `__new__`?")
+    assert rx is not None and [m.group(0) for m in re.finditer(rx, code)] == ["    def __new__"]
+    rx = definition_pattern("Where is the definition of `rlm-query`?")
+    assert rx is not None and [m.group(0) for m in re.finditer(rx, code)] == ["(defun rlm-query"]
+    # codeqa's callers question counts definitions that call X: the callers, not X's own.
+    q = "How many function or method definitions in the code above contain a call to `f`?"
+    assert definition_pattern(q) is None
+    assert definition_pattern("Which class defined in the code has the most methods?") is None
 
 
 def test_final_in_another_case_is_an_answer():

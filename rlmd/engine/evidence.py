@@ -66,7 +66,10 @@ def _centre(flat: str, question: str) -> int:
     return best
 
 
-_DEFINES = re.compile(r"\bdefin(?:e|es|ed|ing|ition)\b", re.I)
+# "definitions" is left out: "how many definitions contain a call to `X`" (codeqa's
+# callers) asks about the callers, not where X is defined.
+_DEFINES = re.compile(r"\b(?:defines?|defined|defining|definition of)\b", re.I)
+_COUNTS = re.compile(r"\bhow many\b", re.I)
 _QUOTED_NAME = re.compile(r"[`\"“']([A-Za-z_][\w.-]*)[`\"”']")
 # Line openings that define a name: Python, JavaScript, Rust, Go, Perl, Emacs Lisp.
 _DEFINERS = (
@@ -82,7 +85,7 @@ def definition_pattern(question: str) -> str | None:
     the ranked search matched the question's other words ("file", "header") and the
     model, shown both a call in hmac.py and ``def __new__`` in _threading_local.py,
     answered with the first it saw."""
-    if not _DEFINES.search(question):
+    if not _DEFINES.search(question) or _COUNTS.search(question):
         return None
     names = [m.group(1).rsplit(".", 1)[-1] for m in _QUOTED_NAME.finditer(question)]
     names = [n for n in dict.fromkeys(names) if n]
