@@ -443,6 +443,66 @@ def test_the_lines_defining_a_quoted_name_lead_the_passages(small_served, script
     assert "] calls.py:4: frob(path)" in first  # the ranked passages follow
 
 
+CODE = (
+    "# ==== FILE: a.py ====\nimport os\n\nclass Small:\n    def one(self):\n        pass\n"
+    "    def two(self):\n        pass\n\nclass Big:\n"
+    + "".join(f"    def m{i}(self):\n        def inner():\n            pass\n" for i in range(5))
+    + "# ==== FILE: b.py ====\nclass Mid:\n"
+    + "".join(f"    def n{i}(self):\n        pass\n" for i in range(3))
+    + "    class Inner:\n        pass\n"
+    + "".join(f"value_{i} = {i}\n" for i in range(300))
+)
+
+
+def test_a_question_about_classes_and_methods_is_shown_the_outline(small_served, script):
+    # Issue 10's codeqa trace (codeqa-32k-s0-2): asked which class has the most methods,
+    # the model ran search("class", 10) and named one of the ten classes it printed.
+    d, srv = small_served
+    d.call("context/put", {"name": "code", "text": CODE})
+    script.root.append((r"\n- (\w+) \(a\.py:\d+\): 5 methods", lambda m, c: f"FINAL({m[1]})"))
+    q = "Which class defined in the code above has the most methods? Answer: <class name>"
+    res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "Big" and res["iterations"] == 1, res
+    first = srv.calls[0].last_user
+    assert "Classes with the most methods, most first (from outline(); 4 classes" in first
+    assert first.index("- Big (a.py:9): 5 methods") < first.index("- Mid (b.py:1): 3 methods")
+    assert "Passages a search for the question ranked highest" in first  # still there
+    assert any("class Big:" in s["text"] for s in res["sources"]), res["sources"]
+
+
+def test_a_question_naming_a_file_gets_its_classes_and_outline_runs_in_the_repl(
+    small_served, script
+):
+    d, srv = small_served
+    d.call("context/put", {"name": "code", "text": CODE})
+    script.root.append((r"\[b\.py:1 @\d+:\d+\] class Mid \(3 methods\)", "FINAL(2)"))
+    script.root.append((r".", repl('print(outline("b.py"))')))
+    q = "How many classes (at any nesting level) does the file b.py define?"
+    res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "2" and res["iterations"] == 2, res
+    first = srv.calls[0].last_user
+    assert (
+        "b.py defines 2 classes (at any nesting level): Mid (line 1), Inner (line 8, in Mid)"
+        in first
+    )
+    assert "a.py defines" not in first
+    # What the REPL printed: every definition of b.py, the nested class with its parent.
+    second = srv.calls[1].last_user
+    assert "class Inner (0 methods) in Mid" in second and "def m0" not in second
+
+
+def test_a_question_about_calls_is_not_shown_the_outline(small_served, script):
+    d, srv = small_served
+    d.call("context/put", {"name": "code", "text": CODE})
+    script.root.append((r".", "FINAL(0)"))
+    q = "How many method definitions contain a call to `inner`?"
+    res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert "from outline()" not in srv.calls[0].last_user
+
+
 def test_a_last_chance_answered_with_code_is_asked_afresh_from_the_outputs(served, script):
     # Issue 10's codeqa trace: told no more code would run, the model sent its search block
     # a fourth time, with both hits on screen; the query ended in an error.

@@ -94,3 +94,44 @@ async def test_a_mapped_context_asks_the_daemon_and_falls_back_to_a_scan(tmp_pat
         assert [h["start"] for h in hits[: len(expect)]] == [h.start for h in expect]
         assert hits[0]["file"] == "notes/a.md" and hits[0]["file_line"] == 2
         assert calls.calls == [("search", {"query": "what is the launch code?", "k": 2})]
+
+
+OUTLINE_TEXT = (
+    "===== src/été.py =====\n"
+    "class Menu:\n    def dish(self):\n        pass\n    def café(self):\n        pass\n"
+    "===== src/util.py =====\n"
+    "def helper():\n    pass\n"
+)
+OUTLINE_CODE = """
+import json
+print(json.dumps([dict(d) for d in outline()]))
+print(outline("util.py"))
+try:
+    outline(3)
+except TypeError as e:
+    print("refused:", e)
+"""
+
+
+async def test_outline_in_a_worker_over_the_mapped_view_and_a_str(tmp_path: Path) -> None:
+    store = ContextStore(tmp_path / "ctx")
+    store.put_text("c", OUTLINE_TEXT)
+    for threshold in (0, 1 << 30):  # the mmap view, then a str
+        s = await _session(tmp_path, StoreCalls(None, None), threshold, store.text_path("c"))
+        try:
+            r = await s.execute(OUTLINE_CODE, timeout_s=30)
+        finally:
+            await s.close()
+        assert r.error is None, r.error
+        rows = r.output.splitlines()
+        defs = json.loads(rows[0])
+        assert [(d["kind"], d["name"], d["file"], d["file_line"]) for d in defs] == [
+            ("class", "Menu", "src/été.py", 1),
+            ("def", "dish", "src/été.py", 2),
+            ("def", "café", "src/été.py", 4),
+            ("def", "helper", "src/util.py", 1),
+        ]
+        assert defs[0]["methods"] == 2
+        assert OUTLINE_TEXT[defs[2]["start"] : defs[2]["end"]] == "    def café(self):"
+        assert rows[1].startswith("[src/util.py:1 @") and rows[1].endswith("] def helper")
+        assert rows[2] == "refused: outline: file must be a str, got int"

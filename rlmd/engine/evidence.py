@@ -16,6 +16,7 @@ import re
 from rlmd.engine import prompts
 from rlmd.engine.anchors import name_pattern, question_names
 from rlmd.search.hit import Hit
+from rlmd.search.outline import Definition
 
 SNIPPET_CHARS = 240
 _WORD = re.compile(r"[A-Za-z0-9]{3,}")
@@ -109,3 +110,54 @@ def evidence_text(hits: list[Hit], question: str) -> str:
         where = f"{h.file}:{h.file_line}" if h.file_line else (h.file or f"line {h.line}")
         passages.append((where, snippet(str(h.text), question)))
     return prompts.evidence_block(passages)
+
+
+# A question about the classes of a code text that counts or compares them.  Calls are left
+# out: the outline holds definitions, not calls (codeqa's callers question).
+_STRUCTURE = re.compile(r"\b(?:class|classes|methods)\b", re.I)
+_COMPARES = re.compile(
+    r"\b(?:how many|most|fewest|least|number of|largest|biggest|smallest|list|every|all)\b",
+    re.I,
+)
+_CALLS = re.compile(r"\bcall(?:s|ed|ing)?\b", re.I)
+OUTLINE_ROWS = 10
+
+
+def asks_structure(question: str) -> bool:
+    """The question counts or compares the classes (or their methods) of a code text.
+
+    Issue 10's codeqa trace (``codeqa-32k-s0-2``): asked which class has the most methods,
+    the model ran ``search("class", 10)`` and named one of the ten classes it printed; the
+    outline's counts answer it without counting code the model cannot write."""
+    return (
+        bool(_STRUCTURE.search(question) and _COMPARES.search(question))
+        and not _CALLS.search(question)
+        and definition_pattern(question) is None
+    )
+
+
+def outline_text(defs: list[Definition], question: str, rows: int = OUTLINE_ROWS) -> str:
+    """The outline block for a structure question: the classes of each file the question
+    names, else the classes with the most methods first; "" when there are no classes."""
+    classes = [d for d in defs if d.kind == "class"]
+    if not classes:
+        return ""
+    files = sorted({d.file for d in classes if d.file}, key=len, reverse=True)
+    named = [f for f in files if re.search(rf"(?<![\w/.]){re.escape(f)}(?![\w/])", question)]
+    if named:
+        out = []
+        for f in named[:rows]:
+            mine = [d for d in classes if d.file == f]
+            names = ", ".join(
+                f"{d.name} (line {d.file_line}{', in ' + d.parent if d.parent else ''})"
+                for d in mine
+            )
+            out.append(f"{f} defines {len(mine)} classes (at any nesting level): {names}")
+        return prompts.outline_block(out, "Classes of the files the question names", len(classes))
+    top = sorted(classes, key=lambda d: (-(d.methods or 0), d.line))[:rows]
+    out = [f"{d.name} ({_where(d)}): {d.methods} methods" for d in top]
+    return prompts.outline_block(out, "Classes with the most methods, most first", len(classes))
+
+
+def _where(d: Definition) -> str:
+    return f"{d.file}:{d.file_line}" if d.file and d.file_line else f"line {d.line}"

@@ -83,6 +83,9 @@ The REPL gives you:
 - `search(query, k=10)`: the k passages that best match a question or keywords, best first;
   `grep(pattern, max_matches=100)`: every whole line matching a regex. Each hit prints as
   `[file:line @start:end] text` and has `.start`, `.end`, `.line`, `.file`, `.text`.
+- `outline(file=None)`: every class and function defined in the code, in order, each with
+  `.kind`, `.name`, `.file`, `.line`, `.parent` and, for a class, `.methods` (how many
+  functions are defined directly in its body).
 - `SHOW_VARS()`: lists the variables you have made.
 - `FINAL(answer)` and `FINAL_VAR(name)`: end the work with an answer (see below).
 Variables, imports and functions persist from block to block. There is no network and no
@@ -504,6 +507,16 @@ def evidence_block(passages: list[tuple[str, str]]) -> str:
     lines = ["Passages a search for the question ranked highest (location: text):"]
     for i, (where, text) in enumerate(passages, 1):
         lines.append(f"[{i}] {where}: {text}")
+    return "\n".join(lines)
+
+
+def outline_block(rows: list[str], heading: str, total: int) -> str:
+    """What ``outline()`` says about the classes a question asks about: ``rows`` under
+    ``heading``, and how many classes the text has in all."""
+    if not rows:
+        return ""
+    lines = [f"{heading} (from outline(); {total:,} classes in the whole text):"]
+    lines.extend(f"- {r}" for r in rows)
     return "\n".join(lines)
 
 

@@ -26,7 +26,13 @@ from rlmd.engine import prompts
 from rlmd.engine.anchors import missing_names
 from rlmd.engine.budget import Meter, resolve_budget
 from rlmd.engine.context_text import ContextText
-from rlmd.engine.evidence import definition_pattern, evidence_text, with_definitions
+from rlmd.engine.evidence import (
+    asks_structure,
+    definition_pattern,
+    evidence_text,
+    outline_text,
+    with_definitions,
+)
 from rlmd.engine.followup import Earlier, FollowUps
 from rlmd.engine.parse import parse_reply
 from rlmd.engine.record import Emit, Recorder
@@ -415,14 +421,24 @@ class Engine:
                 return hits
             return with_definitions(self._store.grep(name, defining, k), hits, k)
 
+        def structure() -> str:
+            if not asks_structure(query):
+                return ""
+            try:
+                return outline_text(self._store.outline(name), query)
+            except StoreError as exc:
+                rec.note("outline", error=str(exc))
+                return ""
+
         try:
             hits = await asyncio.to_thread(find)
         except (StoreError, ValueError) as exc:
             rec.note("evidence", error=str(exc))
             return ""
         block = evidence_text(hits, query)
-        rec.note("evidence", passages=len(hits))
-        return block
+        classes = await asyncio.to_thread(structure)
+        rec.note("evidence", passages=len(hits), **({"outline": True} if classes else {}))
+        return "\n\n".join(x for x in (classes, block) if x)
 
     async def _resolve_context(
         self, params: QueryParams, work: Path, pins: contextlib.ExitStack

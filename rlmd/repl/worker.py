@@ -262,6 +262,7 @@ class Worker:
             "context": context,
             # search(query, k) / grep(pattern): ranked passages and whole matching lines
             # with their locations; a mapped (large) context asks the daemon's index first.
+            # outline(file=None): the classes and functions, with their method counts.
             **_search_functions(context, self.call, via_daemon=isinstance(context, ContextView)),
         }
         bi = dict(builtins.__dict__)

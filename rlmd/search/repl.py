@@ -1,11 +1,12 @@
-"""``search`` and ``grep`` as REPL functions (bound in ``rlmd/repl/worker.py``).
+"""``search``, ``grep`` and ``outline`` as REPL functions (bound in ``rlmd/repl/worker.py``).
 
 They return lists of :class:`ReplHit`: dicts (``hit["text"]``, JSON-able) that also read
 as attributes (``hit.line``) and print one readable line each, ``file:file_line`` or
 ``line N``, the character offsets, and the text.  A large context (the mapped view) asks
 the daemon first, which answers from the context's index when one is built (the call
 ``search`` with ``{"query", "k"}``, see :func:`rlmd.search.handlers.handle_call`); when the
-daemon cannot (no index, no such call), the worker scans the mapping itself.
+daemon cannot (no index, no such call), the worker scans the mapping itself.  ``outline``
+(:mod:`rlmd.search.outline`) reads the text in the worker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import msgspec
 from rlmd.search.grep import grep as _grep
 from rlmd.search.hit import Hit
 from rlmd.search.locate import Locator
+from rlmd.search.outline import outline as _outline
 from rlmd.search.ranked import ranked as _ranked
 
 #: The REPL call a worker sends to search a large context through the daemon.
@@ -34,6 +36,7 @@ class ReplHit(dict):
             raise AttributeError(name) from None
 
     def where(self) -> str:
+        """``file:line`` for a text of joined files, else ``line N``."""
         if self.get("file") is not None:
             fl = self.get("file_line")
             return f"{self['file']}:{fl}" if fl is not None else f"{self['file']} (header)"
@@ -54,6 +57,21 @@ class HitList(list):
     __str__ = __repr__
 
 
+class ReplDefinition(ReplHit):
+    """One definition of ``outline()``: prints its place, kind, name and, for a class,
+    its method count; for a nested one, what encloses it."""
+
+    def __repr__(self) -> str:
+        what = f"{self['kind']} {self['name']}"
+        if self.get("methods") is not None:
+            what += f" ({self['methods']} methods)"
+        if self.get("parent"):
+            what += f" in {self['parent']}"
+        return f"[{self.where()} @{self['start']}:{self['end']}] {what}"
+
+    __str__ = __repr__
+
+
 def _wrap(hits: list[Hit] | list[dict]) -> HitList:
     return HitList(ReplHit(h if isinstance(h, dict) else msgspec.to_builtins(h)) for h in hits)
 
@@ -64,7 +82,8 @@ def make_functions(
     *,
     via_daemon: bool = False,
 ) -> dict[str, Callable[..., HitList]]:
-    """The REPL's ``search`` and ``grep`` over ``context`` (a str or the mapped view).
+    """The REPL's ``search``, ``grep`` and ``outline`` over ``context`` (a str or the
+    mapped view).
 
     ``via_daemon``: try the daemon's index first (``call(CALL_SEARCH, ...)``)."""
     state: dict[str, Locator] = {}
@@ -96,4 +115,23 @@ def make_functions(
         match), in order, with start/end, line, file and file_line."""
         return _wrap(_grep(loc(), pattern, max_matches))
 
-    return {"search": search, "grep": grep}
+    def outline(file: str | None = None) -> HitList:
+        """The classes and functions defined in the context (or in the one ``file`` of a
+        directory context), in order: each with kind, name, start/end, line, file,
+        file_line, depth, parent and, for a class, ``methods`` (functions directly in its
+        body)."""
+        if file is not None and not isinstance(file, str):
+            raise TypeError(f"outline: file must be a str, got {type(file).__name__}")
+        defs = _outline(loc())
+        if file is not None:
+            defs = [d for d in defs if d.file is not None and _same_file(d.file, file)]
+        return HitList(ReplDefinition(msgspec.to_builtins(d)) for d in defs)
+
+    return {"search": search, "grep": grep, "outline": outline}
+
+
+def _same_file(rel: str, asked: str) -> bool:
+    """``asked`` names ``rel``: the same path, or its last components (``server.py`` for
+    ``http/server.py``)."""
+    asked = asked.strip().lstrip("./")
+    return rel == asked or rel.endswith("/" + asked)

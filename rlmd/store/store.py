@@ -51,6 +51,8 @@ from rlmd.search import Hit, Locator, Source
 from rlmd.search.grep import grep as _grep
 from rlmd.search.index import IndexError_, SearchIndex, ranked_indexed
 from rlmd.search.indexer import Indexer
+from rlmd.search.outline import Definition
+from rlmd.search.outline import outline as _outline
 from rlmd.search.ranked import BLOCK_MODE_BYTES, ranked_scan
 from rlmd.store.charindex import CharIndex, CharIndexBuilder, split_incomplete
 from rlmd.store.ingest import BINARY_SNIFF_BYTES, file_header, is_binary, walk_tree
@@ -1125,6 +1127,14 @@ class ContextStore:
         except ValueError as e:
             kind = "invalid_pattern" if "regular expression" in str(e) else "invalid_argument"
             raise StoreError(kind, str(e)) from None
+
+    def outline(self, name: str) -> list[Definition]:
+        """The classes and functions defined in context ``name`` (:mod:`rlmd.search.outline`)."""
+        h = self._get(name)
+        try:
+            return _outline(h.locate())
+        except ValueError as e:
+            raise StoreError("too_large", str(e)) from None
 
     def locate(self, name: str, start: int, end: int) -> Hit:
         """Line, file and file line of characters ``[start, end)`` of context ``name``."""
