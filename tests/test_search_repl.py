@@ -47,6 +47,17 @@ async def _session(tmp_path: Path, on_call: StoreCalls, threshold: int, path: Pa
     )
 
 
+async def _run(tmp_path: Path, on_call: StoreCalls, threshold: int, path: Path, code: str) -> str:
+    """What ``code`` prints in a fresh worker over ``path``; a REPL error fails the test."""
+    s = await _session(tmp_path, on_call, threshold, path)
+    try:
+        r = await s.execute(code, timeout_s=30)
+    finally:
+        await s.close()
+    assert r.error is None, r.error
+    return r.output
+
+
 CODE = """
 import json
 hits = search("what is the launch code?", k=2)
@@ -61,13 +72,7 @@ async def test_search_and_grep_in_a_worker_over_a_str(tmp_path: Path) -> None:
     p = tmp_path / "c.txt"
     p.write_text(TEXT)
     calls = StoreCalls(None, None)
-    s = await _session(tmp_path, calls, 1 << 30, p)
-    try:
-        r = await s.execute(CODE, timeout_s=30)
-    finally:
-        await s.close()
-    assert r.error is None, r.error
-    rows = r.output.splitlines()
+    rows = (await _run(tmp_path, calls, 1 << 30, p, CODE)).splitlines()
     hits = json.loads(rows[0])
     assert hits[0]["text"] == "the launch code is 7781-zulu"
     assert (hits[0]["file"], hits[0]["file_line"], hits[0]["line"]) == ("notes/a.md", 2, 3)
@@ -83,13 +88,8 @@ async def test_a_mapped_context_asks_the_daemon_and_falls_back_to_a_scan(tmp_pat
     store.put_text("c", TEXT)
     path = store.text_path("c")
     for calls in (StoreCalls(store, "c"), StoreCalls(None, None)):
-        s = await _session(tmp_path, calls, 0, path)  # threshold 0: the mmap view
-        try:
-            r = await s.execute(CODE, timeout_s=30)
-        finally:
-            await s.close()
-        assert r.error is None, r.error
-        hits = json.loads(r.output.splitlines()[0])
+        out = await _run(tmp_path, calls, 0, path, CODE)  # threshold 0: the mmap view
+        hits = json.loads(out.splitlines()[0])
         expect = ranked(TEXT, "what is the launch code?", k=2)
         assert [h["start"] for h in hits[: len(expect)]] == [h.start for h in expect]
         assert hits[0]["file"] == "notes/a.md" and hits[0]["file_line"] == 2
@@ -117,13 +117,10 @@ async def test_outline_in_a_worker_over_the_mapped_view_and_a_str(tmp_path: Path
     store = ContextStore(tmp_path / "ctx")
     store.put_text("c", OUTLINE_TEXT)
     for threshold in (0, 1 << 30):  # the mmap view, then a str
-        s = await _session(tmp_path, StoreCalls(None, None), threshold, store.text_path("c"))
-        try:
-            r = await s.execute(OUTLINE_CODE, timeout_s=30)
-        finally:
-            await s.close()
-        assert r.error is None, r.error
-        rows = r.output.splitlines()
+        out = await _run(
+            tmp_path, StoreCalls(None, None), threshold, store.text_path("c"), OUTLINE_CODE
+        )
+        rows = out.splitlines()
         defs = json.loads(rows[0])
         assert [(d["kind"], d["name"], d["file"], d["file_line"]) for d in defs] == [
             ("class", "Menu", "src/été.py", 1),
