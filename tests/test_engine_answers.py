@@ -464,8 +464,9 @@ def test_a_question_about_classes_and_methods_is_shown_the_outline(small_served,
     res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
     assert not isinstance(res, Exception), res
     assert res["answer"] == "Big" and res["iterations"] == 1, res
+    assert len(srv.calls) == 1 and "exact counts" in srv.calls[0].system  # no tools needed
     first = srv.calls[0].last_user
-    assert "Classes with the most methods, most first (from outline(); 4 classes" in first
+    assert "Classes with the most methods, most first (counted by outline(); 4 classes" in first
     assert first.index("- Big (a.py:9): 5 methods") < first.index("- Mid (b.py:1): 3 methods")
     assert "Passages a search for the question ranked highest" in first  # still there
     assert any("class Big:" in s["text"] for s in res["sources"]), res["sources"]
@@ -481,16 +482,49 @@ def test_a_question_naming_a_file_gets_its_classes_and_outline_runs_in_the_repl(
     q = "How many classes (at any nesting level) does the file b.py define?"
     res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
     assert not isinstance(res, Exception), res
-    assert res["answer"] == "2" and res["iterations"] == 2, res
-    first = srv.calls[0].last_user
+    # The counts first, without tools; the reply is code, so the REPL loop runs (2 turns).
+    assert res["answer"] == "2" and res["iterations"] == 3, res
+    first = srv.calls[0]
+    assert first.system.startswith("You answer a question about a code text from exact counts")
     assert (
         "b.py defines 2 classes (at any nesting level): Mid (line 1), Inner (line 8, in Mid)"
-        in first
+        in first.last_user
     )
-    assert "a.py defines" not in first
+    assert "a.py defines" not in first.last_user
+    loop = srv.calls[1]
+    assert "Python REPL" in loop.system and "The counts above are exact" in loop.last_user
     # What the REPL printed: every definition of b.py, the nested class with its parent.
-    second = srv.calls[1].last_user
-    assert "class Inner (0 methods) in Mid" in second and "def m0" not in second
+    printed = srv.calls[2].last_user
+    assert "class Inner (0 methods) in Mid" in printed and "def m0" not in printed
+
+
+def test_the_last_chance_is_shown_the_counts_with_the_outputs(small_served, script):
+    # The codeqa trace of s0-3: the model sent one grep of file headers until no more code
+    # would run; asked from those outputs alone, it answered 2 where the counts said 6.
+    d, srv = small_served
+    d.call("context/put", {"name": "code", "text": CODE})
+    script.root.append(
+        (r"What the program printed:.*b\.py defines (\d+) classes", lambda m, c: f"FINAL({m[1]})")
+    )
+    script.root.append((r".", repl('print(grep(r"FILE"))')))
+    q = "How many classes (at any nesting level) does the file b.py define?"
+    res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "2" and res["finish"] == "best_effort", res
+    last = srv.calls[-1].last_user
+    assert last.startswith("What the program printed:") and "b.py (header)" in last
+
+
+def test_a_bare_answer_in_the_asked_form_is_taken_from_the_counts(small_served, script):
+    # The codeqa trace of s0-3: the evidence turn replied "Answer: 6" (the form the question
+    # asked for), right, and was refused because "Answer" stood nowhere in the counts.
+    d, srv = small_served
+    d.call("context/put", {"name": "code", "text": CODE})
+    script.root.append((r"b\.py defines (\d+) classes", lambda m, c: f"Answer: {m[1]}"))
+    q = "How many classes does the file b.py define? Give your answer as 'Answer: <number>'."
+    res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
+    assert not isinstance(res, Exception), res
+    assert res["answer"] == "2" and res["iterations"] == 1 and len(srv.calls) == 1, res
 
 
 def test_a_question_about_calls_is_not_shown_the_outline(small_served, script):
@@ -500,7 +534,7 @@ def test_a_question_about_calls_is_not_shown_the_outline(small_served, script):
     q = "How many method definitions contain a call to `inner`?"
     res, _ = ask(d, {"query": q, "context": "code", "options": {"mode": "rlm"}})
     assert not isinstance(res, Exception), res
-    assert "from outline()" not in srv.calls[0].last_user
+    assert "counted by outline()" not in srv.calls[0].last_user
 
 
 def test_a_last_chance_answered_with_code_is_asked_afresh_from_the_outputs(served, script):

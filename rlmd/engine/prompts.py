@@ -494,10 +494,24 @@ answer it, write the answer on a line of its own: FINAL(the answer)
 Quote values exactly as the passages write them. If they do not answer it, or you are not
 sure, write only the word READ and the whole text will be shown to you."""
 
+# The same turn before the REPL loop, when the evidence holds the outline's counts.
+EVIDENCE_TURN_SYSTEM_COUNTS = """\
+You answer a question about a code text from exact counts a program made over the whole
+text, and passages a search found in it. If they answer it, write the answer on a line of
+its own: FINAL(the answer)
+Quote names and numbers exactly as written above. If they do not answer it, or you are
+not sure, write only the word READ and you will be given a Python REPL over the text."""
+
 
 def evidence_turn_message(query: str, evidence: str) -> str:
     """The evidence turn's one user message: the passages, then the question."""
-    return f"{evidence}\n\nQuestion: {query}\nFINAL(...) if the passages answer it, else READ."
+    what = "the counts or the passages" if OUTLINE_MARK in evidence else "the passages"
+    return f"{evidence}\n\nQuestion: {query}\nFINAL(...) if {what} answer it, else READ."
+
+
+def evidence_turn_system(evidence: str) -> str:
+    """The evidence turn's system prompt: from passages, or from the outline's counts."""
+    return EVIDENCE_TURN_SYSTEM_COUNTS if OUTLINE_MARK in evidence else EVIDENCE_TURN_SYSTEM
 
 
 def evidence_block(passages: list[tuple[str, str]]) -> str:
@@ -510,12 +524,15 @@ def evidence_block(passages: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+OUTLINE_MARK = "counted by outline()"
+
+
 def outline_block(rows: list[str], heading: str, total: int) -> str:
     """What ``outline()`` says about the classes a question asks about: ``rows`` under
     ``heading``, and how many classes the text has in all."""
     if not rows:
         return ""
-    lines = [f"{heading} (from outline(); {total:,} classes in the whole text):"]
+    lines = [f"{heading} ({OUTLINE_MARK}; {total:,} classes in the whole text):"]
     lines.extend(f"- {r}" for r in rows)
     return "\n".join(lines)
 
@@ -528,11 +545,19 @@ def with_evidence(first: str, evidence: str) -> str:
     if not sep:
         return first + "\n\n" + evidence
     # The passages change what to do first: answer from them, or look further with code.
-    rest = rest.replace(
-        "Start by writing a ```repl block to look at the context.",
-        "If a passage above answers it, answer now with FINAL(the answer). Otherwise write "
-        "a ```repl block to read the lines around them.",
-    )
+    # With the outline's counts the model is pointed at them by name: told only "if a
+    # passage answers it", the embedded model ran search("class") past them (codeqa trace).
+    if OUTLINE_MARK in evidence:
+        todo = (
+            "The counts above are exact: outline() made them from the whole text. If they "
+            "answer the question, answer now with FINAL(the answer)."
+        )
+    else:
+        todo = (
+            "If a passage above answers it, answer now with FINAL(the answer). Otherwise "
+            "write a ```repl block to read the lines around them."
+        )
+    rest = rest.replace("Start by writing a ```repl block to look at the context.", todo)
     return head + evidence + "\n\n" + sep + rest
 
 

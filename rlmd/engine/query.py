@@ -402,6 +402,12 @@ class Engine:
                     start.evidence = evidence
                 return start
         start.first = preamble + prompts.with_evidence(prompts.first_message(query, ctx.desc), lead)
+        if small and prompts.OUTLINE_MARK in evidence and system is None and earlier is None:
+            # Shown the outline's counts in the first message, the embedded model still wrote
+            # code (grep of file headers, outline() printed whole) and answered from that
+            # (codeqa traces of s0-3 and s0-6); asked without tools first, it reads them.
+            start.evidence_turn = prompts.evidence_turn_message(query, evidence)
+            start.evidence = evidence
         run.shown.extend(start.shown)
         return start
 
@@ -438,7 +444,8 @@ class Engine:
         block = evidence_text(hits, query)
         classes = await asyncio.to_thread(structure)
         rec.note("evidence", passages=len(hits), **({"outline": True} if classes else {}))
-        return "\n\n".join(x for x in (classes, block) if x)
+        # The counts last, next to the question: small models answer from what they read last.
+        return "\n\n".join(x for x in (block, classes) if x)
 
     async def _resolve_context(
         self, params: QueryParams, work: Path, pins: contextlib.ExitStack

@@ -10,6 +10,7 @@ accepted, or the no-tools last-chance turn at ``max_iterations``.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -253,7 +254,7 @@ class RootLoop:
         the first of five, a few hundred tokens."""
         assert self.start.evidence_turn is not None
         messages = [
-            Message("system", prompts.EVIDENCE_TURN_SYSTEM),
+            Message("system", prompts.evidence_turn_system(self.start.evidence)),
             Message("user", self.start.evidence_turn),
         ]
         for m in messages:
@@ -524,6 +525,11 @@ class RootLoop:
         self, session: LazyRepl, printed: list[str], *, turn: int
     ) -> ParsedReply:
         """One call without tools or history: the question and what the blocks printed."""
+        # The evidence was read before any block ran: the outline's counts answer what the
+        # outputs may not (codeqa trace: the last chance, shown a grep of file headers only,
+        # answered 2 where the counts said 6).
+        if self.start.evidence:
+            printed = [self.start.evidence, *printed]
         shown = prompts.outputs_turn_message(self.start.query, printed)
         system = prompts.OUTPUTS_TURN_SYSTEM
         if self.start.qa:  # a question, not a task like the improvement cycle's diff
@@ -604,12 +610,18 @@ def compact(messages: list[Message], max_chars: int) -> None:
 BARE_ANSWER_WORDS = 6
 
 
+_ANSWER_LABEL = re.compile(r"^(?:final\s+)?answer\s*:\s*", re.I)
+
+
 def bare_answer(prose: str) -> Final | None:
     """A reply of a few words and no FINAL, as the answer it states (None for longer
     prose, a plan, or READ)."""
     text = prose.strip().strip("`").strip()
     if not text or text.upper().rstrip(".") == "READ" or "\n" in text:
         return None
+    # "Answer: 6" is the form the question asked for; the label is no part of the answer
+    # (codeqa trace of s0-3: the counts' "6" refused for the word "Answer").
+    text = _ANSWER_LABEL.sub("", text, count=1).strip() or text
     if len(text.split()) > BARE_ANSWER_WORDS or non_answer_reason(text) is not None:
         return None
     return Final("answer", text.rstrip("."))
