@@ -435,9 +435,12 @@ def test_the_lines_defining_a_quoted_name_lead_the_passages(small_served, script
         "Which file defines the function or method `frob`? Give your final answer in the"
         " form 'Answer: <file path as in the FILE header>'."
     )
-    res, _ = ask(d, {"query": q, "context": "src"})
+    res, _ = ask(d, {"query": q, "context": "src", "options": {"mode": "rlm"}})
     assert not isinstance(res, Exception), res
     assert res["answer"] == "pkg/defs.py" and res["iterations"] == 1, res
+    # Asked without tools first (the codeqa trace of s0-8: with the REPL, the model ran
+    # search("__new__"), which ranked "if new_name:", and answered that line's file).
+    assert len(srv.calls) == 1 and "READ and you will be given a Python REPL" in srv.calls[0].system
     first = srv.calls[0].last_user
     assert "[1] pkg/defs.py:4: def frob(self, x):" in first
     assert "] calls.py:4: frob(path)" in first  # the ranked passages follow
@@ -485,7 +488,7 @@ def test_a_question_naming_a_file_gets_its_classes_and_outline_runs_in_the_repl(
     # The counts first, without tools; the reply is code, so the REPL loop runs (2 turns).
     assert res["answer"] == "2" and res["iterations"] == 3, res
     first = srv.calls[0]
-    assert first.system.startswith("You answer a question about a code text from exact counts")
+    assert first.system.startswith("You answer a question about a text from what a program found")
     assert (
         "b.py defines 2 classes (at any nesting level): Mid (line 1), Inner (line 8, in Mid)"
         in first.last_user

@@ -12,6 +12,7 @@ question's words.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from rlmd.engine import prompts
 from rlmd.engine.anchors import name_pattern, question_names
@@ -19,6 +20,17 @@ from rlmd.search.hit import Hit
 from rlmd.search.outline import Definition
 
 SNIPPET_CHARS = 240
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The evidence block, and whether code found part of it exactly (the lines defining
+    the asked name, the outline's counts) rather than by ranking alone."""
+
+    text: str = ""
+    exact: bool = False
+
+
 _WORD = re.compile(r"[A-Za-z0-9]{3,}")
 _STOP = frozenset(
     "the and for with what which that this from are was were have has its does how who "

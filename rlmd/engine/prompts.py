@@ -494,11 +494,12 @@ answer it, write the answer on a line of its own: FINAL(the answer)
 Quote values exactly as the passages write them. If they do not answer it, or you are not
 sure, write only the word READ and the whole text will be shown to you."""
 
-# The same turn before the REPL loop, when the evidence holds the outline's counts.
-EVIDENCE_TURN_SYSTEM_COUNTS = """\
-You answer a question about a code text from exact counts a program made over the whole
-text, and passages a search found in it. If they answer it, write the answer on a line of
-its own: FINAL(the answer)
+# The same turn before the REPL loop, when code found the evidence exactly (the lines that
+# define the asked name, the outline's counts).
+EVIDENCE_TURN_SYSTEM_REPL = """\
+You answer a question about a text from what a program found in it: passages a search
+ranked highest and, for code, the lines defining a name or exact counts of its classes.
+If they answer it, write the answer on a line of its own: FINAL(the answer)
 Quote names and numbers exactly as written above. If they do not answer it, or you are
 not sure, write only the word READ and you will be given a Python REPL over the text."""
 
@@ -507,11 +508,6 @@ def evidence_turn_message(query: str, evidence: str) -> str:
     """The evidence turn's one user message: the passages, then the question."""
     what = "the counts or the passages" if OUTLINE_MARK in evidence else "the passages"
     return f"{evidence}\n\nQuestion: {query}\nFINAL(...) if {what} answer it, else READ."
-
-
-def evidence_turn_system(evidence: str) -> str:
-    """The evidence turn's system prompt: from passages, or from the outline's counts."""
-    return EVIDENCE_TURN_SYSTEM_COUNTS if OUTLINE_MARK in evidence else EVIDENCE_TURN_SYSTEM
 
 
 def evidence_block(passages: list[tuple[str, str]]) -> str:

@@ -27,6 +27,7 @@ from rlmd.engine.anchors import missing_names
 from rlmd.engine.budget import Meter, resolve_budget
 from rlmd.engine.context_text import ContextText
 from rlmd.engine.evidence import (
+    Evidence,
     asks_structure,
     definition_pattern,
     evidence_text,
@@ -339,10 +340,11 @@ class Engine:
             preamble = prompts.follow_up_preamble(
                 earlier.query, earlier.answer, self.follow_ups.sources_text(earlier)
             )
-        evidence = ""
+        found = Evidence()
         small = prompts.variant_for(run.root_model) == "small"
         if ctx.text is not None and ctx.name and (small or cfg.evidence_large):
-            evidence = await self._evidence(rec, ctx.name, query)
+            found = await self._evidence(rec, ctx.name, query)
+        evidence = found.text
         missing: list[str] = []
         if ctx.text is not None and system is None:
             missing = await asyncio.to_thread(missing_names, query, ctx.text)
@@ -402,30 +404,36 @@ class Engine:
                     start.evidence = evidence
                 return start
         start.first = preamble + prompts.with_evidence(prompts.first_message(query, ctx.desc), lead)
-        if small and prompts.OUTLINE_MARK in evidence and system is None and earlier is None:
-            # Shown the outline's counts in the first message, the embedded model still wrote
-            # code (grep of file headers, outline() printed whole) and answered from that
-            # (codeqa traces of s0-3 and s0-6); asked without tools first, it reads them.
+        if small and found.exact and not missing and system is None and earlier is None:
+            # Shown the outline's counts or the lines defining the asked name in the first
+            # message, the embedded model still wrote code (a grep of file headers, outline()
+            # printed whole, search("__new__") that ranked "if new_name:") and answered from
+            # its output (codeqa traces of s0-3, s0-6, s0-8); asked without tools first, it
+            # reads them.
             start.evidence_turn = prompts.evidence_turn_message(query, evidence)
+            start.evidence_system = prompts.EVIDENCE_TURN_SYSTEM_REPL
             start.evidence = evidence
         run.shown.extend(start.shown)
         return start
 
-    async def _evidence(self, rec: Recorder, name: str, query: str) -> str:
+    async def _evidence(self, rec: Recorder, name: str, query: str) -> Evidence:
         """The ranked passages for the question, with their locations (the search helper's
-        ``ContextStore.search_ranked``)."""
+        ``ContextStore.search_ranked``), the lines defining an asked name first and the
+        outline's counts for a question about classes."""
         k = self._config.engine.evidence_passages
         ranked = getattr(self._store, "search_ranked", None)
         if k <= 0 or ranked is None:
-            return ""
+            return Evidence()
         rec.record("phase", {"phase": "searching"}, trace=False)
         defining = definition_pattern(query)
+        definers: list[Hit] = []
 
         def find() -> list[Hit]:
             hits = ranked(name, query, k)
             if defining is None:
                 return hits
-            return with_definitions(self._store.grep(name, defining, k), hits, k)
+            definers.extend(self._store.grep(name, defining, k))
+            return with_definitions(definers, hits, k)
 
         def structure() -> str:
             if not asks_structure(query):
@@ -440,12 +448,13 @@ class Engine:
             hits = await asyncio.to_thread(find)
         except (StoreError, ValueError) as exc:
             rec.note("evidence", error=str(exc))
-            return ""
+            return Evidence()
         block = evidence_text(hits, query)
         classes = await asyncio.to_thread(structure)
         rec.note("evidence", passages=len(hits), **({"outline": True} if classes else {}))
         # The counts last, next to the question: small models answer from what they read last.
-        return "\n\n".join(x for x in (block, classes) if x)
+        text = "\n\n".join(x for x in (block, classes) if x)
+        return Evidence(text, exact=bool(classes or definers))
 
     async def _resolve_context(
         self, params: QueryParams, work: Path, pins: contextlib.ExitStack

@@ -63,8 +63,10 @@ class LoopStart:
     # A question about the text (False: another task, such as the improvement cycle's
     # diff, whose answers the question-answering checks would misjudge).
     qa: bool = True
-    # The evidence turn's message (a small model, a long text shown whole): asked first.
+    # The evidence turn's message (a small model, a long text shown whole, or passages
+    # that code found exactly before the REPL loop): asked first, with its system prompt.
     evidence_turn: str | None = None
+    evidence_system: str = prompts.EVIDENCE_TURN_SYSTEM
     evidence: str = ""
     # The question's names when none of them occurs in the context (anchors.missing_names).
     missing_names: list[str] = field(default_factory=list)
@@ -254,7 +256,7 @@ class RootLoop:
         the first of five, a few hundred tokens."""
         assert self.start.evidence_turn is not None
         messages = [
-            Message("system", prompts.evidence_turn_system(self.start.evidence)),
+            Message("system", self.start.evidence_system),
             Message("user", self.start.evidence_turn),
         ]
         for m in messages:
