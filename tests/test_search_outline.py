@@ -99,3 +99,19 @@ def test_a_text_over_the_limit_is_refused_with_what_to_do(monkeypatch):
 
 def test_a_text_without_definitions_has_an_empty_outline():
     assert outline("just prose, with a class of students and a def jam\n") == []
+
+
+def test_the_store_outlines_a_context_and_refuses_one_over_its_limit(tmp_path):
+    from rlmd.store import ContextStore
+    from rlmd.store.store import StoreError
+
+    store = ContextStore(tmp_path / "ctx")
+    store.put_text("code", JOINED)
+    assert [d.name for d in store.outline("code") if d.kind == "class"] == [
+        "Shape",
+        "Meta",
+        "Legacy",
+    ]
+    with pytest.raises(StoreError, match="over the 100 an outline reads") as e:
+        store.outline("code", max_bytes=100)
+    assert e.value.kind == "too_large"

@@ -133,6 +133,9 @@ _COMPARES = re.compile(
 )
 _CALLS = re.compile(r"\bcall(?:s|ed|ing)?\b", re.I)
 OUTLINE_ROWS = 10
+#: The evidence's outline reads contexts up to this size (about a second of the daemon's
+#: time here, in a thread); over it, the model can still call ``outline()`` in the REPL.
+OUTLINE_EVIDENCE_BYTES = 4 << 20
 
 
 def asks_structure(question: str) -> bool:

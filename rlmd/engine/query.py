@@ -27,6 +27,7 @@ from rlmd.engine.anchors import missing_names
 from rlmd.engine.budget import Meter, resolve_budget
 from rlmd.engine.context_text import ContextText
 from rlmd.engine.evidence import (
+    OUTLINE_EVIDENCE_BYTES,
     Evidence,
     asks_structure,
     definition_pattern,
@@ -439,7 +440,7 @@ class Engine:
             if not asks_structure(query):
                 return ""
             try:
-                return outline_text(self._store.outline(name), query)
+                return outline_text(self._store.outline(name, OUTLINE_EVIDENCE_BYTES), query)
             except StoreError as exc:
                 rec.note("outline", error=str(exc))
                 return ""

@@ -28,10 +28,12 @@ import msgspec
 
 from rlmd.search.locate import Locator
 
-#: Above this many bytes of text an outline is refused (it decodes and parses the text).
-MAX_OUTLINE_BYTES = 64 << 20
-#: A file part larger than this is read by its lines, not parsed (an AST is ~10x the text).
-MAX_PARSE_BYTES = 4 << 20
+#: Above this many bytes of text an outline is refused: it decodes and parses the text, at
+#: about 0.3-1 s a MB here, and a REPL cell has 30 s.
+MAX_OUTLINE_BYTES = 16 << 20
+#: A file part larger than this is read by its lines, not parsed: an AST is ~10x the text,
+#: and ``ast.parse`` holds the GIL for the whole part (the daemon runs outlines in a thread).
+MAX_PARSE_BYTES = 1 << 20
 
 # A definition line in any of the common languages; group 1 the indent, 2 the keyword.
 _DEF_LINE = re.compile(
@@ -60,14 +62,16 @@ class Definition(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     methods: int | None = None
 
 
-def outline(text: Any) -> list[Definition]:
+def outline(text: Any, max_bytes: int | None = None) -> list[Definition]:
     """Every class and function defined in ``text`` (a ``str``, the REPL's context view
-    or a :class:`Locator`), in the order of the text."""
+    or a :class:`Locator`), in the order of the text; refused (ValueError) over
+    ``max_bytes`` (default :data:`MAX_OUTLINE_BYTES`)."""
     loc = text if isinstance(text, Locator) else Locator(text)
     n = loc.src.nbytes
-    if n > MAX_OUTLINE_BYTES:
+    limit = MAX_OUTLINE_BYTES if max_bytes is None else max_bytes
+    if n > limit:
         raise ValueError(
-            f"outline: the text is {n:,} bytes, over the {MAX_OUTLINE_BYTES:,} an outline "
+            f"outline: the text is {n:,} bytes, over the {limit:,} an outline "
             "reads; use grep(r'^\\s*(class|def) ') for the definition lines instead"
         )
     bounds = [h[0] for h in loc.headers()] or [0]

@@ -1128,11 +1128,12 @@ class ContextStore:
             kind = "invalid_pattern" if "regular expression" in str(e) else "invalid_argument"
             raise StoreError(kind, str(e)) from None
 
-    def outline(self, name: str) -> list[Definition]:
-        """The classes and functions defined in context ``name`` (:mod:`rlmd.search.outline`)."""
+    def outline(self, name: str, max_bytes: int | None = None) -> list[Definition]:
+        """The classes and functions defined in context ``name`` (:mod:`rlmd.search.outline`);
+        StoreError ``too_large`` over ``max_bytes``."""
         h = self._get(name)
         try:
-            return _outline(h.locate())
+            return _outline(h.locate(), max_bytes)
         except ValueError as e:
             raise StoreError("too_large", str(e)) from None
 
