@@ -118,9 +118,7 @@ def evidence_text(hits: list[Hit], question: str) -> str:
     """The evidence block for ``hits`` (best first), or "" for none."""
     passages = []
     for h in hits:
-        # A header line has a file but no line in it: its file alone.
-        where = f"{h.file}:{h.file_line}" if h.file_line else (h.file or f"line {h.line}")
-        passages.append((where, snippet(str(h.text), question)))
+        passages.append((_where(h.file, h.file_line, h.line), snippet(str(h.text), question)))
     return prompts.evidence_block(passages)
 
 
@@ -170,9 +168,11 @@ def outline_text(defs: list[Definition], question: str, rows: int = OUTLINE_ROWS
             out.append(f"{f} defines {len(mine)} classes (at any nesting level): {names}")
         return prompts.outline_block(out, "Classes of the files the question names", len(classes))
     top = sorted(classes, key=lambda d: (-(d.methods or 0), d.line))[:rows]
-    out = [f"{d.name} ({_where(d)}): {d.methods} methods" for d in top]
+    out = [f"{d.name} ({_where(d.file, d.file_line, d.line)}): {d.methods} methods" for d in top]
     return prompts.outline_block(out, "Classes with the most methods, most first", len(classes))
 
 
-def _where(d: Definition) -> str:
-    return f"{d.file}:{d.file_line}" if d.file and d.file_line else f"line {d.line}"
+def _where(file: str | None, file_line: int | None, line: int) -> str:
+    """``file:file_line``; a header line, which has a file but no line in it, its file
+    alone; in a text without files, ``line N``."""
+    return f"{file}:{file_line}" if file and file_line else (file or f"line {line}")
