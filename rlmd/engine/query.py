@@ -427,14 +427,14 @@ class Engine:
             return Evidence()
         rec.record("phase", {"phase": "searching"}, trace=False)
         defining = definition_pattern(query)
-        definers: list[Hit] = []
 
-        def find() -> list[Hit]:
+        def find() -> tuple[list[Hit], list[Hit]]:
+            """The passages to show, and the lines among them that define the asked name."""
             hits = ranked(name, query, k)
             if defining is None:
-                return hits
-            definers.extend(self._store.grep(name, defining, k))
-            return with_definitions(definers, hits, k)
+                return hits, []
+            definers = self._store.grep(name, defining, k)
+            return with_definitions(definers, hits, k), definers
 
         def structure() -> str:
             if not asks_structure(query):
@@ -446,7 +446,7 @@ class Engine:
                 return ""
 
         try:
-            hits = await asyncio.to_thread(find)
+            hits, definers = await asyncio.to_thread(find)
         except (StoreError, ValueError) as exc:
             rec.note("evidence", error=str(exc))
             return Evidence()
