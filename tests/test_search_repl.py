@@ -101,11 +101,14 @@ OUTLINE_TEXT = (
     "class Menu:\n    def dish(self):\n        pass\n    def café(self):\n        pass\n"
     "===== src/util.py =====\n"
     "def helper():\n    pass\n"
+    "===== .ci/check.py =====\n"
+    "def lint():\n    pass\n"
 )
 OUTLINE_CODE = """
 import json
 print(json.dumps([dict(d) for d in outline()]))
 print(outline("util.py"))
+print(outline("./.ci/check.py"))
 try:
     outline(3)
 except TypeError as e:
@@ -127,8 +130,10 @@ async def test_outline_in_a_worker_over_the_mapped_view_and_a_str(tmp_path: Path
             ("def", "dish", "src/été.py", 2),
             ("def", "café", "src/été.py", 4),
             ("def", "helper", "src/util.py", 1),
+            ("def", "lint", ".ci/check.py", 1),
         ]
         assert defs[0]["methods"] == 2
         assert OUTLINE_TEXT[defs[2]["start"] : defs[2]["end"]] == "    def café(self):"
         assert rows[1].startswith("[src/util.py:1 @") and rows[1].endswith("] def helper")
-        assert rows[2] == "refused: outline: file must be a str, got int"
+        assert rows[2].startswith("[.ci/check.py:1 @") and rows[2].endswith("] def lint")
+        assert rows[3] == "refused: outline: file must be a str, got int"

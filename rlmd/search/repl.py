@@ -133,5 +133,7 @@ def make_functions(
 def _same_file(rel: str, asked: str) -> bool:
     """``asked`` names ``rel``: the same path, or its last components (``server.py`` for
     ``http/server.py``)."""
-    asked = asked.strip().lstrip("./")
+    asked = asked.strip()
+    while asked.startswith("./"):
+        asked = asked[2:]
     return rel == asked or rel.endswith("/" + asked)
