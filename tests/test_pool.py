@@ -344,7 +344,10 @@ async def test_affinity_falls_back_when_its_server_stays_busy(servers) -> None:
     try:
         assert (await pool.chat(ask("first"), affinity="k")).provider == "a"
         blocker = asyncio.create_task(pool.chat(ask("block")))
-        await wait_for(lambda: a.in_flight == 1)
+        # Wait for the blocker itself on "a": its in_flight can still count the first call
+        # (the server thread leaves after the client has the reply), and then the affine
+        # call took a's slot and the blocker went to "b" (one full-suite run of four today).
+        await wait_for(lambda: any(c.last_user == "block" for c in a.calls))
         t0 = time.monotonic()
         r = await pool.chat(ask("first"), affinity="k")  # a stays full
         waited = time.monotonic() - t0
